@@ -440,3 +440,17 @@ def test_lagging_follower_catches_up_by_chunked_snapshot() -> None:
     assert len(chunks) > 1
     assert net[3].snapshots_installed == 1
     assert net[3].sm.data == net[1].sm.data
+
+
+def test_forwarded_proposal_the_leader_cannot_take_is_dropped_not_raised() -> None:
+    """Only our own requests raise; a peer's forwarded proposal is dropped like a lost message."""
+    net = Net([1, 2, 3])
+    net.elect(1)
+    net.cut = {3}
+    net[1].raw().propose(put(1))
+    net.stabilize()
+    net[1].raw().transfer_leader(3)  # 3 lags, so the transfer stays in progress
+    net.stabilize()
+    forwarded = Message(MT.PROP, to=1, frm=2, entries=(Entry(0, 0, data=put(2)),))
+    net[1].raw().step(forwarded)  # must not raise
+    assert net[1].raw().status().last_index == net[1].raw().status().commit

@@ -38,6 +38,7 @@ from typing import Protocol
 from dkv.errors import (
     Compacted,
     ConfChangeRejected,
+    DkvError,
     InvariantViolation,
     NotLeader,
     ProposalDropped,
@@ -573,13 +574,22 @@ class Raft:
             return
 
         # 3. Role-specific handling.
-        match self.role:
-            case Role.LEADER:
-                self._step_leader(m)
-            case Role.CANDIDATE | Role.PRE_CANDIDATE:
-                self._step_candidate(m)
-            case Role.FOLLOWER:
-                self._step_follower(m)
+        try:
+            match self.role:
+                case Role.LEADER:
+                    self._step_leader(m)
+                case Role.CANDIDATE | Role.PRE_CANDIDATE:
+                    self._step_candidate(m)
+                case Role.FOLLOWER:
+                    self._step_follower(m)
+        except DkvError as exc:
+            # Our own requests learn why they failed. A request forwarded by a peer (a
+            # proposal or a read that arrived after we lost leadership, or during a transfer)
+            # is dropped: the peer's client times out and retries, exactly as if the message
+            # had been lost, which Raft tolerates anyway.
+            if m.frm in (NONE, self.id):
+                raise
+            self.logger.debug("raft %d: dropped %s from %d: %s", self.id, m.type.name, m.frm, exc)
 
     def _handle_vote_request(self, m: Message) -> None:
         # We can vote for m.frm if we already did (a retransmission), or if we have not voted
