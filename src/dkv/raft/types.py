@@ -187,7 +187,9 @@ class Message:
     Field use by type follows etcd-io/raft: ``index``/``log_term`` name the entry preceding
     ``entries`` in APP, the candidate's last entry in (PRE_)VOTE, and the acknowledged index in
     APP_RESP; ``reject_hint`` and ``log_term`` in a rejecting APP_RESP let the leader skip a
-    whole term of conflicting entries at once (thesis §3.5's optimisation). ``context`` carries
+    whole term of conflicting entries at once (thesis §3.5's optimisation). In SNAP_RESP,
+    ``index`` names the snapshot and ``reject_hint`` is the next byte offset the follower
+    expects (``reject`` = it refuses the snapshot). ``context`` carries
     the ReadIndex request id, and ``b"transfer"`` on a VOTE caused by leadership transfer.
     """
 
