@@ -51,6 +51,7 @@ from dkv.raft.progress import Progress, ProgressState, ProgressTracker, VoteResu
 from dkv.raft.read_only import ReadOnly
 from dkv.raft.storage import Storage
 from dkv.raft.types import (
+    ENTRY_OVERHEAD_BYTES,
     NONE,
     ConfChange,
     ConfChangeType,
@@ -412,7 +413,7 @@ class Raft:
 
     def _append_entries(self, ents: list[Entry], count_size: bool = True) -> None:
         if count_size:
-            size = sum(e.size_bytes() for e in ents)
+            size = sum(len(e.data) for e in ents) + ENTRY_OVERHEAD_BYTES * len(ents)
             limit = self.cfg.max_uncommitted_entries_bytes
             # Always admit one batch when nothing is uncommitted, so a single large entry
             # cannot block the log forever.

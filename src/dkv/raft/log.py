@@ -231,13 +231,13 @@ class RaftLog:
         if lo == hi:
             return []
         off = self.unstable.offset
-        ents: list[Entry] = []
-        if lo < off:
-            ents = self.storage.entries(lo, min(hi, off), max_bytes)
-            if len(ents) < min(hi, off) - lo:
-                return ents  # storage stopped early at max_bytes
-        if hi > off:
-            ents.extend(self.unstable.slice(max(lo, off), hi))
+        if lo >= off:
+            return limit_size(self.unstable.slice(lo, hi), max_bytes)
+        ents = self.storage.entries(lo, min(hi, off), max_bytes)
+        if hi <= off or len(ents) < off - lo:
+            return ents  # all from storage, or storage stopped early at max_bytes
+        # Spans storage and the unstable tail: limit the combined list once.
+        ents.extend(self.unstable.slice(off, hi))
         return limit_size(ents, max_bytes)
 
     def entries_from(self, index: int, max_bytes: int | None) -> list[Entry]:

@@ -27,6 +27,7 @@ from dkv.raft.core import Logger, Raft, RandomSource
 from dkv.raft.progress import Progress, ProgressState
 from dkv.raft.storage import Storage
 from dkv.raft.types import (
+    ENTRY_OVERHEAD_BYTES,
     NONE,
     ConfChange,
     ConfState,
@@ -247,9 +248,12 @@ class RawNode:
             log.applied = max(log.applied, rd.snapshot.metadata.index)
         if rd.committed_entries:
             log.applied_to(rd.committed_entries[-1].index)
-            # Committed entries no longer count against the uncommitted-tail bound.
-            size = sum(e.size_bytes() for e in rd.committed_entries)
-            r.uncommitted_bytes = max(0, r.uncommitted_bytes - size)
+            # Committed entries no longer count against the uncommitted-tail bound (which only
+            # a leader accumulates).
+            if r.uncommitted_bytes:
+                size = sum(len(e.data) for e in rd.committed_entries)
+                size += ENTRY_OVERHEAD_BYTES * len(rd.committed_entries)
+                r.uncommitted_bytes = max(0, r.uncommitted_bytes - size)
 
     # -- inspection -----------------------------------------------------------------------------
 

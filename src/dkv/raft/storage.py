@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dkv.errors import Compacted, InvariantViolation, Unavailable
-from dkv.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
+from dkv.raft.types import (
+    ENTRY_OVERHEAD_BYTES,
+    ConfState,
+    Entry,
+    HardState,
+    Snapshot,
+    SnapshotMetadata,
+)
 
 __all__ = ["MemoryStorage", "Storage", "limit_size"]
 
@@ -50,9 +57,10 @@ def limit_size(entries: Sequence[Entry], max_bytes: int | None) -> list[Entry]:
     is not: a single oversized entry must still make progress."""
     if max_bytes is None or not entries:
         return list(entries)
+    # Hot path (every append and every Ready): inline Entry.size_bytes.
     total = 0
     for i, e in enumerate(entries):
-        total += e.size_bytes()
+        total += len(e.data) + ENTRY_OVERHEAD_BYTES
         if total > max_bytes and i > 0:
             return list(entries[:i])
     return list(entries)

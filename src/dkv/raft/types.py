@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from dkv.errors import InvalidArgument
 
 __all__ = [
+    "ENTRY_OVERHEAD_BYTES",
     "NONE",
     "ConfChange",
     "ConfChangeType",
@@ -40,6 +41,11 @@ NONE = 0
 """The id that means "no node": no vote cast, no leader known."""
 
 
+ENTRY_OVERHEAD_BYTES = 16
+"""Counted per entry for flow control and the uncommitted-size bound, so that empty entries
+are not "free" when messages and proposals are bounded by size."""
+
+
 class EntryType(enum.IntEnum):
     NORMAL = 0
     CONF_CHANGE = 1
@@ -59,9 +65,7 @@ class Entry:
     data: bytes = b""
 
     def size_bytes(self) -> int:
-        # Used for flow control and the uncommitted-size limit. A fixed per-entry overhead keeps
-        # empty entries from being "free" when we bound messages and proposals by size.
-        return len(self.data) + 16
+        return len(self.data) + ENTRY_OVERHEAD_BYTES
 
 
 class MessageType(enum.IntEnum):

@@ -15,9 +15,9 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from dkv.raft import Config, ConfState, MemoryStorage, Message, RawNode
+from dkv.testing.jepsen import check_jepsen_set, default_jepsen_dir
 
 __all__ = ["RaftBenchResult", "main", "run_raft_bench"]
 
@@ -60,7 +60,7 @@ def _drive(nodes: dict[int, RawNode], storages: dict[int, MemoryStorage]) -> int
 def run_raft_bench(
     total_entries: int = 200_000, batch: int = 1000, payload_bytes: int = 128, nodes: int = 3
 ) -> RaftBenchResult:
-    cs = ConfState.of(range(1, nodes + 1))
+    cs = ConfState.of(list(range(1, nodes + 1)))
     rng = random.Random(7)
     storages = {i: MemoryStorage(cs) for i in range(1, nodes + 1)}
     raws = {i: RawNode(Config(id=i), storages[i], rng) for i in range(1, nodes + 1)}
@@ -90,10 +90,6 @@ def run_raft_bench(
     return RaftBenchResult(nodes, batch, payload_bytes, applied, elapsed, applied / elapsed)
 
 
-def _jepsen_dir() -> Path:
-    return Path(__file__).resolve().parents[3].parent / "shared" / "testdata" / "jepsen-etcd"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--entries", type=int, default=200_000)
@@ -109,12 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_raft_bench(n, b, args.payload_bytes)
         results.append(asdict(r))
         print(f"{b:>6} {r.entries:>9} {r.elapsed_s:>8.2f} {r.entries_per_s:>20,.0f}")
-    try:
-        from dkv.testing.jepsen import check_jepsen_set
-    except ImportError:  # pragma: no cover - the checker lands separately
-        check_jepsen_set = None
-    jdir = _jepsen_dir()
-    if check_jepsen_set is not None and jdir.is_dir():
+    jdir = default_jepsen_dir()
+    if jdir.is_dir():
         agree, total, secs = check_jepsen_set(jdir)
         print(f"linearizability checker: {agree}/{total} Jepsen labels agreed in {secs:.2f} s")
         results.append({"jepsen_agree": agree, "jepsen_total": total, "jepsen_s": secs})

@@ -1,0 +1,1 @@
+"""Deterministic simulator and linearizability checker used by the tests."""
