@@ -61,7 +61,7 @@ def test_follower_campaigns_after_its_election_timeout_and_wins() -> None:
     net = Net([1, 2, 3])
     net.tick(25, only=[1])  # only node 1's clock runs, so it times out first
     assert net.leaders() == [1]
-    assert net[1].raw().status().term == 1
+    assert net[1].raw().status().term == 2  # bootstrap is term 1; the first election is 2
 
 
 def test_single_voter_elects_itself_and_commits_alone() -> None:
@@ -76,7 +76,7 @@ def test_learner_never_campaigns() -> None:
     net = Net([1, 2], learners=[3])
     net.tick(100, only=[3])
     assert net.role(3) is Role.FOLLOWER
-    assert net[3].raw().status().term == 0
+    assert net[3].raw().status().term == 1  # the bootstrap term: it never campaigned
 
 
 def test_vote_needs_an_up_to_date_log() -> None:
@@ -100,10 +100,10 @@ def test_prevote_does_not_raise_the_term_of_a_partitioned_node() -> None:
     net.elect(1)
     net.cut = {3}
     net.tick(100, only=[3])
-    assert net[3].raw().status().term == 1
+    assert net[3].raw().status().term == 2
     net.cut = set()
     net.tick(3)
-    assert net.leaders() == [1] and net[1].raw().status().term == 1
+    assert net.leaders() == [1] and net[1].raw().status().term == 2
 
 
 def test_live_follower_ignores_higher_term_vote_requests() -> None:
@@ -111,7 +111,7 @@ def test_live_follower_ignores_higher_term_vote_requests() -> None:
     net = Net([1, 2, 3], pre_vote=False)
     net.elect(1)
     net[2].raw().step(Message(MT.VOTE, to=2, frm=3, term=5, index=100, log_term=5))
-    assert net[2].raw().status().term == 1
+    assert net[2].raw().status().term == 2
     assert net[2].raw().ready().messages == ()
 
 
@@ -454,3 +454,43 @@ def test_forwarded_proposal_the_leader_cannot_take_is_dropped_not_raised() -> No
     forwarded = Message(MT.PROP, to=1, frm=2, entries=(Entry(0, 0, data=put(2)),))
     net[1].raw().step(forwarded)  # must not raise
     assert net[1].raw().status().last_index == net[1].raw().status().commit
+
+
+def test_lease_read_is_served_at_once_while_the_lease_holds() -> None:
+    from dkv.raft import ReadOnlyOption
+
+    net = Net([1, 2, 3], read_only_option=ReadOnlyOption.LEASE_BASED)
+    net.elect(1)
+    net.tick(1)  # one acknowledged heartbeat round starts the lease
+    net[1].raw().read_index(b"fast")
+    net[1].process_ready()
+    assert [rs.request_ctx for rs in net[1].take_read_states()] == [b"fast"]
+
+
+def test_lapsed_lease_falls_back_to_a_heartbeat_round() -> None:
+    """Thesis §6.4.1: the lease is bounded by when acknowledged heartbeats were *sent*."""
+    from dkv.raft import ReadOnlyOption
+
+    net = Net([1, 2, 3], read_only_option=ReadOnlyOption.LEASE_BASED)
+    net.elect(1)
+    net.tick(1)
+    net.cut = {1}
+    net.tick(9, only=[1])  # T - 1 ticks with no acknowledgement: the lease has lapsed
+    net[1].raw().read_index(b"late")
+    net[1].process_ready()
+    assert net[1].take_read_states() == []  # not served from a stale lease
+    net.cut = set()
+    net.tick(1, only=[1])
+    assert [rs.request_ctx for rs in net[1].take_read_states()] == [b"late"]
+
+
+def test_new_member_joins_through_the_bootstrap_snapshot() -> None:
+    """A node added later must learn the initial configuration before replaying changes."""
+    net = Net([1, 2, 3])
+    net.elect(1)
+    net.add(4)  # empty storage: knows nothing
+    net[1].raw().propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 4))
+    net.stabilize()
+    net.tick(2)
+    assert net[4].conf_state == ConfState.of([1, 2, 3, 4])
+    assert net[4].raw().status().conf_state == ConfState.of([1, 2, 3, 4])

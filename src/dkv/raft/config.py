@@ -14,8 +14,10 @@ class ReadOnlyOption(enum.Enum):
     """How the leader confirms it is still leader before serving a ReadIndex (thesis §6.4).
 
     SAFE: one heartbeat round acknowledged by a quorum, per batch of reads (§6.4).
-    LEASE_BASED: rely on the leader lease kept by CheckQuorum (§6.4.1). Faster, but only safe
-    when clock drift is bounded; requires ``check_quorum``.
+    LEASE_BASED: answer at once while the leader lease holds: less than an election timeout
+    (minus a tick) since a heartbeat round that a quorum acknowledged was sent (§6.4.1); fall
+    back to a heartbeat round when it lapsed. Only safe when clock drift is bounded; requires
+    ``check_quorum`` (whose leader stickiness is what the lease relies on).
     """
 
     SAFE = "safe"

@@ -140,6 +140,9 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = config.election_timeout_ticks
+        # Ticks since start: the leader's clock for leases (§6.4.1). Never persisted, never
+        # compared across nodes; only differences on this node matter.
+        self.tick_count = 0
 
         self.lead_transferee = NONE
         # Index of the last configuration entry in the log; a new one may be proposed only
@@ -268,6 +271,7 @@ class Raft:
     # Time
 
     def tick(self) -> None:
+        self.tick_count += 1
         if self.role is Role.LEADER:
             self._tick_heartbeat()
         else:
@@ -348,7 +352,9 @@ class Raft:
         # Never tell a follower to commit beyond what we know it holds: its log may still
         # diverge from ours after ``match`` (etcd-io/raft does the same).
         commit = min(self.trk.progress[to].match, self.log.committed)
-        self._send(self._msg(MT.HEARTBEAT, to, commit=commit, context=ctx))
+        # ``index`` carries our tick count; the follower echoes it so we know which round an
+        # acknowledgement answers, which is what bounds the lease (see _lease_valid).
+        self._send(self._msg(MT.HEARTBEAT, to, index=self.tick_count, commit=commit, context=ctx))
 
     def bcast_heartbeat(self, ctx: bytes | None = None) -> None:
         if ctx is None:
@@ -752,12 +758,13 @@ class Raft:
             self._send_timeout_now(m.frm)
 
     def _handle_heartbeat_response(self, m: Message, pr: Progress) -> None:
+        pr.lease_ack_tick = max(pr.lease_ack_tick, m.index)
         if pr.state is ProgressState.PROBE:
             # The follower is alive: allow one more probe (the last one may have been lost).
             pr.msg_app_flow_paused = False
         if pr.state is not ProgressState.SNAPSHOT and pr.match < self.log.last_index():
             self.send_append(m.frm)
-        if self.cfg.read_only_option is not ReadOnlyOption.SAFE or not m.context:
+        if not m.context:
             return
         acks = self.read_only.recv_ack(m.frm, m.context)
         if acks is None:
@@ -799,16 +806,40 @@ class Raft:
         self._serve_read_index(m)
 
     def _serve_read_index(self, m: Message) -> None:
-        if self.cfg.read_only_option is ReadOnlyOption.LEASE_BASED:
-            # CheckQuorum keeps our lease: no other leader can exist within it (§6.4.1).
+        if self.cfg.read_only_option is ReadOnlyOption.LEASE_BASED and self._lease_valid():
             self._respond_read_index(m, self.log.committed)
             return
+        # No valid lease (or SAFE reads): confirm leadership with a heartbeat round.
         if self.read_only.is_full():
             self._drop_read(m, f"more than {self.read_only.max_pending} reads pending")
             return
         if self.read_only.add_request(self.log.committed, m):
             self.read_only.recv_ack(self.id, m.context)
             self.bcast_heartbeat(m.context)
+
+    def _lease_valid(self) -> bool:
+        """Whether no other leader can exist now, judged by our own clock (thesis §6.4.1).
+
+        A voter that acknowledged our heartbeat sent at tick ``s`` refuses every (Pre)Vote
+        until it has gone an election timeout T without hearing from a leader (leader
+        stickiness, §4.2.3); its timer may tick almost at once after our message arrives, so
+        no rival can win before ``s + (T - 1)`` ticks. A rival needs a quorum, which overlaps
+        every quorum that acknowledged, so the quorum-th newest acknowledged send tick bounds
+        the lease. Our tick ``now`` may be up to one tick later in real time than counted, so
+        the lease holds while ``now - s <= T - 2``. This assumes ticks of equal length on
+        every node (bounded clock drift); it is why lease reads are an option, off by default.
+        """
+        if self.lead_transferee != NONE:
+            return False  # we asked someone to take over, overriding stickiness
+        now = self.tick_count
+        acks = sorted(
+            (now if v == self.id else self.trk.progress[v].lease_ack_tick for v in self.trk.voters),
+            reverse=True,
+        )
+        oldest_in_quorum = acks[self.trk.quorum() - 1]
+        return (
+            oldest_in_quorum >= 0 and now - oldest_in_quorum <= self.cfg.election_timeout_ticks - 2
+        )
 
     def _drop_read(self, m: Message, reason: str) -> None:
         if m.frm in (NONE, self.id):
@@ -946,7 +977,7 @@ class Raft:
 
     def _handle_heartbeat(self, m: Message) -> None:
         self.log.commit_to(min(m.commit, self.log.last_index()))
-        self._send(self._msg(MT.HEARTBEAT_RESP, m.frm, context=m.context))
+        self._send(self._msg(MT.HEARTBEAT_RESP, m.frm, index=m.index, context=m.context))
 
     def _handle_snapshot_chunk(self, m: Message) -> None:
         chunk = m.snapshot
@@ -1030,6 +1061,7 @@ class Raft:
         return cs
 
     def _switch_to_config(self, cs: ConfState) -> None:
+        before = set(self.trk.progress)
         self.trk.apply_conf(cs, self.log.last_index() + 1)
         if self.role is not Role.LEADER:
             return
@@ -1042,5 +1074,9 @@ class Raft:
         # The quorum may have shrunk, so more may be committed now.
         if self.maybe_commit():
             self.bcast_append()
+        else:
+            # Probe new members at once instead of letting them wait for a heartbeat.
+            for nid in sorted(set(self.trk.progress) - before - {self.id}):
+                self.send_append(nid)
         if self.lead_transferee != NONE and self.lead_transferee not in self.trk.voters:
             self.abort_leader_transfer()

@@ -64,6 +64,7 @@ class Progress:
     __slots__ = (
         "inflights",
         "is_learner",
+        "lease_ack_tick",
         "match",
         "msg_app_flow_paused",
         "next",
@@ -87,6 +88,9 @@ class Progress:
         self.snapshot_acked = False
         # Heard from since the last CheckQuorum (thesis §6.2).
         self.recent_active = False
+        # The leader's tick at which the newest heartbeat this peer acknowledged was sent
+        # (-1: none yet in this term); bounds the leader lease (core.Raft._lease_valid).
+        self.lease_ack_tick = -1
         self.inflights = Inflights(max_inflight_msgs)
         self.is_learner = is_learner
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from dkv.errors import Compacted, InvariantViolation, Unavailable
+from dkv.errors import Compacted, InvalidArgument, InvariantViolation, Unavailable
 from dkv.raft.types import (
     ENTRY_OVERHEAD_BYTES,
     ConfState,
@@ -75,11 +75,27 @@ class MemoryStorage:
     """
 
     def __init__(self, conf_state: ConfState | None = None) -> None:
-        # ``conf_state`` bootstraps a new group: the initial members, as if from a snapshot at
-        # index 0 (etcd-io/raft's tests do the same).
+        """An empty storage, or with ``conf_state`` one bootstrapped as an initial member.
+
+        Bootstrapping writes a snapshot at index 1, term 1 whose metadata carries the initial
+        configuration, and a hard state at term 1 committing it (etcd's bootstrap does the
+        same with entries). The configuration thereby lives *in the log*: a node that joins
+        later starts empty, its leader finds index 1 compacted and sends that snapshot, so
+        the newcomer learns the initial members before it replays any change to them. (With
+        the configuration only outside the log, a joiner would replay "add node 4" onto an
+        empty configuration and believe it is alone.) Every initial member must be
+        bootstrapped with the same ``conf_state``; the first election is for term 2.
+        """
         self._hard_state = HardState()
-        self._snapshot = Snapshot(SnapshotMetadata(conf_state=conf_state or ConfState()))
+        self._snapshot = Snapshot()
         self._ents: list[Entry] = [Entry(term=0, index=0)]
+        if conf_state is not None:
+            if not conf_state.voters:
+                raise InvalidArgument("bootstrapping needs at least one voter")
+            meta = SnapshotMetadata(index=1, term=1, conf_state=conf_state)
+            self._snapshot = Snapshot(metadata=meta)
+            self._ents = [Entry(term=1, index=1)]
+            self._hard_state = HardState(term=1, vote=0, commit=1)
 
     # -- Storage protocol --------------------------------------------------------------------
 

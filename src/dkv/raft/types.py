@@ -193,7 +193,8 @@ class Message:
     APP_RESP; ``reject_hint`` and ``log_term`` in a rejecting APP_RESP let the leader skip a
     whole term of conflicting entries at once (thesis §3.5's optimisation). In SNAP_RESP,
     ``index`` names the snapshot and ``reject_hint`` is the next byte offset the follower
-    expects (``reject`` = it refuses the snapshot). ``context`` carries
+    expects (``reject`` = it refuses the snapshot). In HEARTBEAT, ``index`` is the leader's
+    tick count, echoed in HEARTBEAT_RESP to time the leader lease. ``context`` carries
     the ReadIndex request id, and ``b"transfer"`` on a VOTE caused by leadership transfer.
     """
 
