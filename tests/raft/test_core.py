@@ -494,3 +494,17 @@ def test_new_member_joins_through_the_bootstrap_snapshot() -> None:
     net.tick(2)
     assert net[4].conf_state == ConfState.of([1, 2, 3, 4])
     assert net[4].raw().status().conf_state == ConfState.of([1, 2, 3, 4])
+
+
+def test_leader_recovers_when_every_message_in_the_window_was_lost() -> None:
+    """A full in-flight window of lost appends must not stall a follower forever."""
+    net = Net([1, 2, 3], max_inflight_msgs=2)
+    net.elect(1)
+    net.cut = {3}
+    for i in range(5):
+        net[1].raw().propose(put(i))
+        net.stabilize()
+    assert net[1].raw().raft.trk.progress[3].inflights.full()
+    net.cut = set()
+    net.tick(3)  # heartbeats: 3 answers, the leader notices the gap and repairs it
+    assert net[3].applied_index == net[1].applied_index

@@ -343,6 +343,18 @@ class Raft:
         pr.sent_entries(len(ents), ents[-1].index if ents else prev_index)
         return True
 
+    def _send_empty_append(self, to: int, pr: Progress) -> None:
+        prev_index = pr.next - 1
+        try:
+            prev_term = self.log.term(prev_index)
+        except Compacted:
+            pr.become_probe()
+            self.send_append(to)
+            return
+        self._send(
+            self._msg(MT.APP, to, index=prev_index, log_term=prev_term, commit=self.log.committed)
+        )
+
     def bcast_append(self) -> None:
         for nid in self.trk.progress:
             if nid != self.id:
@@ -383,7 +395,7 @@ class Raft:
             return False
         if snap.is_empty():
             raise InvariantViolation("need a snapshot to send but the snapshot is empty")
-        pr.become_snapshot(snap.metadata.index)
+        pr.become_snapshot(snap)
         self.logger.debug(
             "raft %d: sending snapshot %d to %d (%d bytes)",
             self.id,
@@ -395,13 +407,14 @@ class Raft:
         return True
 
     def _send_snapshot_chunk(self, to: int, pr: Progress) -> None:
-        try:
-            snap = self.log.snapshot()
-        except SnapshotTemporarilyUnavailable:
-            return
-        if snap.metadata.index != pr.pending_snapshot:
-            # A newer snapshot replaced the one being sent: start over with it.
-            pr.become_snapshot(snap.metadata.index)
+        # Always the snapshot the transfer started with, even if a newer one was taken since:
+        # restarting on every new snapshot livelocks a multi-chunk transfer on a lossy link
+        # while the leader snapshots often (found by the simulator). The follower catches up
+        # from the pinned snapshot with entries, or with another snapshot if those were
+        # compacted meanwhile -- either way each transfer moves it forward.
+        snap = pr.snapshot
+        if snap is None:
+            raise InvariantViolation(f"no snapshot pinned for {to} in state {pr.state}")
         offset = pr.snapshot_offset
         data = snap.data[offset : offset + self.cfg.snapshot_chunk_bytes]
         done = offset + len(data) >= len(snap.data)
@@ -733,14 +746,21 @@ class Raft:
             return
 
         old_paused = pr.is_paused()
-        if not pr.maybe_update(m.index):
+        updated = pr.maybe_update(m.index)
+        snapshot_done = pr.state is ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot
+        if not updated and not snapshot_done:
             return
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
-        elif pr.state is ProgressState.SNAPSHOT and pr.match + 1 >= self.log.first_index():
-            # The follower installed the snapshot (or caught up otherwise): resume entries.
-            pr.become_probe()
-            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT:
+            if pr.match + 1 >= self.log.first_index():
+                # The follower installed the snapshot (or caught up otherwise): resume entries.
+                pr.become_probe()
+                pr.become_replicate()
+            elif snapshot_done:
+                # It holds the pinned snapshot, but our log was compacted past it meanwhile:
+                # probe, which finds the entries compacted and starts a newer snapshot.
+                pr.become_probe()
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
 
@@ -762,8 +782,16 @@ class Raft:
         if pr.state is ProgressState.PROBE:
             # The follower is alive: allow one more probe (the last one may have been lost).
             pr.msg_app_flow_paused = False
-        if pr.state is not ProgressState.SNAPSHOT and pr.match < self.log.last_index():
-            self.send_append(m.frm)
+        if (
+            pr.state is not ProgressState.SNAPSHOT
+            and pr.match < self.log.last_index()
+            and not self.send_append(m.frm)
+            and pr.state is ProgressState.REPLICATE
+        ):
+            # The in-flight window is full. If every message in it was lost, no answer will
+            # ever free it: send one empty append outside the window. A follower that missed
+            # entries rejects it and we fall back to probing; otherwise it just acknowledges.
+            self._send_empty_append(m.frm, pr)
         if not m.context:
             return
         acks = self.read_only.recv_ack(m.frm, m.context)

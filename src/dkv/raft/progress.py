@@ -17,7 +17,7 @@ import enum
 from collections import deque
 
 from dkv.errors import InvariantViolation
-from dkv.raft.types import ConfState
+from dkv.raft.types import ConfState, Snapshot
 
 __all__ = ["Inflights", "Progress", "ProgressState", "ProgressTracker", "VoteResult"]
 
@@ -70,6 +70,7 @@ class Progress:
         "next",
         "pending_snapshot",
         "recent_active",
+        "snapshot",
         "snapshot_acked",
         "snapshot_offset",
         "state",
@@ -83,6 +84,7 @@ class Progress:
         # lost probe is retried once per heartbeat interval.
         self.msg_app_flow_paused = False
         self.pending_snapshot = 0  # index of the snapshot being sent, in SNAPSHOT state
+        self.snapshot: Snapshot | None = None  # that snapshot, pinned for the transfer
         self.snapshot_offset = 0  # bytes of it acknowledged so far (chunked transfer)
         # A chunk was acknowledged since the last heartbeat; if not, the leader resends.
         self.snapshot_acked = False
@@ -105,6 +107,7 @@ class Progress:
     def _reset_state(self, state: ProgressState) -> None:
         self.msg_app_flow_paused = False
         self.pending_snapshot = 0
+        self.snapshot = None
         self.snapshot_offset = 0
         self.snapshot_acked = False
         self.state = state
@@ -124,9 +127,10 @@ class Progress:
         self._reset_state(ProgressState.REPLICATE)
         self.next = self.match + 1
 
-    def become_snapshot(self, snapshot_index: int) -> None:
+    def become_snapshot(self, snapshot: Snapshot) -> None:
         self._reset_state(ProgressState.SNAPSHOT)
-        self.pending_snapshot = snapshot_index
+        self.pending_snapshot = snapshot.metadata.index
+        self.snapshot = snapshot
 
     def sent_entries(self, count: int, last_index: int) -> None:
         """Record that an AppendEntries with ``count`` entries ending at ``last_index`` left."""
