@@ -813,10 +813,13 @@ class Raft:
             return
         # ``reject_hint`` carries the follower's next expected byte offset.
         hint = m.reject_hint
-        if hint == pr.snapshot_offset or 0 < hint < pr.snapshot_offset:
-            return  # a duplicate or reordered acknowledgement; the next chunk is in flight
+        if hint == pr.snapshot_offset:
+            return  # a duplicate acknowledgement; the chunk after it is already in flight
+        # Forward, or back to wherever the follower says it is (it lost its buffer in a
+        # crash). A reordered, stale acknowledgement costs one extra round: the follower
+        # answers the resent chunk with its real offset.
         pr.snapshot_acked = True
-        pr.snapshot_offset = hint  # forward, or back to 0 if the follower lost its buffer
+        pr.snapshot_offset = hint
         self._send_snapshot_chunk(m.frm, pr)
 
     def _leader_read_index(self, m: Message) -> None:
@@ -1017,7 +1020,11 @@ class Raft:
             self.incoming_snapshot = None
             self._send(self._msg(MT.APP_RESP, m.frm, index=self.log.committed))
             return
-        if chunk.offset == 0:
+        buf = self.incoming_snapshot
+        same = buf is not None and buf[0].metadata == meta
+        if chunk.offset == 0 and not same:
+            # The first chunk of a new transfer. (A duplicated first chunk of the transfer
+            # under way must not reset it: the leader has moved on.)
             if chunk.total_bytes > self.cfg.max_snapshot_bytes:
                 self.logger.warning(
                     "raft %d: snapshot of %d bytes exceeds max_snapshot_bytes=%d",
@@ -1028,7 +1035,7 @@ class Raft:
                 self._send(self._msg(MT.SNAP_RESP, m.frm, index=meta.index, reject=True))
                 return
             self.incoming_snapshot = (Snapshot(metadata=meta), bytearray())
-        buf = self.incoming_snapshot
+            buf = self.incoming_snapshot
         if buf is None or buf[0].metadata != meta or len(buf[1]) != chunk.offset:
             # Out of order or duplicate: tell the leader which byte we expect next.
             expected = len(buf[1]) if buf is not None and buf[0].metadata == meta else 0
