@@ -13,7 +13,9 @@ translated at one boundary per adapter with ``raise ... from exc``::
     │   ├── Compacted                the requested index is below the first retained index
     │   ├── Unavailable              the requested index is above the last index
     │   └── SnapshotTemporarilyUnavailable  the snapshot is being produced; retry later
-    └── InvalidArgument(reason)      the request is malformed (bad size, bad id, bad config)
+    ├── InvalidArgument(reason)      the request is malformed (bad size, bad id, bad config)
+    └── DataDirError(reason)         the data directory cannot be used (belongs to another node
+                                     or cluster, missing, unreadable); the process refuses to start
 
     InvariantViolation (AssertionError)
                                      a safety property of Raft was breached. This is a bug, not an
@@ -26,6 +28,7 @@ from __future__ import annotations
 __all__ = [
     "Compacted",
     "ConfChangeRejected",
+    "DataDirError",
     "DkvError",
     "InvalidArgument",
     "InvariantViolation",
@@ -80,6 +83,10 @@ class SnapshotTemporarilyUnavailable(StorageError):
 
 class InvalidArgument(DkvError):
     """A request or configuration is malformed; the message names the problem."""
+
+
+class DataDirError(DkvError):
+    """The data directory cannot be used; the message is the one-line reason shown at start-up."""
 
 
 class InvariantViolation(AssertionError):

@@ -1,0 +1,30 @@
+"""Durable storage: one RocksDB per process (rocksdict), shared by every Raft group.
+
+:class:`Engine` owns the database and its column families; :class:`RocksRaftStorage` is one
+group's Raft log and state on top of it, implementing :class:`dkv.raft.Storage`.
+"""
+
+from dkv.storage.engine import (
+    CF_DATA,
+    CF_RAFT_LOG,
+    CF_RAFT_STATE,
+    CF_WATCH,
+    COLUMN_FAMILIES,
+    Batch,
+    Engine,
+    Identity,
+)
+from dkv.storage.raft_log import RocksRaftStorage, group_prefix
+
+__all__ = [
+    "CF_DATA",
+    "CF_RAFT_LOG",
+    "CF_RAFT_STATE",
+    "CF_WATCH",
+    "COLUMN_FAMILIES",
+    "Batch",
+    "Engine",
+    "Identity",
+    "RocksRaftStorage",
+    "group_prefix",
+]
