@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 help:
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
-	@echo "make lint        ruff + mypy --strict on src/dkv"
+	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
 	@echo "make proto       regenerate Python code from protos/"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
@@ -31,9 +31,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
-	$(BIN)/mypy src/dkv
+	$(BIN)/ruff check src services tests
+	$(BIN)/ruff format --check src services tests
+	$(BIN)/mypy src/dkv services/node/dkv_node
 
 # Generated code is committed so the package imports without protoc;
 # tests/test_proto.py fails when it is stale.

@@ -1,0 +1,188 @@
+"""The shard's KV state machine on its in-memory store twin."""
+
+from __future__ import annotations
+
+from dkv_node.kv_state import (
+    RANGE_LIMIT_DEFAULT,
+    KvStateMachine,
+    MemoryKvStore,
+    prefix_end,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dkv.v1 import kv_pb2
+
+
+class Shard:
+    """Applies commands at increasing Raft indexes, as the host does."""
+
+    def __init__(self, **store_kw: int) -> None:
+        self.sm = KvStateMachine(MemoryKvStore(**store_kw), shard_id=1, member_id=1)
+        self.index = 1
+
+    def apply(self, cmd: kv_pb2.KvCommand) -> kv_pb2.PutResponse | kv_pb2.DeleteResponse:
+        self.index += 1
+        return self.sm.apply(self.index, cmd.SerializeToString())
+
+    def put(self, key: bytes, val: bytes, rid: str = "", **pre: object) -> kv_pb2.PutResponse:
+        req = kv_pb2.PutRequest(key=key, value=val, prev_kv=True)
+        if pre:
+            req.precondition.CopyFrom(kv_pb2.Precondition(**pre))  # type: ignore[arg-type]
+        resp = self.apply(kv_pb2.KvCommand(request_id=rid, put=req))
+        assert isinstance(resp, kv_pb2.PutResponse)
+        return resp
+
+    def delete(self, key: bytes, range_end: bytes = b"", **pre: object) -> kv_pb2.DeleteResponse:
+        req = kv_pb2.DeleteRequest(key=key, range_end=range_end, prev_kv=True)
+        if pre:
+            req.precondition.CopyFrom(kv_pb2.Precondition(**pre))  # type: ignore[arg-type]
+        resp = self.apply(kv_pb2.KvCommand(delete=req))
+        assert isinstance(resp, kv_pb2.DeleteResponse)
+        return resp
+
+    def get(self, key: bytes) -> kv_pb2.KeyValue | None:
+        resp = self.sm.range(kv_pb2.RangeRequest(key=key))
+        return resp.kvs[0] if resp.kvs else None
+
+
+def test_revisions_and_versions_follow_etcd() -> None:
+    s = Shard()
+    s.put(b"a", b"1")  # index 2
+    s.put(b"b", b"x")  # index 3
+    s.put(b"a", b"2")  # index 4
+    a = s.get(b"a")
+    assert a is not None
+    assert (a.create_revision, a.mod_revision, a.version, a.value) == (2, 4, 2, b"2")
+    assert s.sm.store.revision() == 4
+    s.delete(b"a")  # index 5
+    assert s.get(b"a") is None
+    s.put(b"a", b"3")  # recreated: version restarts, create_revision moves
+    a = s.get(b"a")
+    assert a is not None and (a.create_revision, a.version) == (6, 1)
+
+
+def test_compare_and_swap_on_version_mod_revision_and_value() -> None:
+    s = Shard()
+    assert s.put(b"k", b"v1", version=0).succeeded  # create only if absent
+    rev_before = s.sm.store.revision()
+    failed = s.put(b"k", b"v2", version=0)
+    assert not failed.succeeded and failed.current.value == b"v1"
+    assert s.sm.store.revision() == rev_before  # a failed CAS writes nothing
+    k = s.get(b"k")
+    assert k is not None
+    assert s.put(b"k", b"v2", mod_revision=k.mod_revision).succeeded
+    assert not s.put(b"k", b"v3", mod_revision=k.mod_revision).succeeded
+    assert s.put(b"k", b"v3", value=b"v2").succeeded
+    assert not s.delete(b"k", version=1).succeeded  # version is 3 now
+    assert s.delete(b"k", version=3).deleted == 1
+
+
+def test_retried_request_id_returns_the_first_result_without_applying_twice() -> None:
+    s = Shard()
+    first = s.put(b"counter", b"1", rid="req-1", version=0)
+    again = s.put(b"counter", b"1", rid="req-1", version=0)  # a client retry after a timeout
+    assert first.succeeded and again.succeeded
+    assert again == first
+    c = s.get(b"counter")
+    assert c is not None and c.version == 1
+
+
+def test_request_id_table_is_bounded() -> None:
+    s = Shard(max_request_ids=2)
+    s.put(b"k", b"1", rid="r1")
+    s.put(b"k", b"2", rid="r2")
+    s.put(b"k", b"3", rid="r3")  # forgets r1
+    s.put(b"k", b"1", rid="r1")  # so this applies again
+    k = s.get(b"k")
+    assert k is not None and k.version == 4
+
+
+def test_range_prefix_limit_and_continuation() -> None:
+    s = Shard()
+    for i in range(25):
+        s.put(b"p/%02d" % i, b"v")
+    s.put(b"q", b"other")
+    keys: list[bytes] = []
+    cont = b""
+    pages = 0
+    while True:
+        resp = s.sm.range(kv_pb2.RangeRequest(prefix=b"p/", limit=10, continuation=cont))
+        keys += [kv.key for kv in resp.kvs]
+        pages += 1
+        if not resp.more:
+            break
+        cont = resp.continuation
+    assert keys == [b"p/%02d" % i for i in range(25)] and pages == 3
+    resp = s.sm.range(kv_pb2.RangeRequest(key=b"p/10", range_end=b"p/13", keys_only=True))
+    assert [(kv.key, kv.value) for kv in resp.kvs] == [
+        (b"p/10", b""),
+        (b"p/11", b""),
+        (b"p/12", b""),
+    ]
+    everything = s.sm.range(kv_pb2.RangeRequest(key=b"\x00", range_end=b"\x00"))
+    assert len(everything.kvs) == 26 and RANGE_LIMIT_DEFAULT > 26
+
+
+def test_delete_range_emits_one_event_per_key_at_one_revision() -> None:
+    s = Shard()
+    for k in (b"a1", b"a2", b"b1"):
+        s.put(k, b"v")
+    resp = s.delete(b"a", range_end=prefix_end(b"a"))
+    assert resp.deleted == 2 and [kv.key for kv in resp.prev_kvs] == [b"a1", b"a2"]
+    events, last, compacted = s.sm.watch_events(s.index, b"", b"", 100)
+    assert not compacted and last == s.index
+    assert [(e.type, e.kv.key) for e in events] == [
+        (kv_pb2.Event.EVENT_TYPE_DELETE, b"a1"),
+        (kv_pb2.Event.EVENT_TYPE_DELETE, b"a2"),
+    ]
+
+
+def test_watch_history_is_bounded_and_reports_compaction() -> None:
+    s = Shard(watch_history_max_events=5)
+    for i in range(10):
+        s.put(b"k%d" % i, b"v")  # revisions 2..11
+    events, _, compacted = s.sm.watch_events(2, b"", b"", 100)
+    assert compacted and events == []
+    events, last, compacted = s.sm.watch_events(8, b"k", prefix_end(b"k"), 100)
+    assert not compacted and [e.kv.mod_revision for e in events] == [8, 9, 10, 11] and last == 11
+
+
+def test_prefix_end() -> None:
+    assert prefix_end(b"a") == b"b"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\xff\xff") == b""
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "delete", "cas"]),
+            st.sampled_from([b"a", b"b", b"c"]),
+            st.binary(max_size=3),
+        ),
+        max_size=40,
+    )
+)
+def test_agrees_with_a_plain_dict(ops: list[tuple[str, bytes, bytes]]) -> None:
+    """Whatever the sequence, the state machine's values equal a dict's."""
+    s = Shard()
+    model: dict[bytes, bytes] = {}
+    for op, key, value in ops:
+        if op == "put":
+            s.put(key, value)
+            model[key] = value
+        elif op == "delete":
+            s.delete(key)
+            model.pop(key, None)
+        else:
+            ok = s.put(key, value, value=b"x").succeeded
+            if model.get(key) == b"x":
+                assert ok
+                model[key] = value
+            else:
+                assert not ok
+    for key in (b"a", b"b", b"c"):
+        got = s.get(key)
+        assert (got.value if got else None) == model.get(key)
