@@ -2,27 +2,65 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 from dkv_node.kv_state import (
     RANGE_LIMIT_DEFAULT,
     KvStateMachine,
     MemoryKvStore,
     prefix_end,
 )
+from dkv_node.kv_store import RocksKvStore
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dkv.storage import Engine, Identity
 from dkv.v1 import kv_pb2
+
+STORES = ["memory", "rocksdb"]
+
+
+@pytest.fixture(params=STORES)
+def make_shard(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Each test runs on the in-memory twin and on the real RocksDB store."""
+    engines: list[Engine] = []
+
+    def make(**store_kw: int) -> Shard:
+        if request.param == "memory":
+            return Shard(MemoryKvStore(**store_kw))
+        path = tmp_path_factory.mktemp("kv")
+        engine = Engine.open(path / "db", Identity("c", "n"), create=True)
+        engines.append(engine)
+        return Shard(RocksKvStore(engine, group_id=3, **store_kw), engine)
+
+    yield make
+    for e in engines:
+        e.close()
 
 
 class Shard:
-    """Applies commands at increasing Raft indexes, as the host does."""
+    """Applies commands at increasing Raft indexes, as the host does: with RocksDB, each
+    command's writes go into a batch that is written before the next command."""
 
-    def __init__(self, **store_kw: int) -> None:
-        self.sm = KvStateMachine(MemoryKvStore(**store_kw), shard_id=1, member_id=1)
+    def __init__(self, store: MemoryKvStore | RocksKvStore, engine: Engine | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.sm = KvStateMachine(store, shard_id=1, member_id=1)
         self.index = 1
 
     def apply(self, cmd: kv_pb2.KvCommand) -> kv_pb2.PutResponse | kv_pb2.DeleteResponse:
         self.index += 1
+        if isinstance(self.store, RocksKvStore):
+            assert self.engine is not None
+            batch = self.engine.batch()
+            self.store.begin(batch)
+            resp = self.sm.apply(self.index, cmd.SerializeToString())
+            self.engine.write(batch, sync=False)
+            self.store.end()
+            return resp
         return self.sm.apply(self.index, cmd.SerializeToString())
 
     def put(self, key: bytes, val: bytes, rid: str = "", **pre: object) -> kv_pb2.PutResponse:
@@ -46,8 +84,8 @@ class Shard:
         return resp.kvs[0] if resp.kvs else None
 
 
-def test_revisions_and_versions_follow_etcd() -> None:
-    s = Shard()
+def test_revisions_and_versions_follow_etcd(make_shard: Callable[..., Shard]) -> None:
+    s = make_shard()
     s.put(b"a", b"1")  # index 2
     s.put(b"b", b"x")  # index 3
     s.put(b"a", b"2")  # index 4
@@ -62,8 +100,10 @@ def test_revisions_and_versions_follow_etcd() -> None:
     assert a is not None and (a.create_revision, a.version) == (6, 1)
 
 
-def test_compare_and_swap_on_version_mod_revision_and_value() -> None:
-    s = Shard()
+def test_compare_and_swap_on_version_mod_revision_and_value(
+    make_shard: Callable[..., Shard],
+) -> None:
+    s = make_shard()
     assert s.put(b"k", b"v1", version=0).succeeded  # create only if absent
     rev_before = s.sm.store.revision()
     failed = s.put(b"k", b"v2", version=0)
@@ -78,8 +118,10 @@ def test_compare_and_swap_on_version_mod_revision_and_value() -> None:
     assert s.delete(b"k", version=3).deleted == 1
 
 
-def test_retried_request_id_returns_the_first_result_without_applying_twice() -> None:
-    s = Shard()
+def test_retried_request_id_returns_the_first_result_without_applying_twice(
+    make_shard: Callable[..., Shard],
+) -> None:
+    s = make_shard()
     first = s.put(b"counter", b"1", rid="req-1", version=0)
     again = s.put(b"counter", b"1", rid="req-1", version=0)  # a client retry after a timeout
     assert first.succeeded and again.succeeded
@@ -88,8 +130,8 @@ def test_retried_request_id_returns_the_first_result_without_applying_twice() ->
     assert c is not None and c.version == 1
 
 
-def test_request_id_table_is_bounded() -> None:
-    s = Shard(max_request_ids=2)
+def test_request_id_table_is_bounded(make_shard: Callable[..., Shard]) -> None:
+    s = make_shard(max_request_ids=2)
     s.put(b"k", b"1", rid="r1")
     s.put(b"k", b"2", rid="r2")
     s.put(b"k", b"3", rid="r3")  # forgets r1
@@ -98,8 +140,8 @@ def test_request_id_table_is_bounded() -> None:
     assert k is not None and k.version == 4
 
 
-def test_range_prefix_limit_and_continuation() -> None:
-    s = Shard()
+def test_range_prefix_limit_and_continuation(make_shard: Callable[..., Shard]) -> None:
+    s = make_shard()
     for i in range(25):
         s.put(b"p/%02d" % i, b"v")
     s.put(b"q", b"other")
@@ -124,8 +166,10 @@ def test_range_prefix_limit_and_continuation() -> None:
     assert len(everything.kvs) == 26 and RANGE_LIMIT_DEFAULT > 26
 
 
-def test_delete_range_emits_one_event_per_key_at_one_revision() -> None:
-    s = Shard()
+def test_delete_range_emits_one_event_per_key_at_one_revision(
+    make_shard: Callable[..., Shard],
+) -> None:
+    s = make_shard()
     for k in (b"a1", b"a2", b"b1"):
         s.put(k, b"v")
     resp = s.delete(b"a", range_end=prefix_end(b"a"))
@@ -138,8 +182,8 @@ def test_delete_range_emits_one_event_per_key_at_one_revision() -> None:
     ]
 
 
-def test_watch_history_is_bounded_and_reports_compaction() -> None:
-    s = Shard(watch_history_max_events=5)
+def test_watch_history_is_bounded_and_reports_compaction(make_shard: Callable[..., Shard]) -> None:
+    s = make_shard(watch_history_max_events=5)
     for i in range(10):
         s.put(b"k%d" % i, b"v")  # revisions 2..11
     events, _, compacted = s.sm.watch_events(2, b"", b"", 100)
@@ -154,6 +198,7 @@ def test_prefix_end() -> None:
     assert prefix_end(b"\xff\xff") == b""
 
 
+@pytest.mark.parametrize("kind", STORES)
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -165,9 +210,23 @@ def test_prefix_end() -> None:
         max_size=40,
     )
 )
-def test_agrees_with_a_plain_dict(ops: list[tuple[str, bytes, bytes]]) -> None:
+def test_agrees_with_a_plain_dict(kind: str, ops: list[tuple[str, bytes, bytes]]) -> None:
     """Whatever the sequence, the state machine's values equal a dict's."""
-    s = Shard()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = (
+            Engine.open(Path(tmp) / "db", Identity("c", "n"), create=True)
+            if kind == "rocksdb"
+            else None
+        )
+        try:
+            s = Shard(RocksKvStore(engine, 1), engine) if engine else Shard(MemoryKvStore())
+            _check_against_dict(s, ops)
+        finally:
+            if engine is not None:
+                engine.close()
+
+
+def _check_against_dict(s: Shard, ops: list[tuple[str, bytes, bytes]]) -> None:
     model: dict[bytes, bytes] = {}
     for op, key, value in ops:
         if op == "put":
@@ -186,3 +245,36 @@ def test_agrees_with_a_plain_dict(ops: list[tuple[str, bytes, bytes]]) -> None:
     for key in (b"a", b"b", b"c"):
         got = s.get(key)
         assert (got.value if got else None) == model.get(key)
+
+
+def test_rocksdb_commands_in_one_batch_see_each_other(tmp_path: Path) -> None:
+    """The host applies many committed entries into one write batch."""
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        store = RocksKvStore(engine, group_id=1, max_request_ids=2, watch_history_max_events=3)
+        sm = KvStateMachine(store, shard_id=1, member_id=1)
+        batch = engine.batch()
+        store.begin(batch)
+        for i in range(2, 8):
+            put = kv_pb2.PutRequest(key=b"k", value=b"%d" % i)
+            sm.apply(i, kv_pb2.KvCommand(request_id=f"r{i}", put=put).SerializeToString())
+        got = store.get(b"k")
+        assert got is not None and got.version == 6  # each put saw the previous one
+        assert [k for k, _ in store.scan(b"", b"", 10)] == [b"k"]
+        engine.write(batch, sync=True)
+        store.end()
+        # Reopen: everything, including the bounds' bookkeeping, comes back.
+        engine.close()
+        engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=False)
+        store = RocksKvStore(engine, group_id=1, max_request_ids=2, watch_history_max_events=3)
+        sm = KvStateMachine(store, shard_id=1, member_id=1)
+        assert store.revision() == 7
+        got = store.get(b"k")
+        assert got is not None and (got.version, got.value) == (6, b"7")
+        assert store.recall_request("r7") is not None and store.recall_request("r6") is not None
+        assert store.recall_request("r5") is None  # only the newest two ids are kept
+        events, _, compacted = sm.watch_events(5, b"", b"", 10)
+        assert not compacted and [e.kv.mod_revision for e in events] == [5, 6, 7]
+        assert sm.watch_events(4, b"", b"", 10)[2]  # revision 4 was compacted away
+    finally:
+        engine.close()

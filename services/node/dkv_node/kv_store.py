@@ -1,0 +1,223 @@
+"""The shard state machine's store in the node's RocksDB (a :class:`~dkv_node.kv_state.KvStore`).
+
+Writes are staged into the host's shared :class:`~dkv.storage.Batch` between ``begin`` and
+``end``, so a shard's data, its applied index (staged by the Raft storage) and every other
+group's Ready land in one atomic write. Reads during an apply batch see the writes staged
+earlier in it through an overlay.
+
+Layout, every key prefixed by the group id (8 bytes):
+
+- ``data``:  ``k`` + user key -> create_revision, mod_revision, version (3 x 8 bytes) + value;
+  ``m/rev`` -> the shard's revision; ``m/compact`` -> the watch history's compact revision;
+  ``r`` + request id -> revision (8 bytes) + serialized response; ``R`` + revision + request id
+  -> b"" (the FIFO order in which request ids are forgotten).
+- ``watch``: revision (8 bytes) + sequence within the revision (4 bytes) -> serialized Event.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+
+from dkv.errors import InvariantViolation
+from dkv.storage import CF_DATA, CF_WATCH, Batch, Engine, group_prefix
+from dkv.v1 import kv_pb2
+from dkv_node.kv_state import KeyRecord
+
+__all__ = ["RocksKvStore"]
+
+_U64 = struct.Struct(">Q")
+_REC = struct.Struct(">QQQ")
+_EV = struct.Struct(">QI")
+_TOMBSTONE = None
+
+
+class RocksKvStore:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        group_id: int,
+        max_request_ids: int = 10_000,
+        watch_history_max_events: int = 100_000,
+    ) -> None:
+        self.engine = engine
+        self._p = group_prefix(group_id)
+        self.max_request_ids = max_request_ids
+        self.watch_history_max_events = watch_history_max_events
+        self._batch: Batch | None = None
+        self._overlay: dict[bytes, KeyRecord | None] = {}
+        self._pending_requests: dict[str, bytes] = {}
+        # Request-id index keys deleted in the open batch (a scan cannot see staged deletes).
+        self._evicted: set[bytes] = set()
+        self._pending_order: list[bytes] = []  # request-id index keys staged, oldest first
+        self._staged_events: list[tuple[int, int]] = []  # (revision, events) staged
+        rev = engine.get(CF_DATA, self._p + b"m/rev")
+        self._rev = _U64.unpack(rev)[0] if rev else 0
+        comp = engine.get(CF_DATA, self._p + b"m/compact")
+        self._compact_rev = _U64.unpack(comp)[0] if comp else 0
+        # Counts kept in memory to enforce the bounds without scanning on every write; both
+        # are bounded, so counting them once at start-up is cheap.
+        self._events = sum(1 for _ in engine.scan(CF_WATCH, self._p, self._p + b"\xff" * 12))
+        self._requests = sum(1 for _ in engine.scan(CF_DATA, self._p + b"R", self._p + b"S"))
+
+    # -- batch lifecycle (the host) -------------------------------------------------------------
+
+    def begin(self, batch: Batch) -> None:
+        if self._batch is not None:
+            raise InvariantViolation("KV store batch already open")
+        self._batch = batch
+
+    def end(self) -> None:
+        """The batch was written: the overlay is now what RocksDB holds."""
+        self._batch = None
+        self._overlay.clear()
+        self._pending_requests.clear()
+        self._evicted.clear()
+        self._pending_order.clear()
+        self._staged_events.clear()
+
+    def _b(self) -> Batch:
+        if self._batch is None:
+            raise InvariantViolation("KV store written outside begin()/end()")
+        return self._batch
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _k(self, key: bytes) -> bytes:
+        return self._p + b"k" + key
+
+    def get(self, key: bytes) -> KeyRecord | None:
+        if key in self._overlay:
+            return self._overlay[key]
+        blob = self.engine.get(CF_DATA, self._k(key))
+        return _decode_record(blob) if blob is not None else None
+
+    def scan(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, KeyRecord]]:
+        start = self._k(lo)
+        end = self._k(hi) if hi else self._p + b"l"  # b"l" is the tag after b"k"
+        # Staged deletes may hide stored keys: read enough to still fill ``limit``.
+        hidden = sum(1 for v in self._overlay.values() if v is _TOMBSTONE)
+        found: dict[bytes, KeyRecord] = {}
+        skip = len(self._p) + 1
+        for i, (k, v) in enumerate(self.engine.scan(CF_DATA, start, end)):
+            if i >= limit + hidden:
+                break
+            found[k[skip:]] = _decode_record(v)
+        for key, rec in self._overlay.items():
+            if key >= lo and (not hi or key < hi):
+                if rec is None:
+                    found.pop(key, None)
+                else:
+                    found[key] = rec
+        return sorted(found.items())[:limit]
+
+    def put(self, key: bytes, rec: KeyRecord) -> None:
+        self._b().put(
+            CF_DATA,
+            self._k(key),
+            _REC.pack(rec.create_revision, rec.mod_revision, rec.version) + rec.value,
+        )
+        self._overlay[key] = rec
+
+    def delete(self, key: bytes) -> None:
+        self._b().delete(CF_DATA, self._k(key))
+        self._overlay[key] = _TOMBSTONE
+
+    def revision(self) -> int:
+        return self._rev
+
+    def set_revision(self, revision: int) -> None:
+        self._b().put(CF_DATA, self._p + b"m/rev", _U64.pack(revision))
+        self._rev = revision
+
+    # -- watch history --------------------------------------------------------------------------
+
+    def append_events(self, revision: int, events: Sequence[kv_pb2.Event]) -> None:
+        b = self._b()
+        for seq, ev in enumerate(events):
+            b.put(CF_WATCH, self._p + _EV.pack(revision, seq), ev.SerializeToString())
+        self._staged_events.append((revision, len(events)))
+        self._events += len(events)
+        excess = self._events - self.watch_history_max_events
+        if excess <= 0:
+            return
+        # Forget whole revisions, oldest first (stored ones, then ones staged earlier in this
+        # batch), until within the bound; never the revision being written.
+        drop_to, dropped = self._compact_rev, 0
+        for rev, n in self._event_revisions_oldest_first():
+            if dropped >= excess or rev >= revision:
+                break
+            drop_to, dropped = rev, dropped + n
+        if drop_to > self._compact_rev:
+            # One range delete covers stored and staged events alike.
+            b.delete_range(CF_WATCH, self._p, self._p + _EV.pack(drop_to + 1, 0))
+            b.put(CF_DATA, self._p + b"m/compact", _U64.pack(drop_to))
+            self._compact_rev = drop_to
+            self._events -= dropped
+            self._staged_events = [(r, n) for r, n in self._staged_events if r > drop_to]
+
+    def _event_revisions_oldest_first(self) -> Iterator[tuple[int, int]]:
+        """(revision, number of events) for every revision still kept, oldest first."""
+        lo = self._p + _EV.pack(self._compact_rev + 1, 0)
+        current, count = -1, 0
+        for key, _ in self.engine.scan(CF_WATCH, lo, self._p + b"\xff" * 12):
+            rev = _EV.unpack(key[len(self._p) :])[0]
+            if rev != current and count:
+                yield current, count
+                count = 0
+            current, count = rev, count + 1
+        if count:
+            yield current, count
+        yield from self._staged_events
+
+    def events_since(self, revision: int, limit: int) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
+        out: list[tuple[int, kv_pb2.Event]] = []
+        lo = self._p + _EV.pack(max(revision, 0), 0)
+        for key, value in self.engine.scan(CF_WATCH, lo, self._p + b"\xff" * 12):
+            if len(out) >= limit:
+                break
+            out.append((_EV.unpack(key[len(self._p) :])[0], kv_pb2.Event.FromString(value)))
+        return out, self._compact_rev
+
+    # -- request ids ----------------------------------------------------------------------------
+
+    def recall_request(self, request_id: str) -> bytes | None:
+        if request_id in self._pending_requests:
+            return self._pending_requests[request_id]
+        blob = self.engine.get(CF_DATA, self._p + b"r" + request_id.encode())
+        return blob[8:] if blob is not None else None
+
+    def remember_request(self, request_id: str, revision: int, response: bytes) -> None:
+        b = self._b()
+        rid = request_id.encode()
+        order_key = self._p + b"R" + _U64.pack(revision) + rid
+        b.put(CF_DATA, self._p + b"r" + rid, _U64.pack(revision) + response)
+        b.put(CF_DATA, order_key, b"")
+        self._pending_requests[request_id] = response
+        self._pending_order.append(order_key)
+        self._requests += 1
+        while self._requests > self.max_request_ids:
+            self._forget_oldest_request(b)
+
+    def _forget_oldest_request(self, b: Batch) -> None:
+        """Forget the oldest id (FIFO by revision): a stored one, else one staged earlier in
+        this batch (a scan cannot see staged writes, so those are tracked in memory)."""
+        victim = None
+        for key, _ in self.engine.scan(CF_DATA, self._p + b"R", self._p + b"S"):
+            if key not in self._evicted:
+                victim = key
+                break
+        if victim is None:
+            victim = self._pending_order.pop(0)
+            self._pending_requests.pop(victim[len(self._p) + 9 :].decode(), None)
+        self._evicted.add(victim)
+        b.delete(CF_DATA, victim)
+        b.delete(CF_DATA, self._p + b"r" + victim[len(self._p) + 9 :])
+        self._requests -= 1
+
+
+def _decode_record(blob: bytes) -> KeyRecord:
+    c, m, v = _REC.unpack_from(blob)
+    return KeyRecord(create_revision=c, mod_revision=m, version=v, value=blob[_REC.size :])
