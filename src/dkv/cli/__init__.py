@@ -1,0 +1,1 @@
+"""Command-line tools: ``dkv`` (certs, and later dev/envoy-bootstrap) and ``dkvctl``."""
