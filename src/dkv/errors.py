@@ -9,6 +9,8 @@ translated at one boundary per adapter with ``raise ... from exc``::
     │                                uncommitted-size limit, pending conf change); safe to retry
     ├── ReadIndexDropped(reason)     a ReadIndex request could not be served now; safe to retry
     ├── ConfChangeRejected(reason)   the membership change is not allowed in the current state
+    ├── DeadlineExceeded(reason)     no answer within the deadline: a write may or may not have
+    │                                happened (no quorum, leader lost); retry with the same id
     ├── StorageError                 raised by a Raft Storage (read-only protocol of the core)
     │   ├── Compacted                the requested index is below the first retained index
     │   ├── Unavailable              the requested index is above the last index
@@ -29,6 +31,7 @@ __all__ = [
     "Compacted",
     "ConfChangeRejected",
     "DataDirError",
+    "DeadlineExceeded",
     "DkvError",
     "InvalidArgument",
     "InvariantViolation",
@@ -63,6 +66,11 @@ class ReadIndexDropped(DkvError):
 
 class ConfChangeRejected(DkvError):
     """A membership change is not allowed in the current state (e.g. one is already pending)."""
+
+
+class DeadlineExceeded(DkvError):
+    """No answer within the deadline. For a write the outcome is unknown: it may have happened.
+    Retrying with the same request id is safe (the state machine deduplicates)."""
 
 
 class StorageError(DkvError):

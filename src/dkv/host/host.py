@@ -1,0 +1,325 @@
+"""The host runtime: one asyncio loop driving every Raft group of a process.
+
+Generic over a :class:`StateMachine`, so the storage node (KV shards) and the membership
+service reuse it. One loop iteration, for all groups at once:
+
+1. collect the Ready of every group that has one;
+2. stage, into ONE RocksDB batch: each group's snapshot, entries and hard state, and the
+   effects of applying its committed entries (state machine writes + applied index, so that
+   data and applied index always move together);
+3. write the batch with ONE fsync if any Ready needs it (group commit), off the event loop;
+4. send all messages, batched per destination node;
+5. resolve the proposals and reads that became answerable, then ``advance()`` every group.
+
+Messages arriving from peers are stepped into their group as they come, between iterations
+or while the write of step 3 is under way (etcd-io/raft allows stepping while a Ready is
+outstanding); each one wakes the loop. Time advances by a ticker task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dkv.errors import DeadlineExceeded, InvalidArgument, NotLeader, ProposalDropped
+from dkv.host.transport import Transport
+from dkv.raft import (
+    ConfChange,
+    Config,
+    ConfState,
+    EntryType,
+    HardState,
+    Message,
+    RawNode,
+    Role,
+    Snapshot,
+    SnapshotMetadata,
+)
+from dkv.storage import Batch, Engine, RocksRaftStorage
+
+__all__ = ["Host", "HostConfig", "StateMachine"]
+
+log = logging.getLogger("dkv.host")
+
+
+class StateMachine(Protocol):
+    """What a group replicates. Rules: ``apply`` is deterministic (same entries, same state on
+    every replica); its writes go into the batch given to ``begin`` and become durable with
+    the group's applied index; ``end`` is called once that batch is written."""
+
+    def begin(self, batch: Batch) -> None: ...
+
+    def apply(self, index: int, data: bytes) -> Any: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    node_id: int
+    tick_interval_ms: int = 100
+    election_timeout_ticks: int = 10
+    heartbeat_interval_ticks: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+
+
+@dataclass
+class _Group:
+    group_id: int
+    node: RawNode
+    storage: RocksRaftStorage
+    sm: StateMachine
+    # index -> (term, future): a proposal is answered when its entry applies.
+    proposals: dict[int, tuple[int, asyncio.Future[Any]]] = field(default_factory=dict)
+    # read context -> future waiting for its ReadState; then (index, future) until applied.
+    reads: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
+    read_waiters: list[tuple[int, asyncio.Future[int]]] = field(default_factory=list)
+
+
+class Host:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        engine: Engine,
+        transport: Transport,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = config
+        self.engine = engine
+        self.transport = transport
+        self.rng = rng or random.Random()
+        self.groups: dict[int, _Group] = {}
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()  # notified after every loop iteration
+        self._tasks: list[asyncio.Task[None]] = []
+        self._read_seq = 0
+        self._running = False
+        # Counters for tests and metrics.
+        self.iterations = 0
+        self.entries_persisted = 0
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    def add_group(
+        self, group_id: int, sm: StateMachine, bootstrap: ConfState | None = None
+    ) -> None:
+        """Host group ``group_id``. ``bootstrap`` creates it as an initial member with that
+        configuration (written at index 1, as MemoryStorage does); without it the group must
+        already exist on disk, or this node joins it empty and learns the configuration from
+        the leader's snapshot."""
+        if group_id in self.groups:
+            raise InvalidArgument(f"group {group_id} already hosted")
+        storage = RocksRaftStorage(self.engine, group_id)
+        if bootstrap is not None and storage.last_index() == 0 and storage.snapshot().is_empty():
+            b = self.engine.batch()
+            storage.stage_snapshot(b, Snapshot(SnapshotMetadata(1, 1, bootstrap)))
+            storage.stage_hard_state(b, HardState(term=1, commit=1))
+            self.engine.write(b, sync=True)
+        raft_cfg = Config(
+            id=self.cfg.node_id,
+            election_timeout_ticks=self.cfg.election_timeout_ticks,
+            heartbeat_interval_ticks=self.cfg.heartbeat_interval_ticks,
+            applied_index=storage.applied_index,
+            pre_vote=self.cfg.pre_vote,
+            check_quorum=self.cfg.check_quorum,
+            # The host answers clients itself; followers report NOT_LEADER with a hint.
+            disable_proposal_forwarding=True,
+        )
+        node = RawNode(raft_cfg, storage, self.rng, log)
+        self.groups[group_id] = _Group(group_id, node, storage, sm)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._running = True
+        self.transport.set_delivery(self._on_messages)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()), loop.create_task(self._ticker())]
+
+    async def stop(self) -> None:
+        self._running = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for g in self.groups.values():
+            for _, fut in g.proposals.values():
+                if not fut.done():
+                    fut.set_exception(DeadlineExceeded("host stopped; the write may have happened"))
+            for rfut in [*g.reads.values(), *(f for _, f in g.read_waiters)]:
+                if not rfut.done():
+                    rfut.set_exception(ProposalDropped("host stopped"))
+        await self.transport.close()
+
+    # -- client API -----------------------------------------------------------------------------
+
+    def _group(self, group_id: int) -> _Group:
+        g = self.groups.get(group_id)
+        if g is None:
+            raise InvalidArgument(f"group {group_id} is not hosted here")
+        return g
+
+    def leader(self, group_id: int) -> int:
+        return self._group(group_id).node.status().leader_id
+
+    async def propose(self, group_id: int, data: bytes, timeout_s: float) -> Any:
+        """Replicate ``data`` and return what the state machine's apply returned.
+
+        Raises NotLeader (with a hint) on a follower, ProposalDropped when the write certainly
+        did not happen, DeadlineExceeded when the outcome is unknown."""
+        g = self._group(group_id)
+        st = g.node.status()
+        if st.role is not Role.LEADER:
+            raise NotLeader(st.leader_id)
+        index = g.node.propose(data)
+        if index is None:
+            raise NotLeader(g.node.status().leader_id)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        g.proposals[index] = (st.term, fut)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"write not confirmed within {timeout_s:.3f} s; it may or may not have happened"
+            ) from exc
+
+    async def read_index(self, group_id: int, timeout_s: float) -> int:
+        """Wait until a linearizable read may be served locally (ReadIndex, thesis §6.4).
+
+        Returns the read index; the local state machine has applied at least that far."""
+        g = self._group(group_id)
+        self._read_seq += 1
+        ctx = self._read_seq.to_bytes(8, "big")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        g.reads[ctx] = fut
+        try:
+            g.node.read_index(ctx)
+        except Exception:
+            g.reads.pop(ctx, None)
+            raise
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"read not confirmed within {timeout_s:.3f} s") from exc
+        finally:
+            g.reads.pop(ctx, None)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _on_messages(self, frm: int, batch: Sequence[tuple[int, Message]]) -> None:
+        for group_id, m in batch:
+            g = self.groups.get(group_id)
+            if g is None:
+                continue  # a group we do not (yet, or any more) host
+            try:
+                g.node.step(m)
+            except InvalidArgument as exc:
+                log.warning("node %d: bad message from %d: %s", self.cfg.node_id, frm, exc)
+        self._wake.set()
+
+    async def _ticker(self) -> None:
+        interval = self.cfg.tick_interval_ms / 1000
+        while self._running:
+            await asyncio.sleep(interval)
+            for g in self.groups.values():
+                g.node.tick()
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while self._running:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._iteration()
+
+    async def _iteration(self) -> None:
+        readies = [(g, g.node.ready()) for g in self.groups.values() if g.node.has_ready()]
+        if not readies:
+            return
+        self.iterations += 1
+        batch = self.engine.batch()
+        sync = False
+        answers: list[tuple[_Group, int, int, Any]] = []
+        for g, rd in readies:
+            st = g.storage
+            g.sm.begin(batch)
+            if rd.snapshot is not None:
+                st.stage_snapshot(batch, rd.snapshot)
+            st.stage_append(batch, rd.entries)
+            if rd.hard_state is not None:
+                st.stage_hard_state(batch, rd.hard_state)
+            sync = sync or rd.must_sync
+            self.entries_persisted += len(rd.entries)
+            conf = st.conf_state
+            for e in rd.committed_entries:
+                result: Any = None
+                if e.type is EntryType.CONF_CHANGE:
+                    conf = g.node.apply_conf_change(ConfChange.decode(e.data))
+                    result = conf
+                elif e.data:
+                    result = g.sm.apply(e.index, e.data)
+                answers.append((g, e.index, e.term, result))
+            if rd.committed_entries:
+                st.stage_applied(batch, rd.committed_entries[-1].index, conf)
+        # Group commit: every group's Ready in one write, at most one fsync.
+        await asyncio.to_thread(self.engine.write, batch, sync=sync)
+        for g, _ in readies:
+            g.sm.end()
+        outbox: dict[int, list[tuple[int, Message]]] = defaultdict(list)
+        for g, rd in readies:
+            for m in rd.messages:
+                outbox[m.to].append((g.group_id, m))
+        for to, msgs in outbox.items():
+            self.transport.send(to, msgs)
+        for g, index, term, result in answers:
+            pending = g.proposals.pop(index, None)
+            if pending is None or pending[1].done():
+                continue
+            if pending[0] == term:
+                pending[1].set_result(result)
+            else:
+                # Another leader's entry took this index: ours was never committed.
+                pending[1].set_exception(ProposalDropped("leadership changed; not applied"))
+        for g, rd in readies:
+            g.node.advance()
+            for rs in rd.read_states:
+                fut = g.reads.get(rs.request_ctx)
+                if fut is not None and not fut.done():
+                    g.read_waiters.append((rs.index, fut))
+            applied = g.storage.applied_index
+            still = []
+            for index, fut in g.read_waiters:
+                if fut.done():
+                    continue
+                if index <= applied:
+                    fut.set_result(index)
+                else:
+                    still.append((index, fut))
+            g.read_waiters = still
+        # More may be ready already (messages stepped while we were writing).
+        if any(g.node.has_ready() for g in self.groups.values()):
+            self._wake.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every loop iteration (an event,
+        not a poll). Raises DeadlineExceeded after ``timeout_s``."""
+
+        async def _wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+
+        try:
+            await asyncio.wait_for(_wait(), timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"condition not reached within {timeout_s} s") from exc
