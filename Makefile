@@ -38,7 +38,7 @@ lint: setup
 # Generated code is committed so the package imports without protoc;
 # tests/test_proto.py fails when it is stale.
 proto: setup
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src $(PROTO_SRC)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src $(PROTO_SRC)
 
 bench-raft: setup
 	$(BIN)/python -m dkv.testing.bench_raft

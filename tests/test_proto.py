@@ -44,6 +44,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
             "-Iprotos",
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
             *protos,
         ],
         cwd=ROOT,

@@ -158,10 +158,16 @@ class ConfChange(_message.Message):
     def __init__(self, type: _Optional[_Union[ConfChangeType, str]] = ..., node_id: _Optional[int] = ..., context: _Optional[bytes] = ...) -> None: ...
 
 class MessageBatch(_message.Message):
-    __slots__ = ("messages",)
+    __slots__ = ("messages", "from_node", "group_ids", "cluster_id")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+    from_node: int
+    group_ids: _containers.RepeatedScalarFieldContainer[int]
+    cluster_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., from_node: _Optional[int] = ..., group_ids: _Optional[_Iterable[int]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class StreamAck(_message.Message):
     __slots__ = ("batches",)

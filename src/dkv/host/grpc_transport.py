@@ -1,0 +1,236 @@
+"""The real peer transport: one long-lived gRPC bidirectional stream per peer, mTLS optional.
+
+Sending side: each peer has a bounded queue of batches drained by a task that keeps one
+``RaftPeer.Stream`` call open and writes batches in order. While the peer is unreachable the
+queue is emptied (Raft retries what matters) and the host is told, so its leaders fall back to
+probing. A reconnect waits with jittered exponential backoff.
+
+Receiving side: :class:`RaftPeerService` accepts streams, refuses batches of another cluster,
+decodes them and hands them to the host. Errors from grpc are translated here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from dkv.errors import InvalidArgument
+from dkv.host.transport import Delivery
+from dkv.raft import Message, codec
+from dkv.v1 import raft_pb2 as pb
+
+__all__ = ["GrpcTransport", "RaftPeerService", "TlsFiles", "add_raft_peer_service"]
+
+log = logging.getLogger("dkv.host.transport")
+
+_METHOD = "/dkv.v1.RaftPeer/Stream"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for mTLS: our certificate and key, and the CA that signs our peers."""
+
+    cert_file: str
+    key_file: str
+    trusted_ca_file: str
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        with open(self.cert_file, "rb") as c, open(self.key_file, "rb") as k:
+            cert, key = c.read(), k.read()
+        with open(self.trusted_ca_file, "rb") as ca:
+            return cert, key, ca.read()
+
+
+def encode(
+    cluster_id: str, from_node: int, batch: Sequence[tuple[int, Message]]
+) -> pb.MessageBatch:
+    out = pb.MessageBatch(from_node=from_node, cluster_id=cluster_id)
+    for group_id, m in batch:
+        out.group_ids.append(group_id)
+        out.messages.append(codec.message_to_proto(m))
+    return out
+
+
+def decode(req: pb.MessageBatch) -> list[tuple[int, Message]]:
+    if len(req.group_ids) != len(req.messages):
+        raise InvalidArgument(
+            f"batch has {len(req.messages)} messages but {len(req.group_ids)} group ids"
+        )
+    return [
+        (g, codec.message_from_proto(m)) for g, m in zip(req.group_ids, req.messages, strict=True)
+    ]
+
+
+class RaftPeerService:
+    """Server side of ``dkv.v1.RaftPeer``."""
+
+    def __init__(self, cluster_id: str, deliver: Callable[[], Delivery | None]) -> None:
+        self.cluster_id = cluster_id
+        self._deliver = deliver
+        self.refused_batches = 0
+
+    async def stream(
+        self,
+        requests: AsyncIterator[pb.MessageBatch],
+        context: grpc.aio.ServicerContext[pb.MessageBatch, pb.StreamAck],
+    ) -> AsyncIterator[pb.StreamAck]:
+        received = 0
+        async for req in requests:
+            received += 1
+            if req.cluster_id != self.cluster_id:
+                self.refused_batches += 1
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"peer from cluster {req.cluster_id!r} talked to cluster {self.cluster_id!r}",
+                )
+            try:
+                pairs = decode(req)
+            except InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            deliver = self._deliver()
+            if deliver is not None:
+                deliver(req.from_node, pairs)
+            # Cumulative acks let a sender bound what it has in flight; one every 16 batches
+            # keeps the reverse direction cheap.
+            if received % 16 == 0:
+                yield pb.StreamAck(batches=received)
+
+
+def add_raft_peer_service(server: grpc.aio.Server, service: RaftPeerService) -> None:
+    handler = grpc.stream_stream_rpc_method_handler(
+        service.stream,
+        request_deserializer=pb.MessageBatch.FromString,
+        response_serializer=pb.StreamAck.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("dkv.v1.RaftPeer", {"Stream": handler}),)
+    )
+
+
+class _Peer:
+    def __init__(self, node_id: int, address: str, queue_batches_max: int) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.queue: asyncio.Queue[pb.MessageBatch] = asyncio.Queue(maxsize=queue_batches_max)
+        self.task: asyncio.Task[None] | None = None
+        self.connected = False
+
+
+class GrpcTransport:
+    """Client side: see the module docstring. Also owns the receiving service's delivery hook."""
+
+    def __init__(
+        self,
+        node_id: int,
+        cluster_id: str,
+        peers: dict[int, str],
+        tls: TlsFiles | None = None,
+        queue_batches_max: int = 1024,
+        on_unreachable: Callable[[int], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.tls = tls
+        self.queue_batches_max = queue_batches_max
+        self.on_unreachable = on_unreachable
+        self.rng = rng or random.Random()
+        self._peers: dict[int, _Peer] = {}
+        self._deliver: Delivery | None = None
+        self.dropped_batches = 0
+        self.service = RaftPeerService(cluster_id, lambda: self._deliver)
+        for nid, addr in peers.items():
+            self.set_peer(nid, addr)
+
+    def set_delivery(self, deliver: Delivery) -> None:
+        self._deliver = deliver
+
+    def set_peer(self, node_id: int, address: str) -> None:
+        """Add a peer or change its address (membership changes)."""
+        if node_id == self.node_id:
+            return
+        old = self._peers.get(node_id)
+        if old is not None:
+            if old.address == address:
+                return
+            if old.task is not None:
+                old.task.cancel()
+        self._peers[node_id] = _Peer(node_id, address, self.queue_batches_max)
+
+    def send(self, to: int, batch: Sequence[tuple[int, Message]]) -> None:
+        peer = self._peers.get(to)
+        if peer is None:
+            self.dropped_batches += 1
+            return
+        if peer.task is None or peer.task.done():
+            peer.task = asyncio.get_running_loop().create_task(self._run_peer(peer))
+        try:
+            peer.queue.put_nowait(encode(self.cluster_id, self.node_id, batch))
+        except asyncio.QueueFull:
+            # The peer is slower than we produce; dropping is safe (Raft retransmits).
+            self.dropped_batches += 1
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        cert, key, ca = self.tls.read()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+        return grpc.aio.secure_channel(address, creds, options=options)
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        backoff_s = 0.05
+        while True:
+            channel = self._channel(peer.address)
+            try:
+                call = channel.stream_stream(
+                    _METHOD,
+                    request_serializer=pb.MessageBatch.SerializeToString,
+                    response_deserializer=pb.StreamAck.FromString,
+                )()
+                reader = asyncio.get_running_loop().create_task(self._drain_acks(call))
+                try:
+                    while True:
+                        batch = await peer.queue.get()
+                        await call.write(batch)
+                        if not peer.connected:
+                            peer.connected = True
+                            backoff_s = 0.05
+                finally:
+                    reader.cancel()
+            except asyncio.CancelledError:
+                await channel.close()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.debug("peer %d at %s: %s", peer.node_id, peer.address, exc.code())
+            except Exception as exc:  # a broken stream surfaces as various grpc errors
+                log.debug("peer %d at %s: %r", peer.node_id, peer.address, exc)
+            await channel.close()
+            peer.connected = False
+            # Whatever was queued is stale by the time we reconnect: drop it, tell Raft.
+            while not peer.queue.empty():
+                peer.queue.get_nowait()
+                self.dropped_batches += 1
+            if self.on_unreachable is not None:
+                self.on_unreachable(peer.node_id)
+            await asyncio.sleep(backoff_s * (0.5 + self.rng.random()))
+            backoff_s = min(backoff_s * 2, 2.0)
+
+    @staticmethod
+    async def _drain_acks(call: AsyncIterable[pb.StreamAck]) -> None:
+        async for _ in call:
+            pass
+
+    async def close(self) -> None:
+        tasks = [p.task for p in self._peers.values() if p.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
