@@ -1,0 +1,189 @@
+"""The node's ``dkv.v1.KV`` gRPC service: validate, route to the shard's group, answer.
+
+Error translation happens here, once (dkv.errors -> gRPC status):
+
+- InvalidArgument      -> INVALID_ARGUMENT, naming the problem;
+- NotLeader            -> UNAVAILABLE "not the leader", with trailing metadata
+  ``dkv-leader-id`` (and ``dkv-leader-name`` when known) so callers retry at the leader; the
+  write was NOT proposed, so retrying is always safe (etcd answers the same way);
+- ProposalDropped / ReadIndexDropped -> UNAVAILABLE, ``dkv-retry-safe: true``;
+- DeadlineExceeded     -> DEADLINE_EXCEEDED: a write may or may not have happened; retrying with
+  the same request_id is safe.
+
+Ranges fan out to every shard in parallel and are merged in key order (every node holds every
+shard while placement is static; the gateway does the same across nodes later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from dkv.errors import (
+    DeadlineExceeded,
+    DkvError,
+    InvalidArgument,
+    NotLeader,
+    ProposalDropped,
+    ReadIndexDropped,
+)
+from dkv.host import Host
+from dkv.sharding import shard_for_key
+from dkv.v1 import kv_pb2
+from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX
+from dkv_node.limits import Limits
+from dkv_node.shard import KvShard
+
+__all__ = ["KvService", "add_kv_service"]
+
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[object, object]
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class KvService:
+    def __init__(
+        self,
+        host: Host,
+        shards: dict[int, KvShard],
+        limits: Limits,
+        member_names: dict[int, str] | None = None,
+    ) -> None:
+        self.host = host
+        self.shards = shards
+        self.limits = limits
+        self.member_names = member_names or {}
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _shard_of(self, key: bytes) -> int:
+        return shard_for_key(key, len(self.shards))
+
+    @staticmethod
+    def _timeout(context: Ctx) -> float:
+        remaining = context.time_remaining()
+        return DEFAULT_TIMEOUT_S if remaining is None else max(0.001, remaining)
+
+    async def _call(self, context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotLeader as exc:
+            md: list[tuple[str, str]] = [("dkv-leader-id", str(exc.leader_hint))]
+            name = self.member_names.get(exc.leader_hint)
+            if name:
+                md.append(("dkv-leader-name", name))
+            context.set_trailing_metadata(tuple(md))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (ProposalDropped, ReadIndexDropped) as exc:
+            context.set_trailing_metadata((("dkv-retry-safe", "true"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except DeadlineExceeded as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except DkvError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    def _term(self, group_id: int) -> int:
+        return self.host.groups[group_id].node.status().term
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def put(self, req: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:
+        async def run() -> kv_pb2.PutResponse:
+            self.limits.check_key(req.key)
+            self.limits.check_value(req.value)
+            self.limits.check_request_id(req.request_id)
+            gid = self._shard_of(req.key)
+            cmd = kv_pb2.KvCommand(request_id=req.request_id, put=req)
+            resp = await self.host.propose(gid, cmd.SerializeToString(), self._timeout(context))
+            assert isinstance(resp, kv_pb2.PutResponse)
+            resp.header.raft_term = self._term(gid)
+            return resp
+
+        return await self._call(context, run)
+
+    async def delete(self, req: kv_pb2.DeleteRequest, context: Ctx) -> kv_pb2.DeleteResponse:
+        async def run() -> kv_pb2.DeleteResponse:
+            self.limits.check_key(req.key)
+            self.limits.check_request_id(req.request_id)
+            if req.range_end:
+                raise InvalidArgument(
+                    "range deletes are not supported yet: delete keys one at a time"
+                )
+            gid = self._shard_of(req.key)
+            cmd = kv_pb2.KvCommand(request_id=req.request_id, delete=req)
+            resp = await self.host.propose(gid, cmd.SerializeToString(), self._timeout(context))
+            assert isinstance(resp, kv_pb2.DeleteResponse)
+            resp.header.raft_term = self._term(gid)
+            return resp
+
+        return await self._call(context, run)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def _fresh(self, gid: int, req: kv_pb2.RangeRequest, timeout_s: float) -> None:
+        if req.consistency == kv_pb2.READ_CONSISTENCY_LINEARIZABLE:
+            await self.host.read_index(gid, timeout_s)
+
+    async def range(self, req: kv_pb2.RangeRequest, context: Ctx) -> kv_pb2.RangeResponse:
+        async def run() -> kv_pb2.RangeResponse:
+            timeout = self._timeout(context)
+            if not req.prefix and not req.range_end:
+                self.limits.check_key(req.key)
+                gid = self._shard_of(req.key)
+                await self._fresh(gid, req, timeout)
+                resp = self.shards[gid].kv.range(req)
+                resp.header.raft_term = self._term(gid)
+                return resp
+            if req.prefix:
+                self.limits.check_key(req.prefix, "prefix")
+            # Every shard may hold keys of the range: confirm freshness everywhere at once,
+            # then merge each shard's first `limit` keys in key order.
+            await asyncio.gather(*(self._fresh(gid, req, timeout) for gid in self.shards))
+            limit = min(req.limit, RANGE_LIMIT_MAX) if req.limit > 0 else RANGE_LIMIT_DEFAULT
+            sub = kv_pb2.RangeRequest()
+            sub.CopyFrom(req)
+            sub.limit = limit
+            sub.count_only = False
+            parts = [self.shards[gid].kv.range(sub) for gid in sorted(self.shards)]
+            merged = list(heapq.merge(*(p.kvs for p in parts), key=lambda kv: kv.key))
+            more = len(merged) > limit or any(p.more for p in parts)
+            merged = merged[:limit]
+            resp = kv_pb2.RangeResponse(more=more, count=len(merged))
+            resp.header.CopyFrom(parts[0].header)
+            resp.header.revision = max(p.header.revision for p in parts)
+            if not req.count_only:
+                resp.kvs.extend(merged)
+            if more and merged:
+                resp.continuation = merged[-1].key + b"\x00"
+            return resp
+
+        return await self._call(context, run)
+
+
+def add_kv_service(server: grpc.aio.Server, service: KvService) -> None:
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Put": grpc.unary_unary_rpc_method_handler(
+            service.put,
+            request_deserializer=kv_pb2.PutRequest.FromString,
+            response_serializer=kv_pb2.PutResponse.SerializeToString,
+        ),
+        "Delete": grpc.unary_unary_rpc_method_handler(
+            service.delete,
+            request_deserializer=kv_pb2.DeleteRequest.FromString,
+            response_serializer=kv_pb2.DeleteResponse.SerializeToString,
+        ),
+        "Range": grpc.unary_unary_rpc_method_handler(
+            service.range,
+            request_deserializer=kv_pb2.RangeRequest.FromString,
+            response_serializer=kv_pb2.RangeResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dkv.v1.KV", handlers),))
