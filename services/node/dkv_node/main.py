@@ -1,0 +1,158 @@
+"""``dkv-node``: run one storage node. Flags are etcd-style; each is also an env var DKV_*.
+
+Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT), 2 for a usage error, 1 when the
+node refuses to start (the reason is printed on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dkv.errors import DkvError
+from dkv.host.grpc_transport import TlsFiles
+from dkv_node.limits import Limits
+from dkv_node.node import Node, NodeConfig
+
+__all__ = ["main", "parse_args"]
+
+log = logging.getLogger("dkv.node")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("DKV_" + name.upper().replace("-", "_"), default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dkv-node",
+        description="Run a dkv storage node. Every flag can also be set as DKV_<FLAG> "
+        "(e.g. DKV_DATA_DIR).",
+    )
+
+    def add(flag: str, help_: str, default: str | None = None, **kw: object) -> None:
+        p.add_argument(f"--{flag}", default=_env(flag, default), help=help_, **kw)  # type: ignore[arg-type]
+
+    add("name", "this member's name (must appear in --initial-cluster)")
+    add("data-dir", "directory for this member's RocksDB (default: <name>.dkv)")
+    add("listen-peer", "address for Raft traffic from peers", "127.0.0.1:2380")
+    add("listen-client", "address for clients", "127.0.0.1:2379")
+    add("advertise-peer", "peer address announced to others (default: --listen-peer)")
+    add("advertise-client", "client address announced to others (default: --listen-client)")
+    add("initial-cluster", "name=peer-address,... of the initial members")
+    add("initial-cluster-state", "new (bootstrap) or existing (restart/join)", "new")
+    add(
+        "initial-cluster-token",
+        "cluster identity; data of another cluster is refused",
+        "dkv-cluster",
+    )
+    add("shards", "number of shards (Raft groups), fixed at creation", "1")
+    add("max-value-bytes", "largest value accepted", str(1 << 20))
+    add("tick-interval-ms", "Raft tick", "100")
+    add("election-timeout-ticks", "Raft election timeout in ticks", "10")
+    for prefix, what in (("peer-", "peer"), ("", "client")):
+        add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
+        add(f"{prefix}key-file", f"TLS key for {what} traffic")
+        add(f"{prefix}trusted-ca-file", f"CA that signs {what} certificates (enables mTLS)")
+    add("log-level", "debug, info, warning", "info")
+    return p
+
+
+def _tls(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
+    files = [getattr(args, f"{prefix}{k}") for k in ("cert_file", "key_file", "trusted_ca_file")]
+    if not any(files):
+        return None
+    if not all(files):
+        flag = prefix.replace("_", "-")
+        p.error(f"--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together")
+    for f in files:
+        if not Path(f).is_file():
+            p.error(f"TLS file {f} does not exist")
+    return TlsFiles(files[0], files[1], files[2])
+
+
+def _int(p: argparse.ArgumentParser, flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        p.error(f"--{flag} must be an integer, got {value!r}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
+    p = _parser()
+    args = p.parse_args(argv)
+    if not args.name:
+        p.error("--name is required")
+    if not args.initial_cluster:
+        p.error("--initial-cluster is required (name=peer-address,...)")
+    cluster: dict[str, str] = {}
+    for item in args.initial_cluster.split(","):
+        name, sep, addr = item.strip().partition("=")
+        if not sep or not name or ":" not in addr:
+            p.error(f"--initial-cluster entry {item!r} is not name=host:port")
+        if name in cluster:
+            p.error(f"--initial-cluster names {name!r} twice")
+        cluster[name] = addr
+    if args.name not in cluster:
+        p.error(f"--name {args.name!r} is not in --initial-cluster ({', '.join(cluster)})")
+    if args.initial_cluster_state not in ("new", "existing"):
+        p.error("--initial-cluster-state must be 'new' or 'existing'")
+    shards = _int(p, "shards", args.shards)
+    if not 1 <= shards <= 1024:
+        p.error("--shards must be between 1 and 1024")
+    return NodeConfig(
+        name=args.name,
+        data_dir=Path(args.data_dir or f"{args.name}.dkv"),
+        listen_peer=args.listen_peer,
+        listen_client=args.listen_client,
+        initial_cluster=cluster,
+        initial_cluster_state=args.initial_cluster_state,
+        cluster_token=args.initial_cluster_token,
+        shards=shards,
+        peer_tls=_tls(args, "peer_", p),
+        client_tls=_tls(args, "", p),
+        limits=Limits(value_bytes_max=_int(p, "max-value-bytes", args.max_value_bytes)),
+        tick_interval_ms=_int(p, "tick-interval-ms", args.tick_interval_ms),
+        election_timeout_ticks=_int(p, "election-timeout-ticks", args.election_timeout_ticks),
+    )
+
+
+async def _serve(cfg: NodeConfig) -> None:
+    node = Node(cfg)
+    await node.start()
+    print(
+        f"dkv-node {cfg.name} (id {node.id:x}) serving clients on {cfg.listen_client}, "
+        f"peers on {cfg.listen_peer}, {cfg.shards} shard(s)",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"dkv-node {cfg.name}: shutting down", flush=True)
+    await node.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(
+        level=(_env("log-level", "info") or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_serve(cfg))
+    except DkvError as exc:
+        print(f"dkv-node: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

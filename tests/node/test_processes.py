@@ -1,0 +1,157 @@
+"""Real dkv-node processes on 127.0.0.1: kill -9, restart, catch-up, graceful stop, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from dkv_node.node import member_id
+from test_node_grpc import free_port
+
+from dkv.security import PkiLayout, write_dev_pki
+from dkv.v1 import kv_pb2
+
+NAMES = ("a", "b", "c")
+
+
+class Proc:
+    """One dkv-node process; its log goes to a file (a pipe nobody drains would block it)."""
+
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log = log
+        self.p: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as err:
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "dkv_node.main", *self.args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()  # the process announces when it serves: an event
+        assert "serving clients" in line, (line, self.log.read_text()[-2000:])
+
+    def _reap(self) -> int:
+        assert self.p is not None and self.p.stdout is not None
+        code = self.p.wait(timeout=30)
+        self.p.stdout.close()
+        return code
+
+    def kill9(self) -> None:
+        assert self.p is not None
+        self.p.send_signal(signal.SIGKILL)
+        self._reap()
+
+    def term(self) -> int:
+        assert self.p is not None
+        self.p.send_signal(signal.SIGTERM)
+        return self._reap()
+
+
+async def _call(
+    ports: dict[str, int], order: list[str], method: str, req, resp_type, deadline_s: float = 30
+):  # type: ignore[no-untyped-def]
+    """Try nodes in order, following NOT_LEADER hints; bounded by a deadline."""
+    ids = {member_id("dkv-cluster", n): n for n in ports}
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    i = 0
+    target = order[0]
+    while True:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[target]}") as ch:
+            stub = ch.unary_unary(
+                f"/dkv.v1.KV/{method}",
+                request_serializer=type(req).SerializeToString,
+                response_deserializer=resp_type.FromString,
+            )
+            try:
+                return await stub(req, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if loop.time() > end or exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise
+                hint = dict(exc.trailing_metadata() or ()).get("dkv-leader-id")
+                if hint and int(hint) in ids and ids[int(hint)] in order:
+                    target = ids[int(hint)]
+                else:
+                    i += 1
+                    target = order[i % len(order)]
+                    await asyncio.sleep(0.05)  # no leader yet: an election takes a moment
+
+
+def test_kill9_restart_and_catch_up(tmp_path: Path) -> None:
+    pki = PkiLayout(tmp_path / "pki")
+    write_dev_pki(pki.directory, [("node", n) for n in NAMES])
+    peer = {n: free_port() for n in NAMES}
+    client = {n: free_port() for n in NAMES}
+    cluster = ",".join(f"{n}=localhost:{peer[n]}" for n in NAMES)
+
+    def args(n: str, state: str) -> list[str]:
+        return [
+            "--name", n, "--data-dir", str(tmp_path / n),
+            "--listen-peer", f"127.0.0.1:{peer[n]}", "--listen-client", f"127.0.0.1:{client[n]}",
+            "--initial-cluster", cluster, "--initial-cluster-state", state, "--shards", "2",
+            "--tick-interval-ms", "20",
+            "--peer-cert-file", str(pki.cert(n)), "--peer-key-file", str(pki.key(n)),
+            "--peer-trusted-ca-file", str(pki.ca_cert),
+        ]  # fmt: skip
+
+    procs = {n: Proc(n, args(n, "new"), tmp_path / f"{n}.log") for n in NAMES}
+    for p in procs.values():
+        p.start()
+    try:
+
+        async def phase1() -> None:
+            for i in range(20):
+                req = kv_pb2.PutRequest(key=b"k%02d" % i, value=b"v%d" % i, request_id=f"r{i}")
+                assert (await _call(client, list(NAMES), "Put", req, kv_pb2.PutResponse)).succeeded
+            procs["a"].kill9()  # maybe a leader: the others must elect and go on
+            for i in range(20, 40):
+                req = kv_pb2.PutRequest(key=b"k%02d" % i, value=b"v%d" % i, request_id=f"r{i}")
+                assert (await _call(client, ["b", "c"], "Put", req, kv_pb2.PutResponse)).succeeded
+
+        asyncio.run(phase1())
+        procs["a"] = Proc("a", args("a", "existing"), tmp_path / "a.log")
+        procs["a"].start()
+
+        async def phase2() -> None:
+            # The restarted node catches up; a linearizable read AT it sees every write.
+            for i in range(40):
+                req = kv_pb2.RangeRequest(key=b"k%02d" % i)
+                got = await _call(client, ["a"], "Range", req, kv_pb2.RangeResponse)
+                assert [kv.value for kv in got.kvs] == [b"v%d" % i]
+
+        asyncio.run(phase2())
+    finally:
+        codes = {n: p.term() for n, p in procs.items() if p.p is not None and p.p.poll() is None}
+    assert codes == {n: 0 for n in NAMES}, codes  # graceful shutdown on SIGTERM
+
+    # Refusals with a one-line reason: another member's data dir; no data for "existing".
+    wrong = subprocess.run(
+        [sys.executable, "-m", "dkv_node.main", *args("b", "existing")[:2], "--data-dir",
+         str(tmp_path / "a"), *args("b", "existing")[4:]],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines()[-1].startswith("dkv-node: data dir")
+    assert "belongs to node 'a'" in wrong.stderr
+    fresh = tmp_path / "never"
+    missing = subprocess.run(
+        [sys.executable, "-m", "dkv_node.main", *args("c", "existing")[:2], "--data-dir",
+         str(fresh), *args("c", "existing")[4:]],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "holds no data" in missing.stderr
+    assert not os.path.exists(fresh / "CURRENT")
