@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from dkv_node.shard import KvShard
 
-from dkv.errors import NotLeader
+from dkv.errors import NotLeader, ProposalDropped
 from dkv.host import Host, HostConfig, MemoryNetwork
 from dkv.raft import ConfState, Role
 from dkv.storage import Engine, Identity
@@ -57,6 +57,21 @@ class Cluster:
         ]
         return leaders[0] if len(leaders) == 1 else 0
 
+    async def put(self, gid: int, cmd: bytes) -> kv_pb2.PutResponse:
+        """Propose at the leader; a leader may change under load: retry with the same
+        request id (the state machine deduplicates)."""
+        while True:
+            await self.wait(lambda: self.leader(gid) != 0)
+            lead = self.leader(gid)
+            if lead == 0:
+                continue
+            try:
+                resp = await self.hosts[lead].propose(gid, cmd, timeout_s=10)
+            except (NotLeader, ProposalDropped):
+                continue
+            assert isinstance(resp, kv_pb2.PutResponse)
+            return resp
+
     async def stop(self) -> None:
         for h in self.hosts.values():
             await h.stop()
@@ -69,13 +84,12 @@ def test_hosts_replicate_with_group_commit_and_survive_restart(tmp_path: Path) -
         c = Cluster(tmp_path)
         await c.start(bootstrap=True)
         try:
-            writes = []
-            for i in range(120):
+
+            async def write(i: int) -> kv_pb2.PutResponse:
                 gid = GROUPS[i % len(GROUPS)]
-                leader = c.hosts[c.leader(gid)]
-                cmd = put_cmd(b"k%03d" % i, b"v%d" % i, f"r{i}")
-                writes.append(leader.propose(gid, cmd, timeout_s=10))
-            results = await asyncio.gather(*writes)
+                return await c.put(gid, put_cmd(b"k%03d" % i, b"v%d" % i, f"r{i}"))
+
+            results = await asyncio.gather(*(write(i) for i in range(120)))
             assert all(isinstance(r, kv_pb2.PutResponse) and r.succeeded for r in results)
 
             # Group commit: far fewer fsyncs than entries persisted, across 4 groups.
@@ -107,7 +121,7 @@ def test_hosts_replicate_with_group_commit_and_survive_restart(tmp_path: Path) -
                     got = c2.shards[(n, gid)].kv.range(kv_pb2.RangeRequest(key=b"k%03d" % i))
                     assert [kv.value for kv in got.kvs] == [b"v%d" % i], (n, i)
             gid = GROUPS[1]
-            r = await c2.hosts[c2.leader(gid)].propose(gid, put_cmd(b"k001", b"new", "r1"), 10)
+            r = await c2.put(gid, put_cmd(b"k001", b"new", "r1"))
             # Same request id as before the restart: deduplicated, the first answer returns
             # and the value written under that id is not replaced.
             assert r.succeeded
@@ -116,5 +130,67 @@ def test_hosts_replicate_with_group_commit_and_survive_restart(tmp_path: Path) -
             assert [kv.value for kv in got.kvs] == [b"v1"]
         finally:
             await c2.stop()
+
+    asyncio.run(scenario())
+
+
+def test_lagging_follower_catches_up_by_snapshot_after_compaction(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net = MemoryNetwork()
+        engines, hosts, shards = {}, {}, {}
+        for n in NODES:
+            engines[n] = Engine.open(tmp_path / f"n{n}", Identity("c", f"n{n}"), create=True)
+            cfg = HostConfig(
+                node_id=n, tick_interval_ms=5, snapshot_every_entries=20, compact_keep_entries=5
+            )
+            hosts[n] = Host(cfg, engines[n], net.transport(n), random.Random(n))
+            shards[n] = KvShard(engines[n], 1, n)
+            hosts[n].add_group(1, shards[n], ConfState.of(NODES))
+        for h in hosts.values():
+            await h.start()
+        try:
+
+            def leader() -> int:
+                ls = [n for n, h in hosts.items() if h.groups[1].node.status().role is Role.LEADER]
+                return ls[0] if len(ls) == 1 else 0
+
+            await hosts[1].wait_for(lambda: leader() not in (0, 3), 20)
+            net.blocked = {3}  # node 3 hears nothing while the others write and compact
+            for i in range(100):
+                cmd = put_cmd(b"k%03d" % i, b"v%d" % i, f"r{i}")
+                while True:  # leadership may move between 1 and 2: retry, same request id
+                    await hosts[1].wait_for(lambda: leader() in (1, 2), 20)
+                    lead = leader()
+                    if lead not in (1, 2):
+                        continue
+                    try:
+                        await hosts[lead].propose(1, cmd, 10)
+                        break
+                    except (NotLeader, ProposalDropped):
+                        continue
+            st = hosts[leader()].groups[1].storage
+            assert st.first_index() > 3  # the entries node 3 needs are gone from the log
+            net.blocked = set()
+            target = st.applied_index
+            h3 = hosts[3]
+            await h3.wait_for(lambda: h3.groups[1].storage.applied_index >= target, 20)
+            assert h3.snapshots_installed >= 1
+            got = shards[3].kv.range(kv_pb2.RangeRequest(prefix=b"k", limit=1000))
+            assert [kv.key for kv in got.kvs] == [b"k%03d" % i for i in range(100)]
+            # Request ids travelled with the snapshot: a retry on the new node is deduplicated.
+            assert shards[3].store.recall_request("r99") is not None
+        finally:
+            for h in hosts.values():
+                await h.stop()
+            for e in engines.values():
+                e.close()
+        # Restart node 3 alone from disk after all that: the installed state is durable.
+        eng = Engine.open(tmp_path / "n3", Identity("c", "n3"), create=False)
+        try:
+            shard = KvShard(eng, 1, 3)
+            got = shard.kv.range(kv_pb2.RangeRequest(prefix=b"k", limit=1000))
+            assert len(got.kvs) == 100
+        finally:
+            eng.close()
 
     asyncio.run(scenario())

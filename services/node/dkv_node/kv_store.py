@@ -29,6 +29,7 @@ __all__ = ["RocksKvStore"]
 _U64 = struct.Struct(">Q")
 _REC = struct.Struct(">QQQ")
 _EV = struct.Struct(">QI")
+_DUMP = struct.Struct(">BII")  # snapshot record: column family tag, key length, value length
 _TOMBSTONE = None
 
 
@@ -44,6 +45,7 @@ class RocksKvStore:
     ) -> None:
         self.engine = engine
         self._p = group_prefix(group_id)
+        self._p_end = group_prefix(group_id + 1)
         self.max_request_ids = max_request_ids
         self.watch_history_max_events = watch_history_max_events
         self._batch: Batch | None = None
@@ -53,14 +55,67 @@ class RocksKvStore:
         self._evicted: set[bytes] = set()
         self._pending_order: list[bytes] = []  # request-id index keys staged, oldest first
         self._staged_events: list[tuple[int, int]] = []  # (revision, events) staged
+        # A snapshot was loaded into the open batch: RocksDB's current keys are all being
+        # deleted, so reads must come from the overlay alone until the batch is written.
+        self._restored = False
+        self._load_counters()
+
+    def _load_counters(self) -> None:
+        engine = self.engine
         rev = engine.get(CF_DATA, self._p + b"m/rev")
         self._rev = _U64.unpack(rev)[0] if rev else 0
         comp = engine.get(CF_DATA, self._p + b"m/compact")
         self._compact_rev = _U64.unpack(comp)[0] if comp else 0
         # Counts kept in memory to enforce the bounds without scanning on every write; both
         # are bounded, so counting them once at start-up is cheap.
-        self._events = sum(1 for _ in engine.scan(CF_WATCH, self._p, self._p + b"\xff" * 12))
+        self._events = sum(1 for _ in engine.scan(CF_WATCH, self._p, self._p_end))
         self._requests = sum(1 for _ in engine.scan(CF_DATA, self._p + b"R", self._p + b"S"))
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def dump(self) -> bytes:
+        """Everything this shard stores (data, metadata, request ids, watch history) as one
+        blob: the state machine part of a Raft snapshot. Call between batches."""
+        out = bytearray()
+        skip = len(self._p)
+        for tag, cf in ((0, CF_DATA), (1, CF_WATCH)):
+            for key, value in self.engine.scan(cf, self._p, self._p_end):
+                k = key[skip:]
+                out += _DUMP.pack(tag, len(k), len(value)) + k + value
+        return bytes(out)
+
+    def load(self, blob: bytes) -> None:
+        """Replace this shard's contents with a ``dump`` (staged into the open batch)."""
+        b = self._b()
+        b.delete_range(CF_DATA, self._p, self._p_end)
+        b.delete_range(CF_WATCH, self._p, self._p_end)
+        self._overlay.clear()
+        self._pending_requests.clear()
+        self._pending_order.clear()
+        self._staged_events.clear()
+        self._evicted.clear()
+        rev = compact = events = requests = 0
+        pos = 0
+        while pos < len(blob):
+            tag, klen, vlen = _DUMP.unpack_from(blob, pos)
+            pos += _DUMP.size
+            k, v = blob[pos : pos + klen], blob[pos + klen : pos + klen + vlen]
+            pos += klen + vlen
+            b.put(CF_DATA if tag == 0 else CF_WATCH, self._p + k, v)
+            if tag == 1:
+                events += 1
+            elif k == b"m/rev":
+                rev = _U64.unpack(v)[0]
+            elif k == b"m/compact":
+                compact = _U64.unpack(v)[0]
+            elif k[:1] == b"R":
+                requests += 1
+            elif k[:1] == b"k":
+                self._overlay[k[1:]] = _decode_record(v)
+        if pos != len(blob):
+            raise InvariantViolation("truncated KV snapshot")
+        self._rev, self._compact_rev, self._events, self._requests = rev, compact, events, requests
+        self._restored = True
 
     # -- batch lifecycle (the host) -------------------------------------------------------------
 
@@ -77,6 +132,7 @@ class RocksKvStore:
         self._evicted.clear()
         self._pending_order.clear()
         self._staged_events.clear()
+        self._restored = False
 
     def _b(self) -> Batch:
         if self._batch is None:
@@ -89,8 +145,8 @@ class RocksKvStore:
         return self._p + b"k" + key
 
     def get(self, key: bytes) -> KeyRecord | None:
-        if key in self._overlay:
-            return self._overlay[key]
+        if key in self._overlay or self._restored:
+            return self._overlay.get(key)
         blob = self.engine.get(CF_DATA, self._k(key))
         return _decode_record(blob) if blob is not None else None
 
@@ -101,7 +157,8 @@ class RocksKvStore:
         hidden = sum(1 for v in self._overlay.values() if v is _TOMBSTONE)
         found: dict[bytes, KeyRecord] = {}
         skip = len(self._p) + 1
-        for i, (k, v) in enumerate(self.engine.scan(CF_DATA, start, end)):
+        stored = () if self._restored else self.engine.scan(CF_DATA, start, end)
+        for i, (k, v) in enumerate(stored):
             if i >= limit + hidden:
                 break
             found[k[skip:]] = _decode_record(v)

@@ -25,3 +25,9 @@ class KvShard:
 
     def end(self) -> None:
         self.store.end()
+
+    def snapshot(self) -> bytes:
+        return self.store.dump()
+
+    def restore(self, data: bytes) -> None:
+        self.store.load(data)

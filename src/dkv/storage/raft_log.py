@@ -67,7 +67,10 @@ class RocksRaftStorage:
         self._hard = self._load_hard_state()
         self._snapshot = self._load_snapshot()
         self._applied, self._applied_conf = self._load_applied()
-        first = self._snapshot.metadata.index + 1
+        # The truncation point: index and term of the last entry removed from the log. It
+        # trails the snapshot by the entries kept for slow followers (see stage_compact).
+        self._trunc = self._load_truncation()
+        first = self._trunc[0] + 1
         last_key = engine.last_key(CF_RAFT_LOG, self._log_key(first), self._log_key(2**64 - 1))
         self._last = _KEY.unpack(last_key)[1] if last_key is not None else first - 1
         # The in-memory tail: _cache[i] has index _cache_first + i.
@@ -103,6 +106,18 @@ class RocksRaftStorage:
             metadata=codec.snapshot_metadata_from_proto(meta), data=blob[8 + meta_len :]
         )
 
+    def _load_truncation(self) -> tuple[int, int]:
+        blob = self.engine.get(CF_RAFT_STATE, self._state_key(b"trnc"))
+        if blob is None:
+            meta = self._snapshot.metadata
+            return meta.index, meta.term
+        index, term = _KEY.unpack(blob)
+        return index, term
+
+    def _stage_truncation(self, batch: Batch, index: int, term: int) -> None:
+        batch.put(CF_RAFT_STATE, self._state_key(b"trnc"), _KEY.pack(index, term))
+        self._trunc = (index, term)
+
     def _load_applied(self) -> tuple[int, ConfState]:
         blob = self.engine.get(CF_RAFT_STATE, self._state_key(b"appl"))
         if blob is None:
@@ -137,17 +152,17 @@ class RocksRaftStorage:
         return self._hard, self._applied_conf
 
     def first_index(self) -> int:
-        return self._snapshot.metadata.index + 1
+        return self._trunc[0] + 1
 
     def last_index(self) -> int:
         return self._last
 
     def term(self, index: int) -> int:
-        snap = self._snapshot.metadata
-        if index == snap.index:
-            return snap.term
-        if index < snap.index:
-            raise Compacted(f"term of {index} compacted (snapshot index {snap.index})")
+        trunc_index, trunc_term = self._trunc
+        if index == trunc_index:
+            return trunc_term
+        if index < trunc_index:
+            raise Compacted(f"term of {index} compacted (log starts after {trunc_index})")
         if index > self._last:
             raise Unavailable(f"term of {index} unavailable (last index {self._last})")
         if index >= self._cache_first:
@@ -189,8 +204,8 @@ class RocksRaftStorage:
         if not entries:
             return
         first_new = entries[0].index
-        if first_new <= self._snapshot.metadata.index:
-            skip = self._snapshot.metadata.index + 1 - first_new
+        if first_new <= self._trunc[0]:
+            skip = self._trunc[0] + 1 - first_new
             entries = entries[skip:]
             if not entries:
                 return
@@ -255,6 +270,7 @@ class RocksRaftStorage:
             self._last = meta.index
             self._cache = []
             self._cache_first = meta.index + 1
+            self._stage_truncation(batch, meta.index, meta.term)
         if meta.index > self._applied and replaces_log:
             # Installing a snapshot applies it: data and applied index move together (the
             # state machine stages its data in this same batch).
@@ -274,7 +290,11 @@ class RocksRaftStorage:
             raise InvariantViolation(
                 f"compacting to {compact_index} beyond snapshot {self._snapshot.metadata.index}"
             )
+        if compact_index <= self._trunc[0]:
+            return  # already compacted that far
+        term = self.term(compact_index)
         batch.delete_range(CF_RAFT_LOG, self._log_key(0), self._log_key(compact_index + 1))
+        self._stage_truncation(batch, compact_index, term)
         if compact_index >= self._cache_first:
             drop = compact_index + 1 - self._cache_first
             del self._cache[:drop]
