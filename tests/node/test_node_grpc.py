@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.host.grpc_transport import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
+from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 
 NAMES = ("a", "b", "c")
@@ -43,16 +44,21 @@ class Client:
         )
 
     async def call(self, method: str, req, resp_type, at: int | None = None):  # type: ignore[no-untyped-def]
-        nid = at if at is not None else next(iter(self.nodes))
-        for _ in range(5):
+        ids = list(self.nodes)
+        nid = at if at is not None else ids[0]
+        for attempt in range(200):
             try:
                 return await self._stub(nid, method, type(req), resp_type)(req, timeout=10)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
                 hint = dict(exc.trailing_metadata() or ()).get("dkv-leader-id")
-                if exc.code() is grpc.StatusCode.UNAVAILABLE and hint and int(hint) in self.nodes:
+                if hint and int(hint) in self.nodes:
                     nid = int(hint)
                     continue
-                raise
+                # No usable hint (election under way, or the hinted leader is gone).
+                nid = ids[(attempt + 1) % len(ids)]
+                await asyncio.sleep(0.02)
         raise AssertionError("no leader found")
 
     async def close(self) -> None:
@@ -135,5 +141,84 @@ def test_three_nodes_serve_the_kv_api(tmp_path: Path) -> None:
             await client.close()
             for node in nodes.values():
                 await node.stop()
+
+    asyncio.run(scenario())
+
+
+def test_watch_survives_a_leader_change_without_gaps_or_duplicates(tmp_path: Path) -> None:
+    peers = {n: f"127.0.0.1:{free_port()}" for n in NAMES}
+
+    async def scenario() -> None:
+        nodes: dict[int, Node] = {}
+        for n in NAMES:
+            cfg = NodeConfig(
+                name=n,
+                data_dir=tmp_path / n,
+                listen_peer=peers[n],
+                listen_client="127.0.0.1:0",
+                initial_cluster=peers,
+                shards=2,
+                tick_interval_ms=10,
+            )
+            node = Node(cfg)
+            await node.start()
+            nodes[node.id] = node
+        for node in nodes.values():
+            h = node.host
+            assert h is not None
+            await h.wait_for(
+                lambda h=h: all(g.node.status().leader_id for g in h.groups.values()), 20
+            )
+        key = b"watched"
+        any_host = next(iter(nodes.values())).host
+        assert any_host is not None
+        gid = shard_for_key(key, 2)
+        leader_id = any_host.groups[gid].node.status().leader_id
+        watcher_id = next(i for i in nodes if i != leader_id)
+        others = {i: n for i, n in nodes.items() if i != leader_id}
+        client = Client(nodes)
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{nodes[watcher_id].client_port}")
+        stream = ch.unary_stream(
+            "/dkv.v1.KV/Watch",
+            request_serializer=kv_pb2.WatchRequest.SerializeToString,
+            response_deserializer=kv_pb2.WatchResponse.FromString,
+        )(kv_pb2.WatchRequest(key=key, start_revision=1, prev_kv=True))
+        seen: list[kv_pb2.Event] = []
+        written: list[int] = []
+
+        async def collect(n: int) -> None:
+            async for resp in stream:
+                seen.extend(resp.events)
+                if len(seen) >= n:
+                    return
+
+        try:
+            for i in range(5):
+                r = await client.call(
+                    "Put",
+                    kv_pb2.PutRequest(key=key, value=b"%d" % i, request_id=f"a{i}"),
+                    kv_pb2.PutResponse,
+                )
+                written.append(r.header.revision)
+            await nodes[leader_id].stop()  # the shard's leader goes away: a new one is elected
+            client.nodes = others
+            for i in range(5, 10):
+                r = await client.call(
+                    "Put",
+                    kv_pb2.PutRequest(key=key, value=b"%d" % i, request_id=f"a{i}"),
+                    kv_pb2.PutResponse,
+                )
+                written.append(r.header.revision)
+            await asyncio.wait_for(collect(10), 20)
+            assert [e.kv.mod_revision for e in seen] == written  # every write once, in order
+            assert [e.kv.value for e in seen] == [b"%d" % i for i in range(10)]
+            assert [e.prev_kv.value for e in seen[1:]] == [b"%d" % i for i in range(9)]
+        finally:
+            stream.cancel()
+            await ch.close()
+            await client.close()
+            for i, node in nodes.items():
+                if i != leader_id:
+                    await node.stop()
 
     asyncio.run(scenario())

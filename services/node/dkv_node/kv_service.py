@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -35,7 +35,7 @@ from dkv.errors import (
 from dkv.host import Host
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
-from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX
+from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX, prefix_end
 from dkv_node.limits import Limits
 from dkv_node.shard import KvShard
 
@@ -128,6 +128,12 @@ class KvService:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    async def watch(
+        self, req: kv_pb2.WatchRequest, context: Ctx
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        async for resp in watch_stream(self, req, context):
+            yield resp
+
     async def _fresh(self, gid: int, req: kv_pb2.RangeRequest, timeout_s: float) -> None:
         if req.consistency == kv_pb2.READ_CONSISTENCY_LINEARIZABLE:
             await self.host.read_index(gid, timeout_s)
@@ -168,6 +174,72 @@ class KvService:
         return await self._call(context, run)
 
 
+WATCH_BATCH_EVENTS_MAX = 1000
+
+
+async def watch_stream(
+    svc: KvService, req: kv_pb2.WatchRequest, context: Ctx
+) -> AsyncIterator[kv_pb2.WatchResponse]:
+    """Stream the changes of a key or prefix from ``start_revision`` on.
+
+    Served from this replica's applied history, so it keeps going through leader changes.
+    Revisions are per shard: a key's watch lives in its shard; a prefix watch covers every
+    shard and each response names its shard in ``header.shard_id`` (``start_revision``
+    then applies to every shard's revision space)."""
+    try:
+        if req.prefix:
+            svc.limits.check_key(req.prefix, "prefix")
+            lo, hi = req.prefix, prefix_end(req.prefix)
+            gids = sorted(svc.shards)
+        else:
+            svc.limits.check_key(req.key)
+            lo = req.key
+            hi = req.range_end or req.key + b"\x00"
+            gids = sorted(svc.shards) if req.range_end else [svc._shard_of(req.key)]
+    except InvalidArgument as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    queue: asyncio.Queue[kv_pb2.WatchResponse | None] = asyncio.Queue(maxsize=64)
+
+    async def follow(gid: int) -> None:
+        kv = svc.shards[gid].kv
+        storage = svc.host.groups[gid].storage
+        nxt = req.start_revision if req.start_revision > 0 else kv.store.revision() + 1
+        while svc.host.running:
+            seen_applied = storage.applied_index
+            events, last, compacted = kv.watch_events(nxt, lo, hi, WATCH_BATCH_EVENTS_MAX)
+            if compacted:
+                resp = kv_pb2.WatchResponse(compacted=True, compact_revision=last)
+                resp.header.CopyFrom(kv.header())
+                await queue.put(resp)
+                await queue.put(None)
+                return
+            if events:
+                resp = kv_pb2.WatchResponse()
+                resp.header.CopyFrom(kv.header())
+                for ev in events:
+                    e = resp.events.add()
+                    e.CopyFrom(ev)
+                    if not req.prev_kv:
+                        e.ClearField("prev_kv")
+                await queue.put(resp)  # bounded: a slow watcher slows only itself
+            nxt = max(nxt, last + 1)
+            # Sleep until this shard applies anything new (an event, not a poll).
+            await svc.host.wait_applied(gid, seen_applied + 1)
+        await queue.put(None)  # the node is shutting down: end the stream
+
+    tasks = [asyncio.get_running_loop().create_task(follow(g)) for g in gids]
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def add_kv_service(server: grpc.aio.Server, service: KvService) -> None:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Put": grpc.unary_unary_rpc_method_handler(
@@ -184,6 +256,11 @@ def add_kv_service(server: grpc.aio.Server, service: KvService) -> None:
             service.range,
             request_deserializer=kv_pb2.RangeRequest.FromString,
             response_serializer=kv_pb2.RangeResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            service.watch,
+            request_deserializer=kv_pb2.WatchRequest.FromString,
+            response_serializer=kv_pb2.WatchResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dkv.v1.KV", handlers),))

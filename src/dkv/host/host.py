@@ -161,6 +161,8 @@ class Host:
 
     async def stop(self) -> None:
         self._running = False
+        async with self._changed:
+            self._changed.notify_all()  # release watchers waiting for applies
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -181,6 +183,10 @@ class Host:
         if g is None:
             raise InvalidArgument(f"group {group_id} is not hosted here")
         return g
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def leader(self, group_id: int) -> int:
         return self._group(group_id).node.status().leader_id
@@ -352,6 +358,12 @@ class Host:
             self.snapshots_taken += 1
         # No fsync needed: if lost, the log it would replace is still there.
         await asyncio.to_thread(self.engine.write, batch, sync=False)
+
+    async def wait_applied(self, group_id: int, index: int) -> None:
+        """Wait (without a deadline) until group ``group_id`` applied ``index``."""
+        st = self._group(group_id).storage
+        async with self._changed:
+            await self._changed.wait_for(lambda: st.applied_index >= index or not self._running)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
         """Wait until ``predicate()`` holds, re-checking after every loop iteration (an event,
