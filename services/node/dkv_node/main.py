@@ -6,10 +6,15 @@ node refuses to start (the reason is printed on one line).
 
 from __future__ import annotations
 
+import os
+
+# gRPC core logs connection churn (peers restarting) at INFO; keep the node's log readable.
+# Must be set before grpc initialises, i.e. before the imports below load it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
