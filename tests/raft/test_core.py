@@ -508,3 +508,14 @@ def test_leader_recovers_when_every_message_in_the_window_was_lost() -> None:
     net.cut = set()
     net.tick(3)  # heartbeats: 3 answers, the leader notices the gap and repairs it
     assert net[3].applied_index == net[1].applied_index
+
+
+def test_leader_with_a_bare_quorum_survives_check_quorum() -> None:
+    """The leader counts itself as active: leader + one follower is a quorum of three."""
+    net = Net([1, 2, 3])
+    net[3].crash()
+    net.elect(1)
+    term = net[1].raw().status().term
+    net.tick(3 * 10, only=[1, 2])  # several CheckQuorum rounds
+    assert net.role(1) is Role.LEADER
+    assert net[1].raw().status().term == term  # never stepped down and re-elected

@@ -217,6 +217,9 @@ class Raft:
             fresh = Progress(last + 1, self.cfg.max_inflight_msgs, pr.is_learner)
             if nid == self.id:
                 fresh.match = last
+                # We always hear from ourselves: without this a new leader with only a bare
+                # quorum alive fails its first CheckQuorum (found by the simulator).
+                fresh.recent_active = True
             self.trk.progress[nid] = fresh
         self.pending_conf_index = 0
         self.uncommitted_bytes = 0
