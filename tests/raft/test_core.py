@@ -519,3 +519,16 @@ def test_leader_with_a_bare_quorum_survives_check_quorum() -> None:
     net.tick(3 * 10, only=[1, 2])  # several CheckQuorum rounds
     assert net.role(1) is Role.LEADER
     assert net[1].raw().status().term == term  # never stepped down and re-elected
+
+
+def test_stale_leader_is_told_the_newer_term_even_without_prevote_or_check_quorum() -> None:
+    """Thesis §3.3: a request with a stale term is rejected with the current term, so a node
+    partitioned into a higher term can rejoin (found by the simulator)."""
+    net = Net([1, 2, 3], pre_vote=False, check_quorum=False)
+    net.elect(1)
+    r2 = net[2].raw().raft
+    r2.become_follower(r2.term + 5, 0)  # as if it had campaigned alone while partitioned
+    net[2].process_ready()
+    net[2].raw().step(Message(MT.HEARTBEAT, to=2, frm=1, term=net[1].raw().status().term))
+    replies = [m for m in net[2].process_ready() if m.to == 1]
+    assert [(m.type, m.term) for m in replies] == [(MT.APP_RESP, r2.term)]

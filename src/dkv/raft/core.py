@@ -574,13 +574,14 @@ class Raft:
             else:
                 self.become_follower(m.term, NONE)
         elif m.term < self.term:
-            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (
-                MT.HEARTBEAT,
-                MT.APP,
-            ):
-                # A leader from an old term is talking to us. It may be that *we* were
-                # partitioned and bumped our term without PreVote; answering with our term
-                # makes it step down so the cluster can elect again instead of stalling.
+            if m.type in (MT.HEARTBEAT, MT.APP):
+                # A leader from an old term is talking to us: reject with our term (thesis
+                # §3.3). It may be that *we* were partitioned and bumped our term (possible
+                # without PreVote); the answer makes the stale leader step down so the group
+                # elects again instead of leaving us out for good. (etcd-io/raft answers only
+                # with PreVote or CheckQuorum on; without them, a voter partitioned across a
+                # membership change, whose votes go to removed members, never rejoined --
+                # found by the simulator.)
                 self._send(self._msg(MT.APP_RESP, m.frm))
             elif m.type is MT.PRE_VOTE:
                 # Tell the pre-candidate our term so it can catch up (thesis §9.6).
