@@ -401,8 +401,10 @@ def test_transfer_to_a_learner_is_ignored() -> None:
 # -- snapshots ------------------------------------------------------------------------------------
 
 
-def test_oversized_snapshot_is_rejected_by_the_follower() -> None:
-    net = Net([1, 2, 3], snapshot_chunk_bytes=64, max_snapshot_bytes=100)
+def _rejoin_after_compaction(heartbeats: int, **cfg: object) -> tuple[Net, list[Message]]:
+    """Node 3 misses 20 writes while everyone snapshots every 5 entries and keeps no log
+    behind the snapshot; then it rejoins. Returns the net and what was delivered after."""
+    net = Net([1, 2, 3], **cfg)
     for h in net.hosts.values():
         h.snapshot_every_entries = 5
         h.compact_keep_entries = 0
@@ -412,30 +414,22 @@ def test_oversized_snapshot_is_rejected_by_the_follower() -> None:
         net[1].raw().propose(put(i))
         net.stabilize()
     net.cut = set()
-    delivered = []
-    for _ in range(3):
+    delivered: list[Message] = []
+    for _ in range(heartbeats):
         net[1].raw().tick()
         delivered += net.stabilize()
+    return net, delivered
+
+
+def test_oversized_snapshot_is_rejected_by_the_follower() -> None:
+    net, delivered = _rejoin_after_compaction(3, snapshot_chunk_bytes=64, max_snapshot_bytes=100)
     assert any(m.type is MT.SNAP_RESP and m.reject and m.frm == 3 for m in delivered)
     assert net[3].applied_index < net[1].applied_index
     assert net[3].snapshots_installed == 0
 
 
 def test_lagging_follower_catches_up_by_chunked_snapshot() -> None:
-    net = Net([1, 2, 3], snapshot_chunk_bytes=32)
-    for h in net.hosts.values():
-        h.snapshot_every_entries = 5
-        h.compact_keep_entries = 0
-    net.elect(1)
-    net.cut = {3}
-    for i in range(20):
-        net[1].raw().propose(put(i))
-        net.stabilize()
-    net.cut = set()
-    delivered = []
-    for _ in range(5):
-        net[1].raw().tick()
-        delivered += net.stabilize()
+    net, delivered = _rejoin_after_compaction(5, snapshot_chunk_bytes=32)
     chunks = [m for m in delivered if m.type is MT.SNAP]
     assert len(chunks) > 1
     assert net[3].snapshots_installed == 1

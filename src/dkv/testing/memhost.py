@@ -12,6 +12,7 @@ from the last snapshot and replays the committed log, as a real node does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -139,12 +140,7 @@ class MemoryHost:
         self.sm.restore(snap.data)
         self.applied_index = snap.metadata.index
         self.conf_state = self.storage.initial_state()[1]
-        cfg = Config(
-            **{
-                **{f: getattr(self.config, f) for f in self.config.__slots__},
-                "applied_index": self.applied_index,
-            }
-        )
+        cfg = dataclasses.replace(self.config, applied_index=self.applied_index)
         self.node = RawNode(cfg, self.storage, self.rng, self.logger)
         self.read_states = []
 
