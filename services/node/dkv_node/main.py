@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     add("max-value-bytes", "largest value accepted", str(1 << 20))
     add("tick-interval-ms", "Raft tick", "100")
     add("election-timeout-ticks", "Raft election timeout in ticks", "10")
+    add("snapshot-count", "applied entries between snapshots (then the log is compacted)", "10000")
+    add(
+        "snapshot-catchup-entries",
+        "entries kept behind a snapshot so slow followers catch up from the log",
+        "1000",
+    )
     for prefix, what in (("peer-", "peer"), ("", "client")):
         add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
         add(f"{prefix}key-file", f"TLS key for {what} traffic")
@@ -125,6 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         limits=Limits(value_bytes_max=_int(p, "max-value-bytes", args.max_value_bytes)),
         tick_interval_ms=_int(p, "tick-interval-ms", args.tick_interval_ms),
         election_timeout_ticks=_int(p, "election-timeout-ticks", args.election_timeout_ticks),
+        snapshot_count=_int(p, "snapshot-count", args.snapshot_count),
+        snapshot_catchup_entries=_int(p, "snapshot-catchup-entries", args.snapshot_catchup_entries),
     )
 
 

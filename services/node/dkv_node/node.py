@@ -48,6 +48,8 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     tick_interval_ms: int = 100
     election_timeout_ticks: int = 10
+    snapshot_count: int = 10_000  # applied entries between snapshots (etcd's --snapshot-count)
+    snapshot_catchup_entries: int = 1_000  # entries kept behind a snapshot for slow followers
 
     def validate(self) -> None:
         if self.name not in self.initial_cluster:
@@ -59,6 +61,10 @@ class NodeConfig:
             raise InvalidArgument("--initial-cluster-state must be 'new' or 'existing'")
         if not 1 <= self.shards <= 1024:
             raise InvalidArgument("--shards must be between 1 and 1024")
+        if self.snapshot_count < 1 or self.snapshot_catchup_entries < 0:
+            raise InvalidArgument(
+                "--snapshot-count must be >= 1 and --snapshot-catchup-entries >= 0"
+            )
 
 
 class Node:
@@ -89,6 +95,8 @@ class Node:
             node_id=self.id,
             tick_interval_ms=cfg.tick_interval_ms,
             election_timeout_ticks=cfg.election_timeout_ticks,
+            snapshot_every_entries=cfg.snapshot_count,
+            compact_keep_entries=cfg.snapshot_catchup_entries,
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         voters = ConfState.of(list(peers))
