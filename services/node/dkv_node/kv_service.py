@@ -1,14 +1,7 @@
 """The node's ``dkv.v1.KV`` gRPC service: validate, route to the shard's group, answer.
 
-Error translation happens here, once (dkv.errors -> gRPC status):
-
-- InvalidArgument      -> INVALID_ARGUMENT, naming the problem;
-- NotLeader            -> UNAVAILABLE "not the leader", with trailing metadata
-  ``dkv-leader-id`` (and ``dkv-leader-name`` when known) so callers retry at the leader; the
-  write was NOT proposed, so retrying is always safe (etcd answers the same way);
-- ProposalDropped / ReadIndexDropped -> UNAVAILABLE, ``dkv-retry-safe: true``;
-- DeadlineExceeded     -> DEADLINE_EXCEEDED: a write may or may not have happened; retrying with
-  the same request_id is safe.
+Errors become gRPC statuses in one place, :mod:`dkv_node.grpc_errors` (NOT_LEADER is
+UNAVAILABLE with the leader's id, name and client address in trailing metadata).
 
 Ranges fan out to every shard in parallel and are merged in key order (every node holds every
 shard while placement is static; the gateway does the same across nodes later).
@@ -24,17 +17,11 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from dkv.errors import (
-    DeadlineExceeded,
-    DkvError,
-    InvalidArgument,
-    NotLeader,
-    ProposalDropped,
-    ReadIndexDropped,
-)
+from dkv.errors import InvalidArgument
 from dkv.host import Host
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
+from dkv_node.grpc_errors import Ctx, LeaderInfo, call
 from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX, prefix_end
 from dkv_node.limits import Limits
 from dkv_node.shard import KvShard
@@ -42,7 +29,6 @@ from dkv_node.shard import KvShard
 __all__ = ["KvService", "add_kv_service"]
 
 T = TypeVar("T")
-Ctx = grpc.aio.ServicerContext[object, object]
 DEFAULT_TIMEOUT_S = 5.0
 
 
@@ -52,12 +38,12 @@ class KvService:
         host: Host,
         shards: dict[int, KvShard],
         limits: Limits,
-        member_names: dict[int, str] | None = None,
+        leader_info: LeaderInfo | None = None,
     ) -> None:
         self.host = host
         self.shards = shards
         self.limits = limits
-        self.member_names = member_names or {}
+        self.leader_info: LeaderInfo = leader_info or (lambda _id: ("", ""))
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -70,25 +56,7 @@ class KvService:
         return DEFAULT_TIMEOUT_S if remaining is None else max(0.001, remaining)
 
     async def _call(self, context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await fn()
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except NotLeader as exc:
-            md: list[tuple[str, str]] = [("dkv-leader-id", str(exc.leader_hint))]
-            name = self.member_names.get(exc.leader_hint)
-            if name:
-                md.append(("dkv-leader-name", name))
-            context.set_trailing_metadata(tuple(md))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except (ProposalDropped, ReadIndexDropped) as exc:
-            context.set_trailing_metadata((("dkv-retry-safe", "true"),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except DeadlineExceeded as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except DkvError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        raise AssertionError("unreachable")  # context.abort always raises
+        return await call(context, fn, self.leader_info)
 
     def _term(self, group_id: int) -> int:
         return self.host.groups[group_id].node.status().term

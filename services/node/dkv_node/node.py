@@ -8,6 +8,7 @@ from the same ``--initial-cluster`` without talking to anyone.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
 from dkv.host.grpc_transport import GrpcTransport, TlsFiles, add_raft_peer_service
-from dkv.raft import ConfState
-from dkv.storage import Engine, Identity
+from dkv.raft import ConfChange, ConfChangeType, ConfState
+from dkv.storage import Batch, Engine, Identity
+from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.kv_service import KvService, add_kv_service
 from dkv_node.limits import Limits
+from dkv_node.members import Member, MemberRegistry, decode_context
 from dkv_node.shard import KvShard
 
 __all__ = ["Node", "NodeConfig", "member_id"]
+
+log = logging.getLogger("dkv.node")
 
 
 def member_id(cluster_token: str, name: str) -> int:
@@ -41,6 +46,9 @@ class NodeConfig:
     listen_client: str
     initial_cluster: dict[str, str]  # name -> advertised peer address
     initial_cluster_state: str = "new"  # "new" or "existing"
+    # Addresses other members and clients use (default: the listen addresses).
+    advertise_peer: str = ""
+    advertise_client: str = ""
     cluster_token: str = "dkv-cluster"
     shards: int = 1
     peer_tls: TlsFiles | None = None
@@ -72,8 +80,10 @@ class Node:
         cfg.validate()
         self.cfg = cfg
         self.id = member_id(cfg.cluster_token, cfg.name)
-        self.members = {member_id(cfg.cluster_token, n): n for n in cfg.initial_cluster}
         self.engine: Engine | None = None
+        self.transport: GrpcTransport | None = None
+        self.registry: MemberRegistry | None = None
+        self.admin: AdminService | None = None
         self.host: Host | None = None
         self.shards: dict[int, KvShard] = {}
         self.peer_server: grpc.aio.Server | None = None
@@ -81,16 +91,49 @@ class Node:
         self.peer_port = 0
         self.client_port = 0
 
+    def member_id_of(self, name: str) -> int:
+        return member_id(self.cfg.cluster_token, name)
+
     async def start(self) -> None:
         cfg = self.cfg
+        data_exists = (cfg.data_dir / "CURRENT").is_file()
+        joining = cfg.initial_cluster_state == "existing" and not data_exists
+        if joining:
+            # etcd's way of adding a member: `dkvctl member add`, then start the new member
+            # with the current members in --initial-cluster and state "existing". It starts
+            # empty and learns each shard's configuration and data from the leader's snapshot.
+            log.info("%s: joining an existing cluster with an empty data dir", cfg.name)
         # The data dir belongs to (cluster token, name): a mismatch refuses to start.
         self.engine = Engine.open(
             cfg.data_dir,
             Identity(cluster_id=cfg.cluster_token, node_name=cfg.name),
-            create=cfg.initial_cluster_state == "new",
+            create=cfg.initial_cluster_state == "new" or joining,
         )
-        peers = {member_id(cfg.cluster_token, n): a for n, a in cfg.initial_cluster.items()}
-        transport = GrpcTransport(self.id, cfg.cluster_token, peers, tls=cfg.peer_tls)
+        # Bind first, so that port 0 works and what we advertise is where we listen.
+        self.peer_server = grpc.aio.server()
+        self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.client_server = grpc.aio.server()
+        self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        advertise_peer = cfg.advertise_peer or _with_port(cfg.listen_peer, self.peer_port)
+        advertise_client = cfg.advertise_client or _with_port(cfg.listen_client, self.client_port)
+
+        hello = (
+            ("dkv-member-id", str(self.id)),
+            ("dkv-name", cfg.name),
+            ("dkv-peer-address", advertise_peer),
+            ("dkv-client-address", advertise_client),
+        )
+        transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
+        self.transport = transport
+        self.registry = MemberRegistry(
+            self.engine,
+            Member(self.id, cfg.name, advertise_peer, advertise_client),
+            transport.set_peer,
+        )
+        for n, addr in cfg.initial_cluster.items():
+            self.registry.seed(Member(self.member_id_of(n), n, addr))
+        transport.service.on_hello = self._on_hello
+
         host_cfg = HostConfig(
             node_id=self.id,
             tick_interval_ms=cfg.tick_interval_ms,
@@ -99,37 +142,98 @@ class Node:
             compact_keep_entries=cfg.snapshot_catchup_entries,
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
-        voters = ConfState.of(list(peers))
+        self.host.on_conf_change = self._on_conf_change
+        voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
         for gid in range(1, cfg.shards + 1):
             shard = KvShard(self.engine, gid, self.id)
             self.shards[gid] = shard
             self.host.add_group(gid, shard, voters if cfg.initial_cluster_state == "new" else None)
+        for gid in self.shards:  # members that joined after --initial-cluster was written
+            cs = self.host.groups[gid].storage.conf_state
+            for mid in (*cs.voters, *cs.learners):
+                m = self.registry.get(mid)
+                if m is not None and mid != self.id:
+                    transport.set_peer(mid, m.peer_address)
 
-        self.peer_server = grpc.aio.server()
         add_raft_peer_service(self.peer_server, transport.service)
-        self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = grpc.aio.server()
+        registry = self.registry
+
+        def leader_info(mid: int) -> tuple[str, str]:
+            return registry.name(mid), registry.client_address(mid)
+
         add_kv_service(
-            self.client_server, KvService(self.host, self.shards, cfg.limits, self.members)
+            self.client_server, KvService(self.host, self.shards, cfg.limits, leader_info)
         )
+        self.admin = AdminService(self)
+        add_admin_service(self.client_server, self.admin)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.client_server)
-        self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
         await self.peer_server.start()
         await self.host.start()
         await self.client_server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
+    def _on_hello(self, hello: dict[str, str]) -> None:
+        """A peer opened its Raft stream and said who it is (see dkv_node.members)."""
+        try:
+            mid = int(hello.get("dkv-member-id", ""))
+        except ValueError:
+            return
+        name = hello.get("dkv-name", "")
+        if not name or mid != self.member_id_of(name) or self.registry is None:
+            return  # not a member of this cluster's naming: ignore it
+        self.registry.learn(
+            Member(
+                mid,
+                name,
+                hello.get("dkv-peer-address", ""),
+                hello.get("dkv-client-address", ""),
+            )
+        )
+
+    def _on_conf_change(self, gid: int, cc: ConfChange, cs: ConfState, batch: Batch) -> None:
+        assert self.registry is not None and self.host is not None and self.transport is not None
+        m = decode_context(cc.node_id, cc.context)
+        if m is not None:
+            self.registry.learn(m, batch)
+        if cc.type is ConfChangeType.REMOVE_NODE:
+            if cc.node_id == self.id:
+                log.warning("%s: removed from shard %d", self.cfg.name, gid)
+                return
+            others = [g.storage.conf_state for i, g in self.host.groups.items() if i != gid]
+            if not any(cc.node_id in (*c.voters, *c.learners) for c in others):
+                self.registry.forget(cc.node_id, batch)
+                self.transport.remove_peer(cc.node_id)
+
+    def client_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to another member's client port (admin forwarding), with this node's
+        client TLS files when clients must use mTLS."""
+        tls = self.cfg.client_tls
+        if tls is None:
+            return grpc.aio.insecure_channel(address)
+        cert, key, ca = tls.read()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+        return grpc.aio.secure_channel(address, creds)
+
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful: stop accepting clients, let in-flight requests finish, then stop Raft."""
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
+        if self.admin is not None:
+            await self.admin.close()
         if self.host is not None:
             await self.host.stop()
         if self.peer_server is not None:
             await self.peer_server.stop(None)
         if self.engine is not None:
             self.engine.close()
+
+
+def _with_port(address: str, port: int) -> str:
+    host, _, _ = address.rpartition(":")
+    return f"{host}:{port}"
 
 
 def _bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:

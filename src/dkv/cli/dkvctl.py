@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from dkv.client import Client, ClientTls
-from dkv.errors import DkvError
-from dkv.v1 import kv_pb2
+from dkv.errors import DkvError, InvalidArgument
+from dkv.v1 import admin_pb2, kv_pb2
 
 app = typer.Typer(help="dkvctl: talk to a dkv cluster.", no_args_is_help=True)
 
@@ -55,6 +55,7 @@ def _root(
 
 
 def _run(ctx: typer.Context, work: Any) -> Any:
+    """Run ``work(client)``; a dkv error becomes a one-line message and exit code 1."""
     opts: Opts = ctx.obj
 
     async def go() -> Any:
@@ -69,6 +70,8 @@ def _run(ctx: typer.Context, work: Any) -> Any:
     except DkvError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def _kv_dict(kv: kv_pb2.KeyValue) -> dict[str, Any]:
@@ -182,6 +185,265 @@ def range_(
 
     kvs, more = _run(ctx, work)
     _print_kvs(ctx.obj, kvs, {"more": more})
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Argument(help="The key to watch.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Watch every key with this prefix.")] = None,
+    rev: Annotated[int, typer.Option(help="Start at this revision (default: from now).")] = 0,
+    prev_kv: Annotated[bool, typer.Option(help="Include the previous value.")] = False,
+    max_events: Annotated[
+        int, typer.Option(help="Stop after this many events (0: until Ctrl-C).")
+    ] = 0,
+) -> None:
+    """Print changes as they happen: `PUT key value` / `DELETE key` lines (or JSON lines).
+
+    Follows the cluster through failures: resumes on another endpoint without gaps."""
+    if (key is None) == (prefix is None):
+        raise typer.BadParameter("give a key or --prefix (one of them)")
+    req = kv_pb2.WatchRequest(start_revision=rev, prev_kv=prev_kv)
+    if prefix is not None:
+        req.prefix = prefix.encode()
+    else:
+        assert key is not None
+        req.key = key.encode()
+    opts: Opts = ctx.obj
+
+    async def work(c: Client) -> None:
+        seen = 0
+        async for resp in c.watch(req):
+            if resp.compacted:
+                typer.echo(
+                    f"Error: revision {rev} was compacted; the oldest available is "
+                    f"{resp.compact_revision + 1}",
+                    err=True,
+                )
+                raise typer.Exit(1)
+            for ev in resp.events:
+                kind = "DELETE" if ev.type == kv_pb2.Event.EVENT_TYPE_DELETE else "PUT"
+                if opts.output == "json":
+                    typer.echo(json.dumps({"type": kind, **_kv_dict(ev.kv)}))
+                elif kind == "PUT":
+                    k = ev.kv.key.decode(errors="backslashreplace")
+                    typer.echo(f"PUT {k} {ev.kv.value.decode(errors='backslashreplace')}")
+                else:
+                    typer.echo(f"DELETE {ev.kv.key.decode(errors='backslashreplace')}")
+                seen += 1
+                if max_events and seen >= max_events:
+                    return
+
+    _run(ctx, work)
+
+
+# -- cluster administration -----------------------------------------------------------------
+
+member_app = typer.Typer(help="List and change the cluster's members.", no_args_is_help=True)
+leader_app = typer.Typer(help="Shard leadership.", no_args_is_help=True)
+app.add_typer(member_app, name="member")
+app.add_typer(leader_app, name="leader")
+
+_ROLES = {
+    admin_pb2.ROLE_FOLLOWER: "follower",
+    admin_pb2.ROLE_CANDIDATE: "candidate",
+    admin_pb2.ROLE_PRE_CANDIDATE: "pre-candidate",
+    admin_pb2.ROLE_LEADER: "leader",
+    admin_pb2.ROLE_LEARNER: "learner",
+    admin_pb2.ROLE_REMOVED: "removed",
+}
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    if not rows:
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip())
+
+
+def _member_dict(m: admin_pb2.Member) -> dict[str, Any]:
+    return {
+        "id": f"{m.id:x}",
+        "name": m.name,
+        "status": "learner" if m.is_learner else "voter",
+        "peer_address": m.peer_address,
+        "client_address": m.client_address,
+        "shards": list(m.shard_ids),
+    }
+
+
+def _print_members(opts: Opts, members: list[admin_pb2.Member]) -> None:
+    rows = [_member_dict(m) for m in members]
+    if opts.output == "json":
+        typer.echo(json.dumps({"members": rows}))
+    else:
+        _table(rows, ["id", "name", "status", "peer_address", "client_address"])
+
+
+async def _resolve(c: Client, who: str) -> int:
+    """A member given by name or hex id."""
+    members = await c.member_list()
+    for m in members:
+        if who in (m.name, f"{m.id:x}"):
+            return m.id
+    names = ", ".join(f"{m.name} ({m.id:x})" for m in members)
+    raise InvalidArgument(f"no member named {who!r}; members are {names}")
+
+
+@member_app.command("list")
+def member_list(
+    ctx: typer.Context,
+    serializable: Annotated[bool, typer.Option(help="Answer from the node's state.")] = False,
+) -> None:
+    """Every member with its status (voter or learner) and addresses."""
+    members = _run(ctx, lambda c: c.member_list(serializable))
+    _print_members(ctx.obj, members)
+
+
+@member_app.command("add")
+def member_add(
+    ctx: typer.Context,
+    name: str,
+    peer_url: Annotated[str, typer.Option("--peer-url", help="The new member's peer host:port.")],
+) -> None:
+    """Add NAME as a learner in every shard; then start it with --initial-cluster-state
+    existing, and promote it once it caught up."""
+    resp: admin_pb2.MemberAddResponse = _run(ctx, lambda c: c.member_add(name, peer_url))
+    opts: Opts = ctx.obj
+    if opts.output == "json":
+        typer.echo(json.dumps({"member": _member_dict(resp.member)}))
+        return
+    initial = ",".join(f"{m.name}={m.peer_address}" for m in resp.members if m.name)
+    typer.echo(f"Member {resp.member.id:x} ({name}) added as a learner. Start it with:")
+    typer.echo(
+        f"  dkv-node --name {name} --listen-peer {peer_url} "
+        f"--initial-cluster {initial} --initial-cluster-state existing"
+    )
+
+
+@member_app.command("promote")
+def member_promote(ctx: typer.Context, member: str) -> None:
+    """Make a learner (name or hex id) a voter; refused while it lags."""
+
+    async def work(c: Client) -> list[admin_pb2.Member]:
+        return await c.member_promote(await _resolve(c, member))
+
+    members = _run(ctx, work)
+    if ctx.obj.output == "json":
+        _print_members(ctx.obj, members)
+    else:
+        typer.echo(f"Member {member} promoted to voter.")
+
+
+@member_app.command("remove")
+def member_remove(ctx: typer.Context, member: str) -> None:
+    """Remove a member (name or hex id) from every shard."""
+
+    async def work(c: Client) -> list[admin_pb2.Member]:
+        return await c.member_remove(await _resolve(c, member))
+
+    members = _run(ctx, work)
+    if ctx.obj.output == "json":
+        _print_members(ctx.obj, members)
+    else:
+        typer.echo(f"Member {member} removed.")
+
+
+@leader_app.command("transfer")
+def leader_transfer(
+    ctx: typer.Context,
+    to: Annotated[
+        str | None, typer.Option(help="Member (name or hex id); default: most up to date.")
+    ] = None,
+    shard: Annotated[int, typer.Option(help="Shard id (0: every shard).")] = 0,
+) -> None:
+    """Hand shard leadership to another voter (thesis §3.10)."""
+
+    async def work(c: Client) -> dict[int, int]:
+        target = await _resolve(c, to) if to else 0
+        if shard:
+            shards = [shard]
+        else:
+            st = await c.status(c.endpoints[0])
+            shards = [s.shard_id for s in st.shards]
+        out: dict[int, int] = {}
+        for sid in shards:
+            out.update(await c.transfer_leadership(sid, target))
+        return out
+
+    leaders: dict[int, int] = _run(ctx, work)
+    opts: Opts = ctx.obj
+    if opts.output == "json":
+        typer.echo(json.dumps({"leaders": {str(k): f"{v:x}" for k, v in leaders.items()}}))
+    else:
+        for sid, lid in sorted(leaders.items()):
+            typer.echo(f"shard {sid}: leader is now {lid:x}")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Every endpoint's view of itself: role, term, leader, indexes, log and DB size per shard."""
+    opts: Opts = ctx.obj
+
+    async def work(c: Client) -> list[tuple[str, admin_pb2.StatusResponse | str]]:
+        async def one(ep: str) -> tuple[str, admin_pb2.StatusResponse | str]:
+            try:
+                return ep, await c.status(ep)
+            except DkvError as exc:
+                return ep, str(exc)
+
+        return list(await asyncio.gather(*(one(ep) for ep in opts.endpoints)))
+
+    results = _run(ctx, work)
+    rows: list[dict[str, Any]] = []
+    errors = []
+    for ep, st in results:
+        if isinstance(st, str):
+            errors.append(f"{ep}: {st}")
+            continue
+        for sh in st.shards:
+            rows.append(
+                {
+                    "endpoint": ep,
+                    "id": f"{st.member_id:x}",
+                    "name": st.name,
+                    "shard": sh.shard_id,
+                    "role": _ROLES.get(sh.role, str(sh.role)),
+                    "term": sh.term,
+                    "leader": f"{sh.leader_id:x}" if sh.leader_id else "-",
+                    "commit": sh.commit_index,
+                    "applied": sh.applied_index,
+                    "log_entries": sh.log_entries,
+                    "snapshot": sh.snapshot_index,
+                    "revision": sh.revision,
+                    "db_size": st.db_size_bytes,
+                }
+            )
+    if opts.output == "json":
+        typer.echo(json.dumps({"shards": rows, "errors": errors}))
+    else:
+        _table(rows, list(rows[0]) if rows else [])
+    for e in errors:
+        typer.echo(f"Error: {e}", err=True)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def snapshot(
+    ctx: typer.Context,
+    shard: Annotated[int, typer.Option(help="Shard id (0: every shard).")] = 0,
+) -> None:
+    """Make the first endpoint snapshot its shards now (and compact their logs)."""
+    opts: Opts = ctx.obj
+    out: dict[int, int] = _run(ctx, lambda c: c.snapshot(opts.endpoints[0], shard))
+    if opts.output == "json":
+        typer.echo(json.dumps({"snapshot_index": {str(k): v for k, v in out.items()}}))
+    else:
+        for sid, idx in sorted(out.items()):
+            typer.echo(f"shard {sid}: snapshot at index {idx}")
 
 
 def main() -> None:

@@ -1,15 +1,17 @@
-"""A Python client for dkv's KV API that finds the leader itself.
+"""A Python client for dkv's KV and Admin APIs that finds the leader itself.
 
-``Client(endpoints)`` tries endpoints in order and follows the ``dkv-leader-id`` hint of
-NOT_LEADER answers (nodes advertise each other by id; the client learns which endpoint is
-which member from the ``header.member_id`` of successful answers). Errors surface as
-:mod:`dkv.errors` types, translated here from gRPC statuses.
+``Client(endpoints)`` tries endpoints in order and follows NOT_LEADER answers: to the
+``dkv-leader-address`` they carry when the node knows it, else to the endpoint it learned for
+the ``dkv-leader-id`` (from the ``header.member_id`` of earlier answers). Errors surface as
+:mod:`dkv.errors` types, translated here from gRPC statuses. ``watch`` resumes on another
+endpoint after a failure without gaps or duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,12 +19,20 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message as ProtoMessage
 
-from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument, NotLeader, ProposalDropped
-from dkv.v1 import kv_pb2
+from dkv.errors import (
+    ConfChangeRejected,
+    DeadlineExceeded,
+    DkvError,
+    InvalidArgument,
+    NotLeader,
+    ProposalDropped,
+)
+from dkv.v1 import admin_pb2, kv_pb2
 
 __all__ = ["Client", "ClientTls"]
 
 R = TypeVar("R", bound=ProtoMessage)
+_ADMIN = "dkv.v1.Admin"
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,18 @@ class Client:
             self._channels[endpoint] = ch
         return ch
 
-    async def _call(self, method: str, req: ProtoMessage, resp_type: type[R]) -> R:
+    async def _call(
+        self,
+        method: str,
+        req: ProtoMessage,
+        resp_type: type[R],
+        service: str = "dkv.v1.KV",
+        at: str | None = None,
+    ) -> R:
+        """Call ``service/method``, following leader hints (unless ``at`` pins an endpoint)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        order = list(self.endpoints)
+        order = [at] if at is not None else list(self.endpoints)
         target = order[0]
         tried = 0
         last: Exception | None = None
@@ -80,7 +98,7 @@ class Client:
             stub: grpc.aio.UnaryUnaryMultiCallable[ProtoMessage, R] = self._channel(
                 target
             ).unary_unary(
-                f"/dkv.v1.KV/{method}",
+                f"/{service}/{method}",
                 request_serializer=_serialize,
                 response_deserializer=resp_type.FromString,
             )
@@ -92,12 +110,21 @@ class Client:
                     raise InvalidArgument(exc.details() or "invalid argument") from exc
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise DeadlineExceeded(exc.details() or "deadline exceeded") from exc
+                if code is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise ConfChangeRejected(exc.details() or "failed precondition") from exc
                 if code is not grpc.StatusCode.UNAVAILABLE:
                     raise DkvError(f"{code.name}: {exc.details()}") from exc
                 last = exc
-                hint = dict(exc.trailing_metadata() or ()).get("dkv-leader-id")
-                if isinstance(hint, str) and int(hint) in self._by_member:
-                    target = self._by_member[int(hint)]
+                trailers = dict(exc.trailing_metadata() or ())
+                hint, address = trailers.get("dkv-leader-id"), trailers.get("dkv-leader-address")
+                if at is None and isinstance(address, str) and address and address != target:
+                    target = address
+                    if isinstance(hint, str):
+                        self._by_member[int(hint)] = address
+                    continue
+                known = self._by_member.get(int(hint)) if isinstance(hint, str) else None
+                if at is None and known is not None and known != target:
+                    target = known
                     continue
                 tried += 1
                 target = order[tried % len(order)]
@@ -139,6 +166,107 @@ class Client:
     async def delete(self, key: bytes, request_id: str = "") -> kv_pb2.DeleteResponse:
         req = kv_pb2.DeleteRequest(key=key, request_id=request_id, prev_kv=True)
         return await self._call("Delete", req, kv_pb2.DeleteResponse)
+
+    async def watch(
+        self, req: kv_pb2.WatchRequest, *, resume: bool = True
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        """Stream the changes ``req`` asks for. When the node serving the stream fails, go on
+        at another endpoint from the revision after the last one delivered (per shard: a
+        prefix watch spans every shard's revision space), dropping what was already seen, so
+        the caller sees every change once and in order per shard. A COMPACTED answer ends the
+        stream (the caller must re-read and watch from a newer revision)."""
+        seen: dict[int, int] = {}  # shard id -> last revision delivered
+        order = list(self.endpoints)
+        attempt = 0
+        while True:
+            target = order[attempt % len(order)]
+            sub = kv_pb2.WatchRequest()
+            sub.CopyFrom(req)
+            if seen:
+                sub.start_revision = min(seen.values()) + 1
+            call = self._channel(target).unary_stream(
+                "/dkv.v1.KV/Watch",
+                request_serializer=_serialize,
+                response_deserializer=kv_pb2.WatchResponse.FromString,
+            )(sub)
+            try:
+                async for resp in call:
+                    attempt = 0
+                    if resp.compacted:
+                        yield resp
+                        return
+                    shard = resp.header.shard_id
+                    last = seen.get(shard, 0)
+                    fresh = [e for e in resp.events if e.kv.mod_revision > last]
+                    if not fresh:
+                        continue
+                    out = kv_pb2.WatchResponse()
+                    out.header.CopyFrom(resp.header)
+                    out.events.extend(fresh)
+                    seen[shard] = max(e.kv.mod_revision for e in fresh)
+                    yield out
+                return  # the server ended the stream (it is shutting down)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(exc.details() or "invalid argument") from exc
+                if not resume or exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.INTERNAL,
+                ):
+                    raise DkvError(f"watch failed: {exc.code().name}: {exc.details()}") from exc
+                attempt += 1
+                if attempt % len(order) == 0:
+                    await asyncio.sleep(min(1.0, 0.05 * attempt) * (0.5 + self.rng.random()))
+            finally:
+                call.cancel()
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    async def status(self, endpoint: str) -> admin_pb2.StatusResponse:
+        """One node's own status (no leader following)."""
+        return await self._call(
+            "Status", admin_pb2.StatusRequest(), admin_pb2.StatusResponse, _ADMIN, at=endpoint
+        )
+
+    async def member_list(self, serializable: bool = False) -> list[admin_pb2.Member]:
+        resp = await self._call(
+            "MemberList",
+            admin_pb2.MemberListRequest(serializable=serializable),
+            admin_pb2.MemberListResponse,
+            _ADMIN,
+        )
+        return list(resp.members)
+
+    async def member_add(self, name: str, peer_address: str) -> admin_pb2.MemberAddResponse:
+        req = admin_pb2.MemberAddRequest(name=name, peer_address=peer_address)
+        return await self._call("MemberAdd", req, admin_pb2.MemberAddResponse, _ADMIN)
+
+    async def member_promote(self, member_id: int) -> list[admin_pb2.Member]:
+        req = admin_pb2.MemberPromoteRequest(id=member_id)
+        resp = await self._call("MemberPromote", req, admin_pb2.MemberPromoteResponse, _ADMIN)
+        return list(resp.members)
+
+    async def member_remove(self, member_id: int) -> list[admin_pb2.Member]:
+        req = admin_pb2.MemberRemoveRequest(id=member_id)
+        resp = await self._call("MemberRemove", req, admin_pb2.MemberRemoveResponse, _ADMIN)
+        return list(resp.members)
+
+    async def transfer_leadership(self, shard_id: int, target_id: int = 0) -> dict[int, int]:
+        """Move shard ``shard_id``'s leadership (sent to its leader) to ``target_id`` (0: the
+        most up-to-date other voter); returns {shard: new leader}."""
+        if shard_id <= 0:
+            raise InvalidArgument("transfer_leadership needs a shard id (1..shards)")
+        req = admin_pb2.TransferLeadershipRequest(shard_id=shard_id, target_id=target_id)
+        resp = await self._call(
+            "TransferLeadership", req, admin_pb2.TransferLeadershipResponse, _ADMIN
+        )
+        return dict(resp.leaders)
+
+    async def snapshot(self, endpoint: str, shard_id: int = 0) -> dict[int, int]:
+        req = admin_pb2.SnapshotRequest(shard_id=shard_id)
+        resp = await self._call("Snapshot", req, admin_pb2.SnapshotResponse, _ADMIN, at=endpoint)
+        return dict(resp.snapshot_index)
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -7,11 +7,16 @@ probing. A reconnect waits with jittered exponential backoff.
 
 Receiving side: :class:`RaftPeerService` accepts streams, refuses batches of another cluster,
 decodes them and hands them to the host. Errors from grpc are translated here.
+
+Hello: a stream opens with metadata the sender chose (``hello``: for the node, its id, name,
+peer and client address); the receiver hands it to ``on_hello``. That is how members learn
+each other's addresses without a separate discovery protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -74,6 +79,9 @@ class RaftPeerService:
         self.cluster_id = cluster_id
         self._deliver = deliver
         self.refused_batches = 0
+        self.on_hello: Callable[[dict[str, str]], None] | None = None
+        # Told the member id of every peer that opens a stream (so we reconnect to it now).
+        self.on_peer_stream: Callable[[int], None] | None = None
 
     async def stream(
         self,
@@ -81,6 +89,15 @@ class RaftPeerService:
         context: grpc.aio.ServicerContext[pb.MessageBatch, pb.StreamAck],
     ) -> AsyncIterator[pb.StreamAck]:
         received = 0
+        hello = {
+            k: v
+            for k, v in (context.invocation_metadata() or ())
+            if k.startswith("dkv-") and isinstance(v, str)
+        }
+        if hello and self.on_hello is not None:
+            self.on_hello(hello)
+        if self.on_peer_stream is not None and hello.get("dkv-member-id", "").isdigit():
+            self.on_peer_stream(int(hello["dkv-member-id"]))
         async for req in requests:
             received += 1
             if req.cluster_id != self.cluster_id:
@@ -120,6 +137,8 @@ class _Peer:
         self.queue: asyncio.Queue[pb.MessageBatch] = asyncio.Queue(maxsize=queue_batches_max)
         self.task: asyncio.Task[None] | None = None
         self.connected = False
+        # Set when the peer opened a stream to us: it is up, so cut our backoff short.
+        self.alive = asyncio.Event()
 
 
 class GrpcTransport:
@@ -134,6 +153,7 @@ class GrpcTransport:
         queue_batches_max: int = 1024,
         on_unreachable: Callable[[int], None] | None = None,
         rng: random.Random | None = None,
+        hello: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -141,10 +161,12 @@ class GrpcTransport:
         self.queue_batches_max = queue_batches_max
         self.on_unreachable = on_unreachable
         self.rng = rng or random.Random()
+        self.hello = tuple(hello)
         self._peers: dict[int, _Peer] = {}
         self._deliver: Delivery | None = None
         self.dropped_batches = 0
         self.service = RaftPeerService(cluster_id, lambda: self._deliver)
+        self.service.on_peer_stream = self._peer_stream_opened
         for nid, addr in peers.items():
             self.set_peer(nid, addr)
 
@@ -162,6 +184,21 @@ class GrpcTransport:
             if old.task is not None:
                 old.task.cancel()
         self._peers[node_id] = _Peer(node_id, address, self.queue_batches_max)
+
+    def _peer_stream_opened(self, node_id: int) -> None:
+        peer = self._peers.get(node_id)
+        if peer is not None and not peer.connected:
+            peer.alive.set()
+
+    def remove_peer(self, node_id: int) -> None:
+        """Stop talking to a member that left."""
+        old = self._peers.pop(node_id, None)
+        if old is not None and old.task is not None:
+            old.task.cancel()
+
+    def peer_address(self, node_id: int) -> str | None:
+        p = self._peers.get(node_id)
+        return p.address if p is not None else None
 
     def send(self, to: int, batch: Sequence[tuple[int, Message]]) -> None:
         peer = self._peers.get(to)
@@ -195,7 +232,7 @@ class GrpcTransport:
                     _METHOD,
                     request_serializer=pb.MessageBatch.SerializeToString,
                     response_deserializer=pb.StreamAck.FromString,
-                )()
+                )(metadata=self.hello or None)
                 reader = asyncio.get_running_loop().create_task(self._drain_acks(call))
                 try:
                     while True:
@@ -221,7 +258,10 @@ class GrpcTransport:
                 self.dropped_batches += 1
             if self.on_unreachable is not None:
                 self.on_unreachable(peer.node_id)
-            await asyncio.sleep(backoff_s * (0.5 + self.rng.random()))
+            # Back off (jittered, exponential), unless the peer shows it is up meanwhile.
+            peer.alive.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(peer.alive.wait(), backoff_s * (0.5 + self.rng.random()))
             backoff_s = min(backoff_s * 2, 2.0)
 
     @staticmethod

@@ -42,7 +42,7 @@ from dkv.raft import (
 )
 from dkv.storage import Batch, Engine, RocksRaftStorage
 
-__all__ = ["Host", "HostConfig", "StateMachine"]
+__all__ = ["ConfChangeHook", "Host", "HostConfig", "StateMachine"]
 
 log = logging.getLogger("dkv.host")
 
@@ -65,6 +65,12 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the state with a ``snapshot()``, staged into the open batch."""
         ...
+
+
+# Called while a group applies a committed membership change, with the batch that makes it
+# durable: (group id, the change, the configuration after it, batch). The node uses it to learn
+# a new member's address from the change's context and to persist its member registry.
+ConfChangeHook = Callable[[int, ConfChange, ConfState, Batch], None]
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class Host:
         self._tasks: list[asyncio.Task[None]] = []
         self._read_seq = 0
         self._running = False
+        self._snapshot_requested: set[int] = set()
+        self.on_conf_change: ConfChangeHook | None = None
         # Counters for tests and metrics.
         self.iterations = 0
         self.entries_persisted = 0
@@ -235,6 +243,60 @@ class Host:
         finally:
             g.reads.pop(ctx, None)
 
+    async def propose_conf_change(
+        self, group_id: int, cc: ConfChange, timeout_s: float
+    ) -> ConfState:
+        """Replicate a single-server membership change (thesis §4.1) and wait until it is
+        applied here; returns the configuration after it. Raises NotLeader on a follower and
+        ConfChangeRejected when another change is pending or the change is invalid."""
+        g = self._group(group_id)
+        index = g.node.propose_conf_change(cc)
+        term = g.node.status().term
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        g.proposals[index] = (term, fut)
+        self._wake.set()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"membership change not confirmed within {timeout_s:.3f} s; "
+                "it may or may not have happened"
+            ) from exc
+        assert isinstance(result, ConfState)
+        return result
+
+    def conf_change_pending(self, group_id: int) -> bool:
+        """Whether the group's leader has a membership change not yet applied (one at a
+        time, thesis §4.1)."""
+        g = self._group(group_id)
+        return g.node.raft.pending_conf_index > g.storage.applied_index
+
+    async def transfer_leadership(self, group_id: int, target: int, timeout_s: float) -> None:
+        """Hand leadership of a group to voter ``target`` (thesis §3.10) and wait until this
+        node sees it lead. Raises NotLeader when this node does not lead the group."""
+        g = self._group(group_id)
+        st = g.node.status()
+        if st.role is not Role.LEADER:
+            raise NotLeader(st.leader_id)
+        if target not in st.conf_state.voters or target == self.cfg.node_id:
+            raise InvalidArgument(
+                f"member {target:x} is not another voter of group {group_id}; "
+                f"voters are {', '.join(f'{v:x}' for v in st.conf_state.voters)}"
+            )
+        g.node.transfer_leader(target)
+        self._wake.set()
+        await self.wait_for(lambda: g.node.status().leader_id == target, timeout_s)
+
+    async def snapshot_now(self, group_id: int, timeout_s: float) -> int:
+        """Snapshot a group at its applied index now (and compact its log); returns the
+        snapshot's index."""
+        g = self._group(group_id)
+        target = g.storage.applied_index
+        self._snapshot_requested.add(group_id)
+        self._wake.set()
+        await self.wait_for(lambda: g.storage.snapshot().metadata.index >= target, timeout_s)
+        return g.storage.snapshot().metadata.index
+
     # -- the loop -------------------------------------------------------------------------------
 
     def _on_messages(self, frm: int, batch: Sequence[tuple[int, Message]]) -> None:
@@ -261,6 +323,13 @@ class Host:
             await self._wake.wait()
             self._wake.clear()
             await self._iteration()
+            if self._snapshot_requested:
+                # Between iterations no batch is being applied: the snapshot is consistent.
+                due = [self.groups[gid] for gid in self._snapshot_requested if gid in self.groups]
+                self._snapshot_requested.clear()
+                await self._snapshot(due)
+                async with self._changed:
+                    self._changed.notify_all()
 
     async def _iteration(self) -> None:
         readies = [(g, g.node.ready()) for g in self.groups.values() if g.node.has_ready()]
@@ -286,7 +355,10 @@ class Host:
             for e in rd.committed_entries:
                 result: Any = None
                 if e.type is EntryType.CONF_CHANGE:
-                    conf = g.node.apply_conf_change(ConfChange.decode(e.data))
+                    cc = ConfChange.decode(e.data)
+                    conf = g.node.apply_conf_change(cc)
+                    if self.on_conf_change is not None:
+                        self.on_conf_change(g.group_id, cc, conf, batch)
                     result = conf
                 elif e.data:
                     result = g.sm.apply(e.index, e.data)
@@ -342,6 +414,11 @@ class Host:
             for g in groups
             if every > 0 and g.storage.applied_index - g.storage.snapshot().metadata.index >= every
         ]
+        if due:
+            await self._snapshot(due)
+
+    async def _snapshot(self, due: list[_Group]) -> None:
+        due = [g for g in due if g.storage.applied_index > g.storage.snapshot().metadata.index]
         if not due:
             return
         batch = self.engine.batch()

@@ -1,0 +1,71 @@
+"""The one place where the node translates :mod:`dkv.errors` into gRPC statuses.
+
+- InvalidArgument      -> INVALID_ARGUMENT, naming the problem;
+- NotLeader            -> UNAVAILABLE "not the leader", with trailing metadata
+  ``dkv-leader-id`` (hex-free decimal id), ``dkv-leader-name`` and ``dkv-leader-address`` (the
+  leader's client address) when known, so callers retry at the leader. Nothing was proposed,
+  so retrying is always safe (etcd answers the same way);
+- ProposalDropped / ReadIndexDropped -> UNAVAILABLE with ``dkv-retry-safe: true``;
+- ConfChangeRejected   -> FAILED_PRECONDITION (another change is pending, or the change is
+  invalid for the current configuration);
+- DeadlineExceeded     -> DEADLINE_EXCEEDED: a write may or may not have happened; retrying
+  with the same request_id is safe;
+- any other DkvError   -> INTERNAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from dkv.errors import (
+    ConfChangeRejected,
+    DeadlineExceeded,
+    DkvError,
+    InvalidArgument,
+    NotLeader,
+    ProposalDropped,
+    ReadIndexDropped,
+)
+
+__all__ = ["Ctx", "LeaderInfo", "call", "leader_trailers"]
+
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[object, object]
+# member id -> (name, client address); empty strings when unknown.
+LeaderInfo = Callable[[int], tuple[str, str]]
+
+
+def leader_trailers(leader_id: int, info: LeaderInfo) -> tuple[tuple[str, str], ...]:
+    md: list[tuple[str, str]] = [("dkv-leader-id", str(leader_id))]
+    if leader_id:
+        name, address = info(leader_id)
+        if name:
+            md.append(("dkv-leader-name", name))
+        if address:
+            md.append(("dkv-leader-address", address))
+    return tuple(md)
+
+
+async def call(context: Ctx, fn: Callable[[], Awaitable[T]], info: LeaderInfo) -> T:
+    """Run ``fn`` and turn a dkv error into the matching status (``context.abort`` raises)."""
+    try:
+        return await fn()
+    except InvalidArgument as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except NotLeader as exc:
+        context.set_trailing_metadata(leader_trailers(exc.leader_hint, info))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except (ProposalDropped, ReadIndexDropped) as exc:
+        context.set_trailing_metadata((("dkv-retry-safe", "true"),))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except ConfChangeRejected as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except DeadlineExceeded as exc:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    except DkvError as exc:
+        await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+    raise AssertionError("unreachable")  # context.abort always raises
