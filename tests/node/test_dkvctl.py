@@ -67,6 +67,30 @@ def test_dkvctl_against_a_real_cluster(tmp_path: Path) -> None:
         assert data["more"] is False and data["kvs"][0]["version"] == 1
         r = ctl("range", "--prefix", "app/")
         assert r.stdout.splitlines()[0].split() == ["KEY", "VALUE", "MOD_REVISION", "VERSION"]
+        # Watch from the first revision: the history of the prefix, in order.
+        r = ctl("watch", "--prefix", "app/", "--rev", "1", "--max-events", "5")
+        assert r.stdout.splitlines() == [f"PUT app/{i} v{i}" for i in range(5)], r.stderr
+        # Cluster administration.
+        r = ctl("-o", "json", "member", "list")
+        members = json.loads(r.stdout)["members"]
+        assert [(m["name"], m["status"]) for m in members] == [(n, "voter") for n in NAMES]
+        assert {m["peer_address"] for m in members} == {f"127.0.0.1:{peer[n]}" for n in NAMES}
+        r = ctl("-o", "json", "status")
+        rows = json.loads(r.stdout)["shards"]
+        assert len(rows) == 6 and {row["shard"] for row in rows} == {1, 2}
+        leaders = {row["shard"]: row["id"] for row in rows if row["role"] == "leader"}
+        assert set(leaders) == {1, 2}
+        target = next(m for m in members if m["id"] != leaders[1])
+        r = ctl("leader", "transfer", "--shard", "1", "--to", target["name"])
+        assert r.stdout == f"shard 1: leader is now {target['id']}\n", r.stderr
+        r = ctl("status")
+        assert r.stdout.split()[:4] == ["ENDPOINT", "ID", "NAME", "SHARD"]
+        r = ctl("snapshot")
+        assert r.returncode == 0 and r.stdout.startswith("shard 1: snapshot at index "), r.stderr
+        r = ctl("member", "promote", "nobody")
+        assert r.returncode == 1 and "no member named 'nobody'" in r.stderr
+        r = ctl("member", "add", "d", "--peer-url", "bad")
+        assert r.returncode == 1 and "not host:port" in r.stderr
         assert ctl("del", "greeting").stdout == "1\n"
         r = ctl("get", "greeting")
         assert r.returncode == 3 and "not found" in r.stderr
