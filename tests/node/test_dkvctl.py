@@ -92,6 +92,10 @@ def test_dkvctl_against_a_real_cluster(tmp_path: Path) -> None:
         r = ctl("member", "add", "d", "--peer-url", "bad")
         assert r.returncode == 1 and "not host:port" in r.stderr
         assert ctl("del", "greeting").stdout == "1\n"
+        r = ctl("del", "--prefix", "app/")
+        assert r.stdout == "5\n", r.stderr
+        r = ctl("-o", "json", "range", "--prefix", "app/")
+        assert json.loads(r.stdout) == {"kvs": [], "more": False}
         r = ctl("get", "greeting")
         assert r.returncode == 3 and "not found" in r.stderr
         r = ctl("put", "big", "x" * 65)

@@ -222,3 +222,68 @@ def test_watch_survives_a_leader_change_without_gaps_or_duplicates(tmp_path: Pat
                     await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_range_delete_spans_every_shard_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small steps, so a range of 23 keys over 3 shards takes several entries per shard.
+    monkeypatch.setattr("dkv_node.kv_state.DELETE_RANGE_KEYS_MAX", 4)
+    monkeypatch.setattr("dkv_node.kv_service.DELETE_RANGE_KEYS_MAX", 4)
+    port = free_port()
+
+    async def scenario() -> None:
+        node = Node(
+            NodeConfig(
+                name="solo",
+                data_dir=tmp_path / "solo",
+                listen_peer=f"127.0.0.1:{port}",
+                listen_client="127.0.0.1:0",
+                initial_cluster={"solo": f"127.0.0.1:{port}"},
+                shards=3,
+                tick_interval_ms=10,
+            )
+        )
+        await node.start()
+        client = Client({node.id: node})
+        try:
+            for i in range(30):
+                put = kv_pb2.PutRequest(key=b"r/%02d" % i, value=b"v%d" % i)
+                await client.call("Put", put, kv_pb2.PutResponse)
+            shards_hit = {shard_for_key(b"r/%02d" % i, 3) for i in range(5, 28)}
+            assert len(shards_hit) > 1  # the range really spans shards
+            req = kv_pb2.DeleteRequest(
+                key=b"r/05", range_end=b"r/28", prev_kv=True, request_id="d1"
+            )
+            resp = await client.call("Delete", req, kv_pb2.DeleteResponse)
+            assert resp.deleted == 23
+            assert [kv.key for kv in resp.prev_kvs] == [b"r/%02d" % i for i in range(5, 28)]
+            # A retry with the same id changes nothing and answers the same.
+            again = await client.call("Delete", req, kv_pb2.DeleteResponse)
+            assert again.deleted == 23
+            left = await client.call(
+                "Range", kv_pb2.RangeRequest(prefix=b"r/"), kv_pb2.RangeResponse
+            )
+            assert [kv.key for kv in left.kvs] == [
+                b"r/%02d" % i for i in (*range(5), *range(28, 30))
+            ]
+            everything = kv_pb2.DeleteRequest(key=b"r/", range_end=b"\x00")
+            assert (await client.call("Delete", everything, kv_pb2.DeleteResponse)).deleted == 7
+            for bad, why in (
+                (kv_pb2.DeleteRequest(key=b"b", range_end=b"a"), "range_end must be greater"),
+                (
+                    kv_pb2.DeleteRequest(
+                        key=b"a", range_end=b"b", precondition=kv_pb2.Precondition(version=1)
+                    ),
+                    "precondition applies to one key",
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await client.call("Delete", bad, kv_pb2.DeleteResponse)
+                assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert why in (exc.value.details() or "")
+        finally:
+            await client.close()
+            await node.stop()
+
+    asyncio.run(scenario())

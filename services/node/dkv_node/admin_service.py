@@ -62,7 +62,6 @@ def _version() -> str:
 class AdminService:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._channels: dict[str, grpc.aio.Channel] = {}
 
     @property
     def host(self) -> Host:
@@ -268,68 +267,25 @@ class AdminService:
         deadline: float,
     ) -> None:
         """Carry out one group's change at that group's leader, wherever it is."""
-        loop = asyncio.get_running_loop()
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"shard {gid}: membership change not done in time")
-            leader = self.host.leader(gid)
-            if leader == self.node.id:
-                try:
-                    await self.change_local(gid, change, mid, name, peer, remaining)
-                    return
-                except NotLeader:
-                    pass  # lost leadership meanwhile: look again
-            elif leader:
-                address = self.node.registry.client_address(leader) if self.node.registry else ""
-                if not address:
-                    raise NotLeader(
-                        leader,
-                        f"shard {gid} is led by {leader:x}, whose client address is "
-                        "not known here yet; run the command against the leader",
-                    )
-                try:
-                    await self._forward(address, gid, change, mid, name, peer, remaining)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                        raise ConfChangeRejected(exc.details() or "rejected") from exc
-                    if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                        raise InvalidArgument(exc.details() or "invalid") from exc
-                    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-                        raise DkvError(f"shard {gid} leader: {exc.details()}") from exc
-            # No leader (election under way) or it moved: wait for this node to see a change.
-            # (Bounded by half a second: the leader we forwarded to may have been busy.)
-            with contextlib.suppress(DeadlineExceeded):
-                await self.host.wait_for(
-                    lambda seen=leader: self.host.leader(gid) not in (0, seen),  # type: ignore[misc]
-                    min(0.5, max(0.01, deadline - loop.time())),
-                )
 
-    async def _forward(
-        self,
-        address: str,
-        gid: int,
-        change: admin_pb2.MembershipChange,
-        mid: int,
-        name: str,
-        peer: str,
-        timeout_s: float,
-    ) -> None:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = self.node.client_channel(address)
-        stub = ch.unary_unary(
-            "/dkv.v1.Admin/ChangeShardMembership",
-            request_serializer=admin_pb2.ChangeShardMembershipRequest.SerializeToString,
-            response_deserializer=admin_pb2.ChangeShardMembershipResponse.FromString,
-        )
-        req = admin_pb2.ChangeShardMembershipRequest(
-            shard_id=gid, change=change, member_id=mid, name=name, peer_address=peer
-        )
-        await stub(req, timeout=timeout_s)
-        # Answer with what this node has applied: wait until the change reached us too.
-        await self.host.wait_for(lambda: self._applied(gid, change, mid), timeout_s)
+        async def local(timeout_s: float) -> None:
+            await self.change_local(gid, change, mid, name, peer, timeout_s)
+
+        async def remote(ch: grpc.aio.Channel, timeout_s: float) -> None:
+            stub = ch.unary_unary(
+                "/dkv.v1.Admin/ChangeShardMembership",
+                request_serializer=admin_pb2.ChangeShardMembershipRequest.SerializeToString,
+                response_deserializer=admin_pb2.ChangeShardMembershipResponse.FromString,
+            )
+            req = admin_pb2.ChangeShardMembershipRequest(
+                shard_id=gid, change=change, member_id=mid, name=name, peer_address=peer
+            )
+            await stub(req, timeout=timeout_s)
+            # Answer with what this node has applied: wait until the change reached us too.
+            await self.host.wait_for(lambda: self._applied(gid, change, mid), timeout_s)
+
+        assert self.node.router is not None
+        await self.node.router.run(gid, local, remote, deadline)
 
     def _applied(self, gid: int, change: admin_pb2.MembershipChange, mid: int) -> bool:
         cs: ConfState = self.host.groups[gid].node.status().conf_state
@@ -474,11 +430,6 @@ class AdminService:
             return admin_pb2.SnapshotResponse(snapshot_index=out)
 
         return await self._call(context, run)
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
 
 
 def add_admin_service(server: grpc.aio.Server, service: AdminService) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,7 +23,13 @@ from dkv.host import Host
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 from dkv_node.grpc_errors import Ctx, LeaderInfo, call
-from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX, prefix_end
+from dkv_node.kv_state import (
+    DELETE_RANGE_KEYS_MAX,
+    RANGE_LIMIT_DEFAULT,
+    RANGE_LIMIT_MAX,
+    prefix_end,
+)
+from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
 from dkv_node.shard import KvShard
 
@@ -39,10 +46,12 @@ class KvService:
         shards: dict[int, KvShard],
         limits: Limits,
         leader_info: LeaderInfo | None = None,
+        router: LeaderRouter | None = None,
     ) -> None:
         self.host = host
         self.shards = shards
         self.limits = limits
+        self.router = router
         self.leader_info: LeaderInfo = leader_info or (lambda _id: ("", ""))
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -82,9 +91,7 @@ class KvService:
             self.limits.check_key(req.key)
             self.limits.check_request_id(req.request_id)
             if req.range_end:
-                raise InvalidArgument(
-                    "range deletes are not supported yet: delete keys one at a time"
-                )
+                return await self._delete_range(req, self._timeout(context))
             gid = self._shard_of(req.key)
             cmd = kv_pb2.KvCommand(request_id=req.request_id, delete=req)
             resp = await self.host.propose(gid, cmd.SerializeToString(), self._timeout(context))
@@ -93,6 +100,72 @@ class KvService:
             return resp
 
         return await self._call(context, run)
+
+    async def _delete_range(
+        self, req: kv_pb2.DeleteRequest, timeout_s: float
+    ) -> kv_pb2.DeleteResponse:
+        """Delete ``[key, range_end)`` in every shard. Each shard deletes its part in steps of
+        at most DELETE_RANGE_KEYS_MAX keys, each step one Raft entry (atomic within it); the
+        whole range is not one atomic operation across shards or steps. Retrying with the
+        same request id is safe: every step has its own id derived from it."""
+        if req.HasField("precondition"):
+            raise InvalidArgument("a precondition applies to one key; drop range_end or it")
+        if req.range_end != b"\x00" and req.range_end <= req.key:
+            raise InvalidArgument("range_end must be greater than key (or \\x00 for 'to the end')")
+        if req.shard_id and req.shard_id not in self.shards:
+            raise InvalidArgument(f"shard {req.shard_id} does not exist")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        async def steps(gid: int, timeout_s: float) -> list[kv_pb2.DeleteResponse]:
+            """This node leads ``gid``: delete its part in steps."""
+            out = []
+            for step in itertools.count():
+                sub = kv_pb2.DeleteRequest()
+                sub.CopyFrom(req)
+                rid = f"{req.request_id}/{gid}/{step}" if req.request_id else ""
+                cmd = kv_pb2.KvCommand(request_id=rid, delete=sub)
+                left = max(0.001, deadline - loop.time())
+                resp = await self.host.propose(gid, cmd.SerializeToString(), left)
+                assert isinstance(resp, kv_pb2.DeleteResponse)
+                out.append(resp)
+                if resp.deleted < DELETE_RANGE_KEYS_MAX:
+                    return out
+            raise AssertionError("unreachable")
+
+        async def forwarded(
+            gid: int, ch: grpc.aio.Channel, timeout_s: float
+        ) -> list[kv_pb2.DeleteResponse]:
+            sub = kv_pb2.DeleteRequest()
+            sub.CopyFrom(req)
+            sub.shard_id = gid
+            stub = ch.unary_unary(
+                "/dkv.v1.KV/Delete",
+                request_serializer=kv_pb2.DeleteRequest.SerializeToString,
+                response_deserializer=kv_pb2.DeleteResponse.FromString,
+            )
+            return [await stub(sub, timeout=timeout_s)]
+
+        async def one_shard(gid: int) -> list[kv_pb2.DeleteResponse]:
+            if self.router is None or req.shard_id:
+                return await steps(gid, timeout_s)  # shard-scoped: this node must lead it
+            return await self.router.run(
+                gid,
+                lambda t: steps(gid, t),
+                lambda ch, t: forwarded(gid, ch, t),
+                deadline,
+            )
+
+        gids = [req.shard_id] if req.shard_id else sorted(self.shards)
+        parts = await asyncio.gather(*(one_shard(g) for g in gids))
+        resps = [r for rs in parts for r in rs]
+        merged = kv_pb2.DeleteResponse(succeeded=True, deleted=sum(r.deleted for r in resps))
+        merged.header.CopyFrom(max(resps, key=lambda r: r.header.revision).header)
+        if req.prev_kv:
+            merged.prev_kvs.extend(
+                sorted((kv for r in resps for kv in r.prev_kvs), key=lambda kv: kv.key)
+            )
+        return merged
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dkv.errors import InvalidArgument, InvariantViolation
+from dkv.keys import prefix_end
 from dkv.v1 import kv_pb2
 
 __all__ = [
@@ -40,17 +41,9 @@ __all__ = [
 
 RANGE_LIMIT_DEFAULT = 1000
 RANGE_LIMIT_MAX = 10_000
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with ``prefix`` (b"" = no end)."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return b""
-    p[-1] += 1
-    return bytes(p)
+# One range-delete command removes at most this many keys (its entry, events and response
+# stay small); the API layer repeats the command until the range is empty.
+DELETE_RANGE_KEYS_MAX = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +169,8 @@ class KvStateMachine:
     def _delete(self, rev: int, req: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
         if req.range_end:
             hi = b"" if req.range_end == b"\x00" else req.range_end
-            # Bounded by RANGE_LIMIT_MAX per command; the API layer splits larger deletes.
-            victims = self.store.scan(req.key, hi, RANGE_LIMIT_MAX)
+            # Bounded per command; the API layer repeats it until nothing is left.
+            victims = self.store.scan(req.key, hi, DELETE_RANGE_KEYS_MAX)
         else:
             rec = self.store.get(req.key)
             if req.HasField("precondition") and not self._check(req.precondition, rec):

@@ -24,6 +24,7 @@ from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.kv_service import KvService, add_kv_service
+from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
 from dkv_node.members import Member, MemberRegistry, decode_context
 from dkv_node.shard import KvShard
@@ -84,6 +85,7 @@ class Node:
         self.transport: GrpcTransport | None = None
         self.registry: MemberRegistry | None = None
         self.admin: AdminService | None = None
+        self.router: LeaderRouter | None = None
         self.host: Host | None = None
         self.shards: dict[int, KvShard] = {}
         self.peer_server: grpc.aio.Server | None = None
@@ -161,8 +163,10 @@ class Node:
         def leader_info(mid: int) -> tuple[str, str]:
             return registry.name(mid), registry.client_address(mid)
 
+        self.router = LeaderRouter(self.host, registry, self.id, self.client_channel)
         add_kv_service(
-            self.client_server, KvService(self.host, self.shards, cfg.limits, leader_info)
+            self.client_server,
+            KvService(self.host, self.shards, cfg.limits, leader_info, self.router),
         )
         self.admin = AdminService(self)
         add_admin_service(self.client_server, self.admin)
@@ -221,8 +225,8 @@ class Node:
         """Graceful: stop accepting clients, let in-flight requests finish, then stop Raft."""
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
-        if self.admin is not None:
-            await self.admin.close()
+        if self.router is not None:
+            await self.router.close()
         if self.host is not None:
             await self.host.stop()
         if self.peer_server is not None:

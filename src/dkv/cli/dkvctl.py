@@ -16,6 +16,7 @@ import typer
 
 from dkv.client import Client, ClientTls
 from dkv.errors import DkvError, InvalidArgument
+from dkv.keys import prefix_end
 from dkv.v1 import admin_pb2, kv_pb2
 
 app = typer.Typer(help="dkvctl: talk to a dkv cluster.", no_args_is_help=True)
@@ -137,9 +138,20 @@ def get(
 
 
 @app.command("del")
-def delete(ctx: typer.Context, key: str) -> None:
-    """Delete one key; prints how many keys were deleted (0 or 1)."""
-    resp: kv_pb2.DeleteResponse = _run(ctx, lambda c: c.delete(key.encode(), uuid.uuid4().hex))
+def delete(
+    ctx: typer.Context,
+    key: str,
+    end: Annotated[str | None, typer.Argument(help="Delete [KEY, END) instead.")] = None,
+    prefix: Annotated[bool, typer.Option(help="Delete every key starting with KEY.")] = False,
+) -> None:
+    """Delete one key, a range [KEY, END), or --prefix; prints how many keys were deleted."""
+    if prefix and end is not None:
+        raise typer.BadParameter("give END or --prefix, not both")
+    # (A prefix of only 0xff bytes has no end key: delete to the end of the key space.)
+    single_or_range = end.encode() if end else b""
+    range_end = (prefix_end(key.encode()) or b"\x00") if prefix else single_or_range
+    rid = uuid.uuid4().hex
+    resp: kv_pb2.DeleteResponse = _run(ctx, lambda c: c.delete(key.encode(), rid, range_end))
     opts: Opts = ctx.obj
     if opts.output == "json":
         typer.echo(json.dumps({"deleted": resp.deleted, "revision": resp.header.revision}))

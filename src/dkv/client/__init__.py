@@ -163,8 +163,13 @@ class Client:
     async def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
         return await self._call("Range", req, kv_pb2.RangeResponse)
 
-    async def delete(self, key: bytes, request_id: str = "") -> kv_pb2.DeleteResponse:
-        req = kv_pb2.DeleteRequest(key=key, request_id=request_id, prev_kv=True)
+    async def delete(
+        self, key: bytes, request_id: str = "", range_end: bytes = b""
+    ) -> kv_pb2.DeleteResponse:
+        """Delete ``key``, or every key in ``[key, range_end)`` (``b"\\x00"``: to the end)."""
+        req = kv_pb2.DeleteRequest(
+            key=key, range_end=range_end, request_id=request_id, prev_kv=not range_end
+        )
         return await self._call("Delete", req, kv_pb2.DeleteResponse)
 
     async def watch(

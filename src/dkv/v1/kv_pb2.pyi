@@ -111,18 +111,20 @@ class PutResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., prev_kv: _Optional[_Union[KeyValue, _Mapping]] = ..., succeeded: _Optional[bool] = ..., current: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("key", "range_end", "prev_kv", "request_id", "precondition")
+    __slots__ = ("key", "range_end", "prev_kv", "request_id", "precondition", "shard_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     RANGE_END_FIELD_NUMBER: _ClassVar[int]
     PREV_KV_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRECONDITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     range_end: bytes
     prev_kv: bool
     request_id: str
     precondition: Precondition
-    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prev_kv: _Optional[bool] = ..., request_id: _Optional[str] = ..., precondition: _Optional[_Union[Precondition, _Mapping]] = ...) -> None: ...
+    shard_id: int
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prev_kv: _Optional[bool] = ..., request_id: _Optional[str] = ..., precondition: _Optional[_Union[Precondition, _Mapping]] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("header", "deleted", "prev_kvs", "succeeded", "current")
