@@ -287,3 +287,85 @@ def test_range_delete_spans_every_shard_in_bounded_steps(
             await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_without_quorum_requests_fail_within_their_deadline_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    peers = {n: f"127.0.0.1:{free_port()}" for n in NAMES}
+
+    def config(n: str) -> NodeConfig:
+        return NodeConfig(
+            name=n,
+            data_dir=tmp_path / n,
+            listen_peer=peers[n],
+            listen_client="127.0.0.1:0",
+            initial_cluster=peers,
+            initial_cluster_state="existing" if (tmp_path / n).exists() else "new",
+            tick_interval_ms=10,
+        )
+
+    async def scenario() -> None:
+        nodes: dict[str, Node] = {}
+        for n in NAMES:
+            nodes[n] = Node(config(n))
+            await nodes[n].start()
+        client = Client({node.id: node for node in nodes.values()})
+        try:
+            put = kv_pb2.PutRequest(key=b"k", value=b"before", request_id="w0")
+            first = await client.call("Put", put, kv_pb2.PutResponse)
+            assert first.succeeded
+            survivor = nodes["a"]
+            for n in ("b", "c"):
+                await nodes.pop(n).stop()
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{survivor.client_port}")
+            codes: list[grpc.StatusCode] = []
+            stub_put = ch.unary_unary(
+                "/dkv.v1.KV/Put",
+                request_serializer=kv_pb2.PutRequest.SerializeToString,
+                response_deserializer=kv_pb2.PutResponse.FromString,
+            )
+            stub_get = ch.unary_unary(
+                "/dkv.v1.KV/Range",
+                request_serializer=kv_pb2.RangeRequest.SerializeToString,
+                response_deserializer=kv_pb2.RangeResponse.FromString,
+            )
+            # Until the lone node notices (CheckQuorum), a write may wait for its deadline;
+            # after that every request is refused at once as UNAVAILABLE. Never a hang.
+            for i in range(1, 200):
+                try:
+                    await stub_put(
+                        kv_pb2.PutRequest(key=b"k", value=b"lost?", request_id=f"w{i}"),
+                        timeout=1,
+                    )
+                    raise AssertionError("a write succeeded without a quorum")
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        break
+            assert codes[-1] is grpc.StatusCode.UNAVAILABLE
+            assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+            with pytest.raises(grpc.aio.AioRpcError) as read_exc:
+                await stub_get(kv_pb2.RangeRequest(key=b"k"), timeout=1)
+            assert read_exc.value.code() is grpc.StatusCode.UNAVAILABLE
+            # A serializable read is still served from the local state.
+            local = await stub_get(
+                kv_pb2.RangeRequest(key=b"k", consistency=kv_pb2.READ_CONSISTENCY_SERIALIZABLE),
+                timeout=1,
+            )
+            assert local.kvs[0].value in (b"before", b"lost?")
+            await ch.close()
+            # Quorum back: the acknowledged write is there.
+            nodes["b"] = Node(config("b"))
+            await nodes["b"].start()
+            await client.close()
+            client = Client({node.id: node for node in nodes.values()})
+            got = await client.call("Range", kv_pb2.RangeRequest(key=b"k"), kv_pb2.RangeResponse)
+            assert got.kvs[0].value in (b"before", b"lost?")  # unacknowledged: either way
+            assert got.kvs[0].create_revision == first.header.revision  # the acknowledged put
+        finally:
+            await client.close()
+            for node in nodes.values():
+                await node.stop()
+
+    asyncio.run(scenario())

@@ -26,7 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dkv.errors import DeadlineExceeded, InvalidArgument, NotLeader, ProposalDropped
+from dkv.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotLeader,
+    ProposalDropped,
+    ReadIndexDropped,
+)
 from dkv.host.transport import Transport
 from dkv.raft import (
     ConfChange,
@@ -99,6 +105,7 @@ class _Group:
     # read context -> future waiting for its ReadState; then (index, future) until applied.
     reads: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     read_waiters: list[tuple[int, asyncio.Future[int]]] = field(default_factory=list)
+    known_leader: int = 0
 
 
 class Host:
@@ -386,6 +393,13 @@ class Host:
                 pending[1].set_exception(ProposalDropped("leadership changed; not applied"))
         for g, rd in readies:
             g.node.advance()
+            if rd.soft_state is not None and rd.soft_state.leader_id != g.known_leader:
+                g.known_leader = rd.soft_state.leader_id
+                # Reads waiting for a leader's confirmation will not get it from a leader
+                # that is gone: fail them now (safe to retry) instead of at their deadline.
+                for rfut in g.reads.values():
+                    if not rfut.done():
+                        rfut.set_exception(ReadIndexDropped("leader changed; retry the read"))
             for rs in rd.read_states:
                 fut = g.reads.get(rs.request_ctx)
                 if fut is not None and not fut.done():
