@@ -243,10 +243,11 @@ async def watch_stream(
 
     async def follow(gid: int) -> None:
         kv = svc.shards[gid].kv
-        storage = svc.host.groups[gid].storage
         nxt = req.start_revision if req.start_revision > 0 else kv.store.revision() + 1
         while svc.host.running:
-            seen_applied = storage.applied_index
+            # The watch history is read from RocksDB itself: look only as far as what is
+            # written (an apply batch may be staged but still on its way to disk).
+            seen_applied = svc.host.written_applied(gid)
             events, last, compacted = kv.watch_events(nxt, lo, hi, WATCH_BATCH_EVENTS_MAX)
             if compacted:
                 resp = kv_pb2.WatchResponse(compacted=True, compact_revision=last)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -112,7 +113,9 @@ class Client:
                     raise DeadlineExceeded(exc.details() or "deadline exceeded") from exc
                 if code is grpc.StatusCode.FAILED_PRECONDITION:
                     raise ConfChangeRejected(exc.details() or "failed precondition") from exc
-                if code is not grpc.StatusCode.UNAVAILABLE:
+                # CANCELLED: the node shut down with our call in flight. Like UNAVAILABLE it
+                # is retried elsewhere (a write carries its request id, so it applies once).
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise DkvError(f"{code.name}: {exc.details()}") from exc
                 last = exc
                 trailers = dict(exc.trailing_metadata() or ())
@@ -147,7 +150,11 @@ class Client:
         raise DeadlineExceeded(f"no answer within {self.timeout_s} s")
 
     async def put(self, key: bytes, value: bytes, request_id: str = "") -> kv_pb2.PutResponse:
-        req = kv_pb2.PutRequest(key=key, value=value, request_id=request_id, prev_kv=True)
+        """Write ``key``. Retries carry one request id (a fresh one unless given), so the
+        write applies once however often it is retried."""
+        req = kv_pb2.PutRequest(
+            key=key, value=value, request_id=request_id or uuid.uuid4().hex, prev_kv=True
+        )
         return await self._call("Put", req, kv_pb2.PutResponse)
 
     async def get(self, key: bytes, serializable: bool = False) -> kv_pb2.RangeResponse:
@@ -168,7 +175,10 @@ class Client:
     ) -> kv_pb2.DeleteResponse:
         """Delete ``key``, or every key in ``[key, range_end)`` (``b"\\x00"``: to the end)."""
         req = kv_pb2.DeleteRequest(
-            key=key, range_end=range_end, request_id=request_id, prev_kv=not range_end
+            key=key,
+            range_end=range_end,
+            request_id=request_id or uuid.uuid4().hex,
+            prev_kv=not range_end,
         )
         return await self._call("Delete", req, kv_pb2.DeleteResponse)
 

@@ -106,6 +106,10 @@ class _Group:
     reads: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     read_waiters: list[tuple[int, asyncio.Future[int]]] = field(default_factory=list)
     known_leader: int = 0
+    # The applied index whose batch is written. ``storage.applied_index`` moves when an apply
+    # is staged, before the batch reaches RocksDB; readers of RocksDB directly (the watch
+    # history) must not look past this one.
+    written_applied: int = 0
 
 
 class Host:
@@ -164,7 +168,9 @@ class Host:
             disable_proposal_forwarding=True,
         )
         node = RawNode(raft_cfg, storage, self.rng, log)
-        self.groups[group_id] = _Group(group_id, node, storage, sm)
+        self.groups[group_id] = _Group(
+            group_id, node, storage, sm, written_applied=storage.applied_index
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -376,6 +382,7 @@ class Host:
         await asyncio.to_thread(self.engine.write, batch, sync=sync)
         for g, _ in readies:
             g.sm.end()
+            g.written_applied = g.storage.applied_index
         outbox: dict[int, list[tuple[int, Message]]] = defaultdict(list)
         for g, rd in readies:
             for m in rd.messages:
@@ -450,11 +457,16 @@ class Host:
         # No fsync needed: if lost, the log it would replace is still there.
         await asyncio.to_thread(self.engine.write, batch, sync=False)
 
+    def written_applied(self, group_id: int) -> int:
+        """The applied index whose effects are in RocksDB (see ``_Group.written_applied``)."""
+        return self._group(group_id).written_applied
+
     async def wait_applied(self, group_id: int, index: int) -> None:
-        """Wait (without a deadline) until group ``group_id`` applied ``index``."""
-        st = self._group(group_id).storage
+        """Wait (without a deadline) until group ``group_id`` applied ``index`` and wrote
+        the batch that did (or the host stops)."""
+        g = self._group(group_id)
         async with self._changed:
-            await self._changed.wait_for(lambda: st.applied_index >= index or not self._running)
+            await self._changed.wait_for(lambda: g.written_applied >= index or not self._running)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
         """Wait until ``predicate()`` holds, re-checking after every loop iteration (an event,
