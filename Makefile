@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: setup test test-fast lint proto proto-check bench-raft sim clean help
+.PHONY: setup test test-fast lint proto proto-check bench-raft bench-node sim clean help
 
 help:
 	@echo "make setup       create .venv and install dkv with its dev extras"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
 	@echo "make proto       regenerate Python code from protos/"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
+	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 
 $(STAMP): pyproject.toml
@@ -42,6 +43,11 @@ proto: setup
 
 bench-raft: setup
 	$(BIN)/python -m dkv.testing.bench_raft
+
+# Side by side with etcd, driven by h2load; DKV_BENCH_SCALE=n runs each row n times longer,
+# DKV_BENCH_PROFILE=1 adds a py-spy profile of the dkv leader (see docs/benchmarks.md).
+bench-node: setup
+	$(BIN)/python -m dkv.testing.bench_node
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
