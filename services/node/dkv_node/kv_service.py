@@ -68,7 +68,7 @@ class KvService:
         return await call(context, fn, self.leader_info)
 
     def _term(self, group_id: int) -> int:
-        return self.host.groups[group_id].node.status().term
+        return self.host.term(group_id)
 
     # -- writes ---------------------------------------------------------------------------------
 

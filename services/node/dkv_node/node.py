@@ -33,6 +33,16 @@ __all__ = ["Node", "NodeConfig", "member_id"]
 
 log = logging.getLogger("dkv.node")
 
+# Overload answers RESOURCE_EXHAUSTED ("too many concurrent RPCs") beyond this many calls in
+# progress. gRPC core's own queue of calls not yet picked up is raised above it: by default
+# it drops calls at random past 1000 pending (the caller sees CANCELLED and cannot tell the
+# call never ran; found by `make bench-node` at 1024 in flight).
+CLIENT_RPCS_MAX = 4096
+CLIENT_SERVER_OPTIONS = (
+    ("grpc.server.max_pending_requests", 2 * CLIENT_RPCS_MAX),
+    ("grpc.server.max_pending_requests_hard_limit", 4 * CLIENT_RPCS_MAX),
+)
+
 
 def member_id(cluster_token: str, name: str) -> int:
     digest = hashlib.blake2b(f"{cluster_token}/{name}".encode(), digest_size=8).digest()
@@ -114,7 +124,9 @@ class Node:
         # Bind first, so that port 0 works and what we advertise is where we listen.
         self.peer_server = grpc.aio.server()
         self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = grpc.aio.server()
+        self.client_server = grpc.aio.server(
+            options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
+        )
         self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
         advertise_peer = cfg.advertise_peer or _with_port(cfg.listen_peer, self.peer_port)
         advertise_client = cfg.advertise_client or _with_port(cfg.listen_client, self.client_port)
