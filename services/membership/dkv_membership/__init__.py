@@ -1,0 +1,1 @@
+"""The membership service: nodes, shards, slots, placement and leaders (DESIGN.md)."""
