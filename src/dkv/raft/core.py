@@ -625,11 +625,6 @@ class Raft:
             or (m.type is MT.PRE_VOTE and m.term > self.term)
         )
         resp = MT.VOTE_RESP if m.type is MT.VOTE else MT.PRE_VOTE_RESP
-        # A member with an empty log (it joined, or lost its disk and came back empty) has
-        # never seen a configuration; its vote could elect a candidate missing entries that
-        # the member once acknowledged. It votes only after a leader gave it a snapshot.
-        if self.log.last_index() == 0:
-            can_vote = False
         # Election restriction (thesis §3.6.1): only a candidate whose log is at least as
         # up-to-date as ours may get our vote, so every leader holds all committed entries.
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
