@@ -34,7 +34,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check src services tests
 	$(BIN)/ruff format --check src services tests
-	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership
+	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 
 # Generated code is committed so the package imports without protoc;
 # tests/test_proto.py fails when it is stale.

@@ -1,0 +1,1 @@
+"""The gateway: routes the public KV API to shard leaders and configures Envoy over xDS."""
