@@ -1,0 +1,338 @@
+"""Envoy's configuration for dkv's front door, as typed xDS resources.
+
+Pure functions: a :class:`FrontDoor` describing what we want in, protobuf messages from
+``xds-protos`` out. :mod:`dkv_gateway.xds` serves the resources to Envoy over ADS;
+:func:`bootstrap` builds the only file Envoy reads, which names nothing but the ADS server
+(DESIGN.md, "Envoy").
+
+What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
+
+- one listener on ``listen_host:listen_port`` with an HTTP connection manager (``AUTO`` codec, so
+  gRPC over HTTP/2 and, later, HTTP/JSON over HTTP/1.1 share the port). Routes are inline (no RDS
+  warming). Filters: the local rate limit, then the router.
+- the local rate limit is a no-op unless ``filter_enabled`` and ``filter_enforced`` are 100%; it
+  answers ``RESOURCE_EXHAUSTED`` (``rate_limited_as_resource_exhausted``) so gRPC clients do not
+  retry it as ``UNAVAILABLE``.
+- retries: reads (``Range``) are retried on any transient failure. Writes (``Put``, ``Delete``)
+  only when the request provably never reached the gateway (``connect-failure``,
+  ``refused-stream``): a reset or ``UNAVAILABLE`` after sending may come after the write was
+  proposed, and retrying it could apply it twice. ``Watch`` is a stream and is never retried.
+- the cluster ``dkv_gateway`` lists the gateway replicas as STATIC endpoints (no EDS warming),
+  speaks HTTP/2 upstream (Python gRPC servers need it), ejects failing hosts (outlier detection)
+  and has ``healthy_panic_threshold: 0`` so Envoy never sprays traffic to ejected hosts.
+
+Not done yet: the gRPC-JSON transcoder (needs a descriptor set with ``google.api.http``
+annotations), TLS/mTLS and XFCC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
+
+__all__ = [
+    "ADS_CLUSTER_NAME",
+    "GATEWAY_CLUSTER_NAME",
+    "KV_SERVICE_PREFIX",
+    "LISTENER_NAME",
+    "READ_RETRY_ON",
+    "WRITE_RETRY_ON",
+    "FrontDoor",
+    "bootstrap",
+    "bootstrap_json",
+    "gateway_cluster",
+    "listener",
+    "resources",
+    "write_bootstrap",
+]
+
+GATEWAY_CLUSTER_NAME = "dkv_gateway"
+ADS_CLUSTER_NAME = "dkv_xds"
+LISTENER_NAME = "dkv_front_door"
+KV_SERVICE_PREFIX = "/dkv.v1.KV/"
+
+# Envoy's retry conditions (x-envoy-retry-on / x-envoy-retry-grpc-on values).
+READ_RETRY_ON = "connect-failure,refused-stream,reset,unavailable,cancelled"
+"""Reads change nothing: any transient failure may be retried."""
+WRITE_RETRY_ON = "connect-failure,refused-stream"
+"""Writes: only failures that guarantee the gateway never saw the request."""
+
+_HCM_NAME = "envoy.filters.network.http_connection_manager"
+_ROUTER_NAME = "envoy.filters.http.router"
+_LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
+_HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoor:
+    """The front door we want Envoy to be.
+
+    ``gateways`` are the ``(host, port)`` addresses of the gateway replicas (gRPC, plaintext for
+    now). Rates are per Envoy process: ``rate_limit_tokens_max`` requests may burst, refilled by
+    ``rate_limit_tokens_per_fill`` every ``rate_limit_fill_interval_ms``.
+    """
+
+    listen_port: int
+    gateways: Sequence[tuple[str, int]]
+    listen_host: str = "127.0.0.1"
+    connect_timeout_ms: int = 1000
+    request_timeout_ms: int = 30_000
+    retries_max: int = 2
+    rate_limit_tokens_max: int = 10_000
+    rate_limit_tokens_per_fill: int = 10_000
+    rate_limit_fill_interval_ms: int = 1000
+    outlier_consecutive_failures: int = 5
+    outlier_interval_ms: int = 5000
+    outlier_base_ejection_ms: int = 10_000
+    outlier_ejection_percent_max: int = 100
+    extra_routes: Sequence[route_components_pb2.Route] = field(default_factory=tuple)
+
+
+def _ms(milliseconds: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(milliseconds)
+    return d
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def _http2_upstream() -> dict[str, any_pb2.Any]:
+    """``typed_extension_protocol_options`` making a cluster speak HTTP/2 (gRPC) upstream."""
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=core_protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    return {_HTTP_PROTOCOL_OPTIONS_KEY: _pack(options)}
+
+
+def _static_cluster(
+    name: str, endpoints: Sequence[tuple[str, int]], connect_timeout_ms: int
+) -> cluster_pb2.Cluster:
+    lb_endpoints = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(host, port))
+        )
+        for host, port in endpoints
+    ]
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_ms(connect_timeout_ms),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],
+        ),
+        typed_extension_protocol_options=_http2_upstream(),
+    )
+
+
+def gateway_cluster(door: FrontDoor) -> cluster_pb2.Cluster:
+    """The cluster ``dkv_gateway``: the gateway replicas, HTTP/2, outlier detection, no panic."""
+    if not door.gateways:
+        raise ValueError("FrontDoor.gateways must name at least one gateway")
+    cluster = _static_cluster(GATEWAY_CLUSTER_NAME, door.gateways, door.connect_timeout_ms)
+    cluster.common_lb_config.CopyFrom(
+        cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0.0))
+    )
+    cluster.outlier_detection.CopyFrom(
+        outlier_detection_pb2.OutlierDetection(
+            # gRPC errors arrive as HTTP 200 with a grpc-status trailer: count gateway failures
+            # (UNAVAILABLE and friends map to 503) and local-origin (connect) failures.
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=door.outlier_consecutive_failures),
+            consecutive_gateway_failure=wrappers_pb2.UInt32Value(
+                value=door.outlier_consecutive_failures
+            ),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            interval=_ms(door.outlier_interval_ms),
+            base_ejection_time=_ms(door.outlier_base_ejection_ms),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=door.outlier_ejection_percent_max),
+        )
+    )
+    return cluster
+
+
+def _retry_policy(retry_on: str, retries_max: int) -> route_components_pb2.RetryPolicy:
+    return route_components_pb2.RetryPolicy(
+        retry_on=retry_on,
+        num_retries=wrappers_pb2.UInt32Value(value=retries_max),
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=_ms(25), max_interval=_ms(250)
+        ),
+    )
+
+
+def _route(
+    door: FrontDoor, *, path: str | None = None, prefix: str | None = None, retry_on: str | None
+) -> route_components_pb2.Route:
+    match = (
+        route_components_pb2.RouteMatch(path=path)
+        if path is not None
+        else route_components_pb2.RouteMatch(prefix=prefix or "/")
+    )
+    action = route_components_pb2.RouteAction(
+        cluster=GATEWAY_CLUSTER_NAME,
+        timeout=_ms(door.request_timeout_ms),
+        # Honour the client's grpc-timeout header (0 = no cap beyond the client's own deadline).
+        max_stream_duration=route_components_pb2.RouteAction.MaxStreamDuration(
+            grpc_timeout_header_max=_ms(0)
+        ),
+    )
+    if retry_on is not None and door.retries_max > 0:
+        action.retry_policy.CopyFrom(_retry_policy(retry_on, door.retries_max))
+    return route_components_pb2.Route(match=match, route=action)
+
+
+def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
+    watch = _route(door, path=f"{KV_SERVICE_PREFIX}Watch", retry_on=None)
+    watch.route.timeout.CopyFrom(_ms(0))  # a stream lives as long as the client wants
+    return [
+        _route(door, path=f"{KV_SERVICE_PREFIX}Range", retry_on=READ_RETRY_ON),
+        _route(door, path=f"{KV_SERVICE_PREFIX}Put", retry_on=WRITE_RETRY_ON),
+        _route(door, path=f"{KV_SERVICE_PREFIX}Delete", retry_on=WRITE_RETRY_ON),
+        watch,
+        *door.extra_routes,
+        # Any other KV method: treat it as a write.
+        _route(door, prefix=KV_SERVICE_PREFIX, retry_on=WRITE_RETRY_ON),
+    ]
+
+
+def _full_percent() -> base_pb2.RuntimeFractionalPercent:
+    return base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(
+            numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
+        )
+    )
+
+
+def _local_rate_limit(door: FrontDoor) -> hcm_pb2.HttpFilter:
+    config = local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix="dkv_local_rate_limit",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=door.rate_limit_tokens_max,
+            tokens_per_fill=wrappers_pb2.UInt32Value(value=door.rate_limit_tokens_per_fill),
+            fill_interval=_ms(door.rate_limit_fill_interval_ms),
+        ),
+        # Without these two at 100% the filter does nothing (FIELD-NOTES).
+        filter_enabled=_full_percent(),
+        filter_enforced=_full_percent(),
+        rate_limited_as_resource_exhausted=True,
+    )
+    return hcm_pb2.HttpFilter(name=_LOCAL_RATE_LIMIT_NAME, typed_config=_pack(config))
+
+
+def listener(door: FrontDoor) -> listener_pb2.Listener:
+    """The front-door listener: HTTP connection manager, inline routes, rate limit, router."""
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="dkv_ingress",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        route_config=route_pb2.RouteConfiguration(
+            name="dkv_routes",
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(name="dkv", domains=["*"], routes=_routes(door))
+            ],
+        ),
+        http_filters=[
+            _local_rate_limit(door),
+            hcm_pb2.HttpFilter(name=_ROUTER_NAME, typed_config=_pack(router_pb2.Router())),
+        ],
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_socket_address(door.listen_host, door.listen_port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name=_HCM_NAME, typed_config=_pack(manager))
+                ]
+            )
+        ],
+    )
+
+
+def resources(door: FrontDoor) -> tuple[list[cluster_pb2.Cluster], list[listener_pb2.Listener]]:
+    """Everything Envoy needs for ``door``: ``(clusters, listeners)``, as ADS serves them."""
+    return [gateway_cluster(door)], [listener(door)]
+
+
+def bootstrap(
+    *,
+    ads_host: str,
+    ads_port: int,
+    admin_port: int,
+    node_id: str = "dkv-envoy",
+    node_cluster: str = "dkv",
+    admin_host: str = "127.0.0.1",
+    connect_timeout_ms: int = 1000,
+) -> bootstrap_pb2.Bootstrap:
+    """Envoy's bootstrap: the admin endpoint and the ADS server, nothing else.
+
+    ``ads_config`` alone does nothing: CDS and LDS must also say ``ads: {}`` (FIELD-NOTES).
+    """
+    ads_source = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node_id, cluster=node_cluster),
+        admin=bootstrap_pb2.Admin(address=_socket_address(admin_host, admin_port)),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                transport_api_version=config_source_pb2.V3,
+                set_node_on_first_message_only=True,
+                grpc_services=[
+                    grpc_service_pb2.GrpcService(
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                            cluster_name=ADS_CLUSTER_NAME
+                        )
+                    )
+                ],
+            ),
+            cds_config=ads_source,
+            lds_config=ads_source,
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            clusters=[_static_cluster(ADS_CLUSTER_NAME, [(ads_host, ads_port)], connect_timeout_ms)]
+        ),
+    )
+
+
+def bootstrap_json(config: bootstrap_pb2.Bootstrap) -> str:
+    """The bootstrap as JSON (valid YAML too), the form Envoy's ``-c`` reads."""
+    as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    return json.dumps(as_dict, indent=2, sort_keys=True) + "\n"
+
+
+def write_bootstrap(path: str, config: bootstrap_pb2.Bootstrap) -> None:
+    """Write ``config`` to ``path`` as JSON (use a ``.json`` or ``.yaml`` suffix)."""
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(bootstrap_json(config))
