@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from dkv_node.admin_service import PROMOTE_LAG_MAX_ENTRIES
 from dkv_node.node import Node, NodeConfig, member_id
-from test_node_grpc import free_port
+from test_node_grpc import free_port, solo_config
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected, InvalidArgument
@@ -190,17 +190,7 @@ def test_membership_changes_across_every_shard(tmp_path: Path) -> None:
 
 def test_member_list_and_status_on_a_single_node(tmp_path: Path) -> None:
     async def scenario() -> None:
-        port = free_port()
-        node = Node(
-            NodeConfig(
-                name="solo",
-                data_dir=tmp_path / "solo",
-                listen_peer=f"127.0.0.1:{port}",
-                listen_client="127.0.0.1:0",
-                initial_cluster={"solo": f"127.0.0.1:{port}"},
-                tick_interval_ms=10,
-            )
-        )
+        node = Node(solo_config(tmp_path / "solo"))
         await node.start()
         client = Client([f"127.0.0.1:{node.client_port}"], timeout_s=20)
         try:

@@ -27,6 +27,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def solo_config(data_dir: Path, shards: int = 1) -> NodeConfig:
+    """A one-member cluster on free ports (the member is its own quorum)."""
+    peer = f"127.0.0.1:{free_port()}"
+    return NodeConfig(
+        name="solo",
+        data_dir=data_dir,
+        listen_peer=peer,
+        listen_client="127.0.0.1:0",
+        initial_cluster={"solo": peer},
+        shards=shards,
+        tick_interval_ms=10,
+    )
+
+
 class Client:
     """Finds the leader itself: follows the dkv-leader-id hint of NOT_LEADER answers."""
 
@@ -230,20 +244,9 @@ def test_range_delete_spans_every_shard_in_bounded_steps(
     # Small steps, so a range of 23 keys over 3 shards takes several entries per shard.
     monkeypatch.setattr("dkv_node.kv_state.DELETE_RANGE_KEYS_MAX", 4)
     monkeypatch.setattr("dkv_node.kv_service.DELETE_RANGE_KEYS_MAX", 4)
-    port = free_port()
 
     async def scenario() -> None:
-        node = Node(
-            NodeConfig(
-                name="solo",
-                data_dir=tmp_path / "solo",
-                listen_peer=f"127.0.0.1:{port}",
-                listen_client="127.0.0.1:0",
-                initial_cluster={"solo": f"127.0.0.1:{port}"},
-                shards=3,
-                tick_interval_ms=10,
-            )
-        )
+        node = Node(solo_config(tmp_path / "solo", shards=3))
         await node.start()
         client = Client({node.id: node})
         try:

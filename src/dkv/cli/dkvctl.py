@@ -335,32 +335,32 @@ def member_add(
     )
 
 
-@member_app.command("promote")
-def member_promote(ctx: typer.Context, member: str) -> None:
-    """Make a learner (name or hex id) a voter; refused while it lags."""
+def _change_member(ctx: typer.Context, member: str, change: str, done: str) -> None:
+    """Resolve MEMBER (name or hex id), apply ``Client.member_<change>``, report."""
 
     async def work(c: Client) -> list[admin_pb2.Member]:
-        return await c.member_promote(await _resolve(c, member))
+        members: list[admin_pb2.Member] = await getattr(c, f"member_{change}")(
+            await _resolve(c, member)
+        )
+        return members
 
     members = _run(ctx, work)
     if ctx.obj.output == "json":
         _print_members(ctx.obj, members)
     else:
-        typer.echo(f"Member {member} promoted to voter.")
+        typer.echo(f"Member {member} {done}.")
+
+
+@member_app.command("promote")
+def member_promote(ctx: typer.Context, member: str) -> None:
+    """Make a learner (name or hex id) a voter; refused while it lags."""
+    _change_member(ctx, member, "promote", "promoted to voter")
 
 
 @member_app.command("remove")
 def member_remove(ctx: typer.Context, member: str) -> None:
     """Remove a member (name or hex id) from every shard."""
-
-    async def work(c: Client) -> list[admin_pb2.Member]:
-        return await c.member_remove(await _resolve(c, member))
-
-    members = _run(ctx, work)
-    if ctx.obj.output == "json":
-        _print_members(ctx.obj, members)
-    else:
-        typer.echo(f"Member {member} removed.")
+    _change_member(ctx, member, "remove", "removed")
 
 
 @leader_app.command("transfer")
