@@ -80,6 +80,17 @@ class Client:
         lds = await self.recv()
         return cds, lds
 
+    async def subscribe_and_ack(
+        self, ads: AdsServer
+    ) -> tuple[discovery_pb2.DiscoveryResponse, discovery_pb2.DiscoveryResponse]:
+        """Subscribe to both types and ACK both, once the server counted the ACKs."""
+        cds, lds = await self.subscribe_both()
+        before = ads.acks
+        await self.ack(cds)
+        await self.ack(lds)
+        await ads.wait_for(lambda: ads.acks == before + 2)
+        return cds, lds
+
 
 @asynccontextmanager
 async def running(ads: AdsServer) -> AsyncIterator[Callable[[], Awaitable[Client]]]:
@@ -134,10 +145,7 @@ def test_ack_gets_no_answer() -> None:
         ads = AdsServer(clusters=_clusters(), listeners=_listeners(), debounce_s=0)
         async with running(ads) as connect:
             client = await connect()
-            cds, lds = await client.subscribe_both()
-            await client.ack(cds)
-            await client.ack(lds)
-            await ads.wait_for(lambda: ads.acks == 2)
+            cds, lds = await client.subscribe_and_ack(ads)
             assert ads.responses == 2
             assert ads.acked_versions() == [
                 {CLUSTER_TYPE: cds.version_info, LISTENER_TYPE: lds.version_info}
@@ -186,10 +194,7 @@ def test_changing_only_clusters_pushes_only_cds() -> None:
         ads = AdsServer(clusters=_clusters(), listeners=_listeners(), debounce_s=0)
         async with running(ads) as connect:
             client = await connect()
-            cds, lds = await client.subscribe_both()
-            await client.ack(cds)
-            await client.ack(lds)
-            await ads.wait_for(lambda: ads.acks == 2)
+            _cds, lds = await client.subscribe_and_ack(ads)
             ads.set_resources(clusters=_clusters(gateway_port=6000), listeners=_listeners())
             pushed = await client.recv()
             assert pushed.type_url == CLUSTER_TYPE
@@ -213,10 +218,7 @@ def test_clusters_are_pushed_before_listeners() -> None:
         ads = AdsServer(clusters=_clusters(), listeners=_listeners(), debounce_s=0)
         async with running(ads) as connect:
             client = await connect()
-            cds, lds = await client.subscribe_both()
-            await client.ack(cds)
-            await client.ack(lds)
-            await ads.wait_for(lambda: ads.acks == 2)
+            await client.subscribe_and_ack(ads)
             # Listeners given first on purpose: the order of the push does not follow the call.
             ads.set_resources(listeners=_listeners(10002), clusters=_clusters(7000))
             first, second = await client.recv(), await client.recv()
@@ -231,10 +233,7 @@ def test_unchanged_resources_push_nothing() -> None:
         ads = AdsServer(clusters=_clusters(), listeners=_listeners(), debounce_s=0)
         async with running(ads) as connect:
             client = await connect()
-            cds, lds = await client.subscribe_both()
-            await client.ack(cds)
-            await client.ack(lds)
-            await ads.wait_for(lambda: ads.acks == 2)
+            cds, lds = await client.subscribe_and_ack(ads)
             ads.set_resources(clusters=_clusters(), listeners=_listeners())  # equal content
             assert (ads.version(CLUSTER_TYPE), ads.version(LISTENER_TYPE)) == (
                 cds.version_info,
@@ -276,10 +275,7 @@ def test_quick_changes_are_debounced_into_one_push() -> None:
         ads = AdsServer(clusters=_clusters(), listeners=_listeners(), debounce_s=0.05)
         async with running(ads) as connect:
             client = await connect()
-            cds, lds = await client.subscribe_both()
-            await client.ack(cds)
-            await client.ack(lds)
-            await ads.wait_for(lambda: ads.acks == 2)
+            cds, _lds = await client.subscribe_and_ack(ads)
             for port in (8001, 8002, 8003):
                 ads.set_resources(clusters=_clusters(port))
             assert ads.version(CLUSTER_TYPE) == cds.version_info  # not applied before the delay
