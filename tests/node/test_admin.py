@@ -14,9 +14,10 @@ from dkv_node.node import Node, NodeConfig, member_id
 from test_node_grpc import free_port, solo_config
 
 from dkv.client import Client
-from dkv.errors import ConfChangeRejected, InvalidArgument
+from dkv.errors import ConfChangeRejected, InvalidArgument, NotLeader, ProposalDropped
 from dkv.host.grpc_transport import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
+from dkv.sharding import shard_for_key
 from dkv.v1 import admin_pb2, kv_pb2
 
 NAMES = ("a", "b", "c", "d")
@@ -156,10 +157,25 @@ def test_membership_changes_across_every_shard(tmp_path: Path) -> None:
             # Remove a: every shard drops it and the rest serve. (a itself may never hear of
             # its removal: the leader stops replicating to it once the change is applied.)
             a_id = member_id("dkv-cluster", "a")
+            if nodes["a"].host is not None and nodes["a"].host.leader(2) != a_id:
+                await client.transfer_leadership(2, a_id)
             await client.member_remove(a_id)
             assert set(_ids(await client.member_list())) == {"b", "c", "d"}
             for n in "bcd":
                 assert all(a_id not in s.voters for s in (await client.status(ep(n))).shards)
+            # A member that knows it was removed refuses to serve (reads would otherwise wait
+            # for a leader that no longer talks to it, or be stale forever); clients move on.
+            # a led shard 2 when removed, so it applied its own removal there.
+            a_host = nodes["a"].host
+            assert a_host is not None
+            await a_host.wait_for(lambda: a_host.removed_from(2), 30)
+            key = next(b"k%02d" % i for i in range(20) if shard_for_key(b"k%02d" % i, SHARDS) == 2)
+            removed = connect("a")
+            removed.timeout_s = 1
+            with pytest.raises((NotLeader, ProposalDropped), match="removed from shard 2"):
+                await removed.get(key, serializable=True)
+            both = connect("a", "b")
+            assert len((await both.get(key)).kvs) == 1
             await nodes.pop("a").stop()
             client = connect("d", "c", "b")
             assert (await client.put(b"after-remove", b"y", "r1")).succeeded

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from dkv.errors import InvalidArgument
+from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
-from dkv_node.grpc_errors import Ctx, LeaderInfo, call
+from dkv_node.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv_node.kv_state import (
     DELETE_RANGE_KEYS_MAX,
     RANGE_LIMIT_DEFAULT,
@@ -57,7 +57,18 @@ class KvService:
     # -- plumbing -------------------------------------------------------------------------------
 
     def _shard_of(self, key: bytes) -> int:
-        return shard_for_key(key, len(self.shards))
+        return self._serving(shard_for_key(key, len(self.shards)))
+
+    def _serving(self, gid: int) -> int:
+        """``gid``, unless this member was removed from it: then NOT_LEADER (UNAVAILABLE with
+        the leader it last knew), so clients go to the members instead of waiting on a node
+        that no leader talks to any more."""
+        if self.host.removed_from(gid):
+            raise NotLeader(
+                self.host.leader(gid),
+                f"this member was removed from shard {gid}; use the cluster's other members",
+            )
+        return gid
 
     @staticmethod
     def _timeout(context: Ctx) -> float:
@@ -176,6 +187,7 @@ class KvService:
             yield resp
 
     async def _fresh(self, gid: int, req: kv_pb2.RangeRequest, timeout_s: float) -> None:
+        self._serving(gid)
         if req.consistency == kv_pb2.READ_CONSISTENCY_LINEARIZABLE:
             await self.host.read_index(gid, timeout_s)
 
@@ -237,8 +249,13 @@ async def watch_stream(
             lo = req.key
             hi = req.range_end or req.key + b"\x00"
             gids = sorted(svc.shards) if req.range_end else [svc._shard_of(req.key)]
+        for gid in gids:
+            svc._serving(gid)
     except InvalidArgument as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except NotLeader as exc:
+        context.set_trailing_metadata(leader_trailers(exc.leader_hint, svc.leader_info))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     queue: asyncio.Queue[kv_pb2.WatchResponse | None] = asyncio.Queue(maxsize=64)
 
     async def follow(gid: int) -> None:

@@ -145,7 +145,10 @@ class Client:
         if isinstance(last, grpc.aio.AioRpcError):
             hint = dict(last.trailing_metadata() or ()).get("dkv-leader-id")
             if hint:
-                raise NotLeader(int(str(hint)), f"no endpoint reached the leader (id {hint})")
+                raise NotLeader(
+                    int(str(hint)),
+                    f"no endpoint reached the leader (id {hint}): {last.details()}",
+                )
             raise ProposalDropped(f"no endpoint answered: {last.details()}")
         raise DeadlineExceeded(f"no answer within {self.timeout_s} s")
 

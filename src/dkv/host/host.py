@@ -212,6 +212,13 @@ class Host:
     def leader(self, group_id: int) -> int:
         return self._group(group_id).node.soft_state().leader_id
 
+    def removed_from(self, group_id: int) -> bool:
+        """Whether this node applied its own removal from the group (it serves nothing of it
+        any more). A node that joins has no configuration yet and is not "removed"."""
+        cs = self._group(group_id).storage.conf_state
+        me = self.cfg.node_id
+        return bool(cs.voters) and me not in cs.voters and me not in cs.learners
+
     def term(self, group_id: int) -> int:
         return self._group(group_id).node.hard_state().term
 
