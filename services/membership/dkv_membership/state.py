@@ -119,6 +119,10 @@ class MembershipState:
 class MembershipStateMachine:
     """The :class:`dkv.host.StateMachine` of the membership group. See the module docstring."""
 
+    # The map lives in memory: the host restores it from the latest snapshot at start and
+    # applies the log after it again.
+    durable = False
+
     def __init__(self, change_log_max: int = CHANGE_LOG_MAX) -> None:
         if change_log_max < 1:
             raise InvalidArgument(f"change_log_max must be >= 1, got {change_log_max}")

@@ -56,7 +56,12 @@ log = logging.getLogger("dkv.host")
 class StateMachine(Protocol):
     """What a group replicates. Rules: ``apply`` is deterministic (same entries, same state on
     every replica); its writes go into the batch given to ``begin`` and become durable with
-    the group's applied index; ``end`` is called once that batch is written."""
+    the group's applied index; ``end`` is called once that batch is written.
+
+    A state machine that keeps its state in memory (the membership map) sets a class attribute
+    ``durable = False``: at start the host restores it from the group's latest snapshot and
+    applies the entries after it again (Raft thesis §5.1: the snapshot plus the log is the
+    state). Without the attribute the state is taken to live in the batches' writes."""
 
     def begin(self, batch: Batch) -> None: ...
 
@@ -157,6 +162,15 @@ class Host:
             storage.stage_snapshot(b, Snapshot(SnapshotMetadata(1, 1, bootstrap)))
             storage.stage_hard_state(b, HardState(term=1, commit=1))
             self.engine.write(b, sync=True)
+        if not getattr(sm, "durable", True):
+            storage.rewind_applied_to_snapshot()
+            snap = storage.snapshot()
+            if snap.data:
+                b = self.engine.batch()
+                sm.begin(b)
+                sm.restore(snap.data)
+                self.engine.write(b, sync=False)
+                sm.end()
         raft_cfg = Config(
             id=self.cfg.node_id,
             election_timeout_ticks=self.cfg.election_timeout_ticks,

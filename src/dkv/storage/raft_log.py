@@ -236,6 +236,13 @@ class RocksRaftStorage:
         batch.put(CF_RAFT_STATE, self._state_key(b"hard"), _HARD.pack(hs.term, hs.vote, hs.commit))
         self._hard = hs
 
+    def rewind_applied_to_snapshot(self) -> None:
+        """Start applying again after the latest snapshot: for a state machine that keeps its
+        state in memory, restored from that snapshot at start (the entries after it are
+        applied again). Changes nothing on disk."""
+        meta = self._snapshot.metadata
+        self._applied, self._applied_conf = meta.index, meta.conf_state
+
     def stage_applied(self, batch: Batch, index: int, conf_state: ConfState) -> None:
         """Record the applied index and the configuration at it, in the same batch as the state
         machine's writes for the entries up to ``index``."""
