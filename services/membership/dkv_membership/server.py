@@ -1,0 +1,256 @@
+"""One membership replica assembled from its configuration (DESIGN.md "membership").
+
+The same parts as a storage node (``dkv_node.node``), with one Raft group:
+
+- its own RocksDB (:class:`dkv.storage.Engine`; the data dir belongs to (cluster token, name)
+  and a mismatch refuses to start);
+- a :class:`GrpcTransport` to the other replicas (peer mTLS optional) and the ``RaftPeer``
+  service on the peer port;
+- a :class:`Host` with ONE group, :data:`~dkv_membership.service.MEMBERSHIP_GROUP_ID` (1),
+  whose state machine is :class:`MembershipStateMachine` (in memory; the host rebuilds it from
+  the latest snapshot plus the log after it at every start);
+- the ``dkv.v1.Membership`` service and gRPC health on the client port;
+- optionally the leader's down detector (``down_after_ms`` > 0).
+
+Replica ids are derived from the cluster token and the replica's name, as for storage nodes
+(:func:`dkv_node.node.member_id`), so every replica computes the same ids from the same
+``initial_cluster``. Replicas learn each other's client addresses from the hello of the Raft
+stream (:mod:`dkv_node.members`), which is what followers put into NOT_LEADER answers.
+
+The set of replicas is fixed by ``initial_cluster``: adding or removing a membership replica
+later (a Raft configuration change) is not supported yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from dkv_node.members import Member, MemberRegistry
+from dkv_node.node import member_id
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dkv.errors import InvalidArgument
+from dkv.host import Host, HostConfig
+from dkv.host.grpc_transport import GrpcTransport, TlsFiles, add_raft_peer_service
+from dkv.raft import ConfState
+from dkv.storage import Engine, Identity
+from dkv_membership.service import (
+    MEMBERSHIP_GROUP_ID,
+    Clock,
+    MembershipService,
+    add_membership_service,
+    wall_clock_ms,
+)
+from dkv_membership.state import CHANGE_LOG_MAX, MembershipStateMachine
+
+__all__ = ["MembershipConfig", "MembershipServer"]
+
+log = logging.getLogger("dkv.membership")
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    name: str
+    data_dir: Path
+    listen_peer: str
+    listen_client: str
+    initial_cluster: dict[str, str]  # replica name -> advertised peer address
+    # "new": bootstrap the group (ignored once the data dir holds it); "existing": restart.
+    initial_cluster_state: str = "new"
+    advertise_peer: str = ""  # default: the listen address (with the bound port)
+    advertise_client: str = ""
+    cluster_token: str = "dkv-membership"
+    peer_tls: TlsFiles | None = None
+    client_tls: TlsFiles | None = None
+    tick_interval_ms: int = 100
+    election_timeout_ticks: int = 10
+    snapshot_count: int = 10_000  # applied entries between snapshots
+    snapshot_catchup_entries: int = 1_000  # entries kept behind a snapshot for slow followers
+    change_log_max: int = CHANGE_LOG_MAX  # versions a resumed watch can be served deltas for
+    # The leader marks a node DOWN after this long without a heartbeat; 0 turns it off.
+    down_after_ms: int = 0
+    down_check_interval_ms: int = 1_000
+
+    def validate(self) -> None:
+        if self.name not in self.initial_cluster:
+            raise InvalidArgument(
+                f"--name {self.name!r} is not in --initial-cluster "
+                f"({', '.join(sorted(self.initial_cluster)) or 'empty'})"
+            )
+        if self.initial_cluster_state not in ("new", "existing"):
+            raise InvalidArgument("--initial-cluster-state must be 'new' or 'existing'")
+        if self.tick_interval_ms < 1 or self.election_timeout_ticks < 2:
+            raise InvalidArgument("--tick-interval-ms must be >= 1, --election-ticks >= 2")
+        if self.snapshot_count < 1 or self.snapshot_catchup_entries < 0:
+            raise InvalidArgument(
+                "--snapshot-count must be >= 1 and --snapshot-catchup-entries >= 0"
+            )
+        if self.change_log_max < 1:
+            raise InvalidArgument("--change-log-max must be >= 1")
+        if self.down_after_ms < 0 or self.down_check_interval_ms < 1:
+            raise InvalidArgument("--down-after-ms must be >= 0, --down-check-interval-ms >= 1")
+
+
+class MembershipServer:
+    """See the module docstring. ``clock`` (unix ms) is the leader's proposal-time clock."""
+
+    def __init__(self, cfg: MembershipConfig, clock: Clock = wall_clock_ms) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.clock = clock
+        self.id = member_id(cfg.cluster_token, cfg.name)
+        self.engine: Engine | None = None
+        self.transport: GrpcTransport | None = None
+        self.registry: MemberRegistry | None = None
+        self.host: Host | None = None
+        self.sm: MembershipStateMachine | None = None
+        self.service: MembershipService | None = None
+        self.peer_server: grpc.aio.Server | None = None
+        self.client_server: grpc.aio.Server | None = None
+        self.health: health.HealthServicer | None = None
+        self._down_task: asyncio.Task[None] | None = None
+        self.peer_port = 0
+        self.client_port = 0
+
+    def member_id_of(self, name: str) -> int:
+        return member_id(self.cfg.cluster_token, name)
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.initial_cluster_state == "existing" and not (cfg.data_dir / "CURRENT").is_file():
+            raise InvalidArgument(
+                f"{cfg.name}: --initial-cluster-state existing needs this replica's data dir; "
+                "adding a replica to a running membership group is not supported yet"
+            )
+        self.engine = Engine.open(
+            cfg.data_dir,
+            Identity(cluster_id=cfg.cluster_token, node_name=cfg.name),
+            create=cfg.initial_cluster_state == "new",
+        )
+        try:
+            await self._assemble()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _assemble(self) -> None:
+        cfg = self.cfg
+        assert self.engine is not None
+        # Bind first, so that port 0 works and what we advertise is where we listen.
+        self.peer_server = grpc.aio.server()
+        self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.client_server = grpc.aio.server()
+        self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        advertise_peer = cfg.advertise_peer or _with_port(cfg.listen_peer, self.peer_port)
+        advertise_client = cfg.advertise_client or _with_port(cfg.listen_client, self.client_port)
+
+        hello = (
+            ("dkv-member-id", str(self.id)),
+            ("dkv-name", cfg.name),
+            ("dkv-peer-address", advertise_peer),
+            ("dkv-client-address", advertise_client),
+        )
+        transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
+        self.transport = transport
+        registry = MemberRegistry(
+            self.engine,
+            Member(self.id, cfg.name, advertise_peer, advertise_client),
+            transport.set_peer,
+        )
+        self.registry = registry
+        for n, addr in cfg.initial_cluster.items():
+            registry.seed(Member(self.member_id_of(n), n, addr))
+        transport.service.on_hello = self._on_hello
+
+        host_cfg = HostConfig(
+            node_id=self.id,
+            tick_interval_ms=cfg.tick_interval_ms,
+            election_timeout_ticks=cfg.election_timeout_ticks,
+            snapshot_every_entries=cfg.snapshot_count,
+            compact_keep_entries=cfg.snapshot_catchup_entries,
+        )
+        self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
+        self.sm = MembershipStateMachine(cfg.change_log_max)
+        voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
+        self.host.add_group(
+            MEMBERSHIP_GROUP_ID, self.sm, voters if cfg.initial_cluster_state == "new" else None
+        )
+
+        def leader_info(mid: int) -> tuple[str, str]:
+            return registry.name(mid), registry.client_address(mid)
+
+        self.service = MembershipService(
+            self.host, self.sm, MEMBERSHIP_GROUP_ID, leader_info, self.clock
+        )
+        add_raft_peer_service(self.peer_server, transport.service)
+        add_membership_service(self.client_server, self.service)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
+        await self.peer_server.start()
+        await self.host.start()
+        await self.client_server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if cfg.down_after_ms > 0:
+            self._down_task = asyncio.get_running_loop().create_task(
+                self.service.run_down_detector(cfg.down_after_ms, cfg.down_check_interval_ms / 1000)
+            )
+        log.info("%s: membership replica %d serving on %s", cfg.name, self.id, advertise_client)
+
+    def _on_hello(self, hello: dict[str, str]) -> None:
+        """A replica opened its Raft stream and said who it is (see dkv_node.members)."""
+        try:
+            mid = int(hello.get("dkv-member-id", ""))
+        except ValueError:
+            return
+        name = hello.get("dkv-name", "")
+        if not name or mid != self.member_id_of(name) or self.registry is None:
+            return  # not named by this cluster's token: ignore it
+        self.registry.learn(
+            Member(
+                mid, name, hello.get("dkv-peer-address", ""), hello.get("dkv-client-address", "")
+            )
+        )
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Graceful: watches end (status OK; clients resume elsewhere), in-flight calls finish,
+        then Raft stops."""
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        if self.service is not None:
+            self.service.close()
+        if self._down_task is not None:
+            await asyncio.gather(self._down_task, return_exceptions=True)
+            self._down_task = None
+        if self.client_server is not None:
+            await self.client_server.stop(grace_s)
+        if self.host is not None:
+            await self.host.stop()
+        if self.peer_server is not None:
+            await self.peer_server.stop(None)
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _with_port(address: str, port: int) -> str:
+    host, _, _ = address.rpartition(":")
+    return f"{host}:{port}"
+
+
+def _bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key, ca = tls.read()
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        port = server.add_secure_port(address, creds)
+    if port == 0:
+        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
+    return port
