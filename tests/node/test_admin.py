@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from dkv_node.admin_service import PROMOTE_LAG_MAX_ENTRIES
-from dkv_node.node import Node, NodeConfig, member_id
+from dkv_node.node import Node, NodeConfig
 from test_node_grpc import free_port, solo_config
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected, InvalidArgument, NotLeader, ProposalDropped
 from dkv.host.grpc_transport import TlsFiles
+from dkv.host.members import member_id
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key
 from dkv.v1 import admin_pb2, kv_pb2

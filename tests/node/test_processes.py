@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from dkv_node.node import member_id
 from test_node_grpc import free_port
 
+from dkv.host.members import member_id
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.v1 import kv_pb2
 

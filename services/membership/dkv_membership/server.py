@@ -31,13 +31,24 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from dkv_node.members import Member, MemberRegistry
-from dkv_node.node import member_id
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
-from dkv.host.grpc_transport import GrpcTransport, TlsFiles, add_raft_peer_service
+from dkv.host.grpc_transport import (
+    GrpcTransport,
+    TlsFiles,
+    add_raft_peer_service,
+    bind,
+    with_port,
+)
+from dkv.host.members import (
+    Member,
+    MemberRegistry,
+    hello_metadata,
+    member_from_hello,
+    member_id,
+)
 from dkv.raft import ConfState
 from dkv.storage import Engine, Identity
 from dkv_membership.service import (
@@ -144,23 +155,19 @@ class MembershipServer:
         assert self.engine is not None
         # Bind first, so that port 0 works and what we advertise is where we listen.
         self.peer_server = grpc.aio.server()
-        self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = grpc.aio.server()
-        self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
-        advertise_peer = cfg.advertise_peer or _with_port(cfg.listen_peer, self.peer_port)
-        advertise_client = cfg.advertise_client or _with_port(cfg.listen_client, self.client_port)
+        self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
+        advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)
 
-        hello = (
-            ("dkv-member-id", str(self.id)),
-            ("dkv-name", cfg.name),
-            ("dkv-peer-address", advertise_peer),
-            ("dkv-client-address", advertise_client),
-        )
+        me = Member(self.id, cfg.name, advertise_peer, advertise_client)
+        hello = hello_metadata(me)
         transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
         self.transport = transport
         registry = MemberRegistry(
             self.engine,
-            Member(self.id, cfg.name, advertise_peer, advertise_client),
+            me,
             transport.set_peer,
         )
         self.registry = registry
@@ -203,19 +210,10 @@ class MembershipServer:
         log.info("%s: membership replica %d serving on %s", cfg.name, self.id, advertise_client)
 
     def _on_hello(self, hello: dict[str, str]) -> None:
-        """A replica opened its Raft stream and said who it is (see dkv_node.members)."""
-        try:
-            mid = int(hello.get("dkv-member-id", ""))
-        except ValueError:
-            return
-        name = hello.get("dkv-name", "")
-        if not name or mid != self.member_id_of(name) or self.registry is None:
-            return  # not named by this cluster's token: ignore it
-        self.registry.learn(
-            Member(
-                mid, name, hello.get("dkv-peer-address", ""), hello.get("dkv-client-address", "")
-            )
-        )
+        """A replica opened its Raft stream and said who it is (see dkv.host.members)."""
+        member = member_from_hello(hello, self.cfg.cluster_token)
+        if member is not None and self.registry is not None:
+            self.registry.learn(member)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful: watches end (status OK; clients resume elsewhere), in-flight calls finish,
@@ -235,22 +233,3 @@ class MembershipServer:
             await self.peer_server.stop(None)
         if self.engine is not None:
             self.engine.close()
-
-
-def _with_port(address: str, port: int) -> str:
-    host, _, _ = address.rpartition(":")
-    return f"{host}:{port}"
-
-
-def _bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        cert, key, ca = tls.read()
-        creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=True
-        )
-        port = server.add_secure_port(address, creds)
-    if port == 0:
-        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
-    return port

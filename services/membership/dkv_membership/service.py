@@ -41,10 +41,10 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from dkv_node.grpc_errors import Ctx, LeaderInfo, call
 
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host import Host
+from dkv.host.grpc_errors import Ctx, LeaderInfo, call
 from dkv.v1 import membership_pb2 as pb
 from dkv_membership.state import MembershipStateMachine, Outcome, validate_command
 

@@ -21,10 +21,10 @@ import grpc.aio
 
 from dkv.errors import ConfChangeRejected, DeadlineExceeded, DkvError, InvalidArgument, NotLeader
 from dkv.host import Host
+from dkv.host.grpc_errors import Ctx, call
+from dkv.host.members import Member, encode_context
 from dkv.raft import ConfChange, ConfChangeType, ConfState, Role
 from dkv.v1 import admin_pb2
-from dkv_node.grpc_errors import Ctx, call
-from dkv_node.members import Member, encode_context
 
 if TYPE_CHECKING:
     from dkv_node.node import Node

@@ -20,9 +20,9 @@ import grpc.aio
 
 from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
+from dkv.host.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
-from dkv_node.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv_node.kv_state import (
     DELETE_RANGE_KEYS_MAX,
     RANGE_LIMIT_DEFAULT,

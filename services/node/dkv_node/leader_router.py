@@ -21,7 +21,7 @@ from dkv.errors import ConfChangeRejected, DeadlineExceeded, DkvError, InvalidAr
 
 if TYPE_CHECKING:
     from dkv.host import Host
-    from dkv_node.members import MemberRegistry
+    from dkv.host.members import MemberRegistry
 
 __all__ = ["LeaderRouter"]
 

@@ -7,7 +7,6 @@ from the same ``--initial-cluster`` without talking to anyone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -19,14 +18,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
-from dkv.host.grpc_transport import GrpcTransport, TlsFiles, add_raft_peer_service
+from dkv.host.grpc_transport import (
+    GrpcTransport,
+    TlsFiles,
+    add_raft_peer_service,
+    bind,
+    with_port,
+)
+from dkv.host.members import (
+    Member,
+    MemberRegistry,
+    decode_context,
+    hello_metadata,
+    member_from_hello,
+    member_id,
+)
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.kv_service import KvService, add_kv_service
 from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
-from dkv_node.members import Member, MemberRegistry, decode_context
 from dkv_node.shard import KvShard
 
 __all__ = ["Node", "NodeConfig", "member_id"]
@@ -42,11 +54,6 @@ CLIENT_SERVER_OPTIONS = (
     ("grpc.server.max_pending_requests", 2 * CLIENT_RPCS_MAX),
     ("grpc.server.max_pending_requests_hard_limit", 4 * CLIENT_RPCS_MAX),
 )
-
-
-def member_id(cluster_token: str, name: str) -> int:
-    digest = hashlib.blake2b(f"{cluster_token}/{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF or 1
 
 
 @dataclass(frozen=True)
@@ -123,25 +130,21 @@ class Node:
         )
         # Bind first, so that port 0 works and what we advertise is where we listen.
         self.peer_server = grpc.aio.server()
-        self.peer_port = _bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = grpc.aio.server(
             options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
         )
-        self.client_port = _bind(self.client_server, cfg.listen_client, cfg.client_tls)
-        advertise_peer = cfg.advertise_peer or _with_port(cfg.listen_peer, self.peer_port)
-        advertise_client = cfg.advertise_client or _with_port(cfg.listen_client, self.client_port)
+        self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
+        advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)
 
-        hello = (
-            ("dkv-member-id", str(self.id)),
-            ("dkv-name", cfg.name),
-            ("dkv-peer-address", advertise_peer),
-            ("dkv-client-address", advertise_client),
-        )
+        me = Member(self.id, cfg.name, advertise_peer, advertise_client)
+        hello = hello_metadata(me)
         transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
         self.transport = transport
         self.registry = MemberRegistry(
             self.engine,
-            Member(self.id, cfg.name, advertise_peer, advertise_client),
+            me,
             transport.set_peer,
         )
         for n, addr in cfg.initial_cluster.items():
@@ -190,22 +193,10 @@ class Node:
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _on_hello(self, hello: dict[str, str]) -> None:
-        """A peer opened its Raft stream and said who it is (see dkv_node.members)."""
-        try:
-            mid = int(hello.get("dkv-member-id", ""))
-        except ValueError:
-            return
-        name = hello.get("dkv-name", "")
-        if not name or mid != self.member_id_of(name) or self.registry is None:
-            return  # not a member of this cluster's naming: ignore it
-        self.registry.learn(
-            Member(
-                mid,
-                name,
-                hello.get("dkv-peer-address", ""),
-                hello.get("dkv-client-address", ""),
-            )
-        )
+        """A peer opened its Raft stream and said who it is (see dkv.host.members)."""
+        member = member_from_hello(hello, self.cfg.cluster_token)
+        if member is not None and self.registry is not None:
+            self.registry.learn(member)
 
     def _on_conf_change(self, gid: int, cc: ConfChange, cs: ConfState, batch: Batch) -> None:
         assert self.registry is not None and self.host is not None and self.transport is not None
@@ -245,22 +236,3 @@ class Node:
             await self.peer_server.stop(None)
         if self.engine is not None:
             self.engine.close()
-
-
-def _with_port(address: str, port: int) -> str:
-    host, _, _ = address.rpartition(":")
-    return f"{host}:{port}"
-
-
-def _bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        cert, key, ca = tls.read()
-        creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=True
-        )
-        port = server.add_secure_port(address, creds)
-    if port == 0:
-        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
-    return port

@@ -30,7 +30,14 @@ from dkv.host.transport import Delivery
 from dkv.raft import Message, codec
 from dkv.v1 import raft_pb2 as pb
 
-__all__ = ["GrpcTransport", "RaftPeerService", "TlsFiles", "add_raft_peer_service"]
+__all__ = [
+    "GrpcTransport",
+    "RaftPeerService",
+    "TlsFiles",
+    "add_raft_peer_service",
+    "bind",
+    "with_port",
+]
 
 log = logging.getLogger("dkv.host.transport")
 
@@ -274,3 +281,25 @@ class GrpcTransport:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def with_port(address: str, port: int) -> str:
+    """``address`` with its port replaced (the port a ``:0`` listener really got)."""
+    host, _, _ = address.rpartition(":")
+    return f"{host}:{port}"
+
+
+def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
+    """Listen on ``address`` (mTLS when ``tls`` is given: clients must present a certificate
+    from the same CA); returns the port. Raises InvalidArgument when it cannot."""
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key, ca = tls.read()
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        port = server.add_secure_port(address, creds)
+    if port == 0:
+        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
+    return port

@@ -54,9 +54,9 @@ from typing import Final, TypeVar
 
 import grpc
 import grpc.aio
-from dkv_node.node import member_id
 from google.protobuf.message import Message as ProtoMessage
 
+from dkv.host.members import member_id
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key
 from dkv.testing.linearizability import (

@@ -16,6 +16,7 @@ in the batch that applies the change, so a restarted node reaches members that j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable, Iterator
@@ -23,7 +24,15 @@ from dataclasses import asdict, dataclass, replace
 
 from dkv.storage import CF_RAFT_STATE, Batch, Engine, group_prefix
 
-__all__ = ["Member", "MemberRegistry", "decode_context", "encode_context"]
+__all__ = [
+    "Member",
+    "MemberRegistry",
+    "decode_context",
+    "encode_context",
+    "hello_metadata",
+    "member_from_hello",
+    "member_id",
+]
 
 _PREFIX = group_prefix(0) + b"member/"
 _ID = struct.Struct(">Q")
@@ -35,6 +44,37 @@ class Member:
     name: str
     peer_address: str
     client_address: str = ""
+
+
+def member_id(cluster_token: str, name: str) -> int:
+    """A member's id: a stable 63-bit hash of the cluster token and its name, as etcd derives
+    ids from its token and peer URLs, so every member computes the same ids from the same
+    ``--initial-cluster`` without talking to anyone."""
+    digest = hashlib.blake2b(f"{cluster_token}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF or 1
+
+
+def hello_metadata(member: Member) -> tuple[tuple[str, str], ...]:
+    """What a member says about itself when it opens a Raft stream (see the module doc)."""
+    return (
+        ("dkv-member-id", str(member.id)),
+        ("dkv-name", member.name),
+        ("dkv-peer-address", member.peer_address),
+        ("dkv-client-address", member.client_address),
+    )
+
+
+def member_from_hello(hello: dict[str, str], cluster_token: str) -> Member | None:
+    """The member a peer's hello describes, or None when its id is not the one this cluster's
+    token gives its name (another cluster, or garbage)."""
+    try:
+        mid = int(hello.get("dkv-member-id", ""))
+    except ValueError:
+        return None
+    name = hello.get("dkv-name", "")
+    if not name or mid != member_id(cluster_token, name):
+        return None
+    return Member(mid, name, hello.get("dkv-peer-address", ""), hello.get("dkv-client-address", ""))
 
 
 def encode_context(name: str, peer_address: str) -> bytes:
