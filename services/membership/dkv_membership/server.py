@@ -13,9 +13,9 @@ The same parts as a storage node (``dkv_node.node``), with one Raft group:
 - optionally the leader's down detector (``down_after_ms`` > 0).
 
 Replica ids are derived from the cluster token and the replica's name, as for storage nodes
-(:func:`dkv_node.node.member_id`), so every replica computes the same ids from the same
+(:func:`dkv.host.members.member_id`), so every replica computes the same ids from the same
 ``initial_cluster``. Replicas learn each other's client addresses from the hello of the Raft
-stream (:mod:`dkv_node.members`), which is what followers put into NOT_LEADER answers.
+stream (:mod:`dkv.host.members`), which is what followers put into NOT_LEADER answers.
 
 The set of replicas is fixed by ``initial_cluster``: adding or removing a membership replica
 later (a Raft configuration change) is not supported yet.

@@ -9,7 +9,7 @@ membership group:
    at proposal time: the only clock read of the replicated path (``apply`` never reads one);
 3. the commands are proposed through :meth:`Host.propose`. Only the leader proposes: a
    follower answers NOT_LEADER (UNAVAILABLE with the leader's id, name and client address in
-   trailing metadata, :mod:`dkv_node.grpc_errors`), so nothing is forwarded;
+   trailing metadata, :mod:`dkv.host.grpc_errors`), so nothing is forwarded;
 4. a command the state machine refused (a name taken by another id, a heartbeat of an unknown
    node) is FAILED_PRECONDITION with the state machine's reason.
 
