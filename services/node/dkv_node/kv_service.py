@@ -1,6 +1,6 @@
 """The node's ``dkv.v1.KV`` gRPC service: validate, route to the shard's group, answer.
 
-Errors become gRPC statuses in one place, :mod:`dkv_node.grpc_errors` (NOT_LEADER is
+Errors become gRPC statuses in one place, :mod:`dkv.host.grpc_errors` (NOT_LEADER is
 UNAVAILABLE with the leader's id, name and client address in trailing metadata).
 
 Ranges fan out to every shard in parallel and are merged in key order (every node holds every
