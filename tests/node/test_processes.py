@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,19 @@ def test_kill9_restart_and_catch_up(tmp_path: Path) -> None:
     assert wrong.returncode == 1
     assert wrong.stderr.strip().splitlines()[-1].startswith("dkv-node: data dir")
     assert "belongs to node 'a'" in wrong.stderr
+    # A client port that is taken: one line naming it, exit 1 (no traceback).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [sys.executable, "-m", "dkv_node.main", "--name", "z", "--data-dir",
+             str(tmp_path / "z"), "--initial-cluster", f"z=127.0.0.1:{free_port()}",
+             "--listen-peer", f"127.0.0.1:{free_port()}", "--listen-client", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert busy.returncode == 1, busy.stderr
+    assert busy.stderr.strip().splitlines()[-1] == (
+        f"dkv-node: cannot listen on 127.0.0.1:{port} (in use or not an address)"
+    )
+    assert "Traceback" not in busy.stderr

@@ -157,8 +157,11 @@ async def _serve(cfg: NodeConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    level = str(_parser().parse_args(argv).log_level or "info")
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _parser().error(f"--log-level must be debug, info, warning or error, not {level!r}")
     logging.basicConfig(
-        level=(_env("log-level", "info") or "info").upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -292,14 +292,17 @@ def with_port(address: str, port: int) -> str:
 def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
     """Listen on ``address`` (mTLS when ``tls`` is given: clients must present a certificate
     from the same CA); returns the port. Raises InvalidArgument when it cannot."""
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        cert, key, ca = tls.read()
-        creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=True
-        )
-        port = server.add_secure_port(address, creds)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            cert, key, ca = tls.read()
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=True
+            )
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:  # grpcio >= 1.5x raises "Failed to bind" instead of returning 0
+        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)") from exc
     if port == 0:
         raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
     return port

@@ -1,0 +1,220 @@
+"""``dkv-membership``: run one membership replica. Flags are etcd-style, as for ``dkv-node``;
+each is also an env var DKV_MEMBERSHIP_* (prefixed so that it does not clash with dkv-node's
+DKV_* when both run in one environment).
+
+Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT), 2 for a usage error (naming the
+flag), 1 when the replica refuses to start (the reason is printed on one line).
+"""
+
+from __future__ import annotations
+
+import os
+
+# gRPC core logs connection churn (peers restarting) at INFO; keep the replica's log readable.
+# Must be set before grpc initialises, i.e. before the imports below load it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dkv.errors import DkvError, InvalidArgument
+from dkv.host.grpc_transport import TlsFiles, with_port
+from dkv_membership.server import MembershipConfig, MembershipServer
+from dkv_membership.state import CHANGE_LOG_MAX
+
+__all__ = ["ENV_PREFIX", "main", "parse_args"]
+
+PROG = "dkv-membership"
+ENV_PREFIX = "DKV_MEMBERSHIP_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# MembershipConfig's defaults, shown in --help (a placeholder config, never started).
+_DEFAULTS = MembershipConfig(
+    name="", data_dir=Path(), listen_peer="", listen_client="", initial_cluster={}
+)
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a dkv membership replica. Every flag can also be set as "
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}DATA_DIR); the prefix keeps these apart from "
+        "dkv-node's DKV_* variables. A flag on the command line wins over its variable.",
+    )
+
+    def add(flag: str, help_: str, default: object = None) -> None:
+        d = None if default is None else str(default)
+        p.add_argument(f"--{flag}", default=_env(flag, d), help=help_)
+
+    add("name", "this replica's name (must appear in --initial-cluster)")
+    add("data-dir", "directory for this replica's RocksDB (default: <name>.dkv-membership)")
+    add("listen-peer", "address for Raft traffic from the other replicas", "127.0.0.1:2480")
+    add("listen-client", "address for clients (nodes, gateways, dkvctl)", "127.0.0.1:2479")
+    add("advertise-peer", "peer address announced to others (default: --listen-peer)")
+    add("advertise-client", "client address announced to others (default: --listen-client)")
+    add("initial-cluster", "name=peer-address,... of the membership replicas")
+    add("initial-cluster-state", "new (bootstrap) or existing (restart)", "new")
+    add(
+        "initial-cluster-token",
+        "cluster identity; data of another cluster is refused",
+        _DEFAULTS.cluster_token,
+    )
+    add("tick-interval-ms", "Raft tick", _DEFAULTS.tick_interval_ms)
+    add(
+        "election-timeout-ticks", "Raft election timeout in ticks", _DEFAULTS.election_timeout_ticks
+    )
+    add(
+        "snapshot-count",
+        "applied entries between snapshots (then the log is compacted)",
+        _DEFAULTS.snapshot_count,
+    )
+    add(
+        "snapshot-catchup-entries",
+        "entries kept behind a snapshot so slow followers catch up from the log",
+        _DEFAULTS.snapshot_catchup_entries,
+    )
+    add(
+        "change-log-max",
+        "map versions a resumed watch can be served as deltas",
+        CHANGE_LOG_MAX,
+    )
+    add(
+        "down-after-ms",
+        "the leader marks a node DOWN after this long without a heartbeat; 0 turns it off",
+        _DEFAULTS.down_after_ms,
+    )
+    add(
+        "down-check-interval-ms",
+        "how often the leader looks for nodes to mark DOWN",
+        _DEFAULTS.down_check_interval_ms,
+    )
+    for prefix, what in (("peer-", "peer"), ("", "client")):
+        add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
+        add(f"{prefix}key-file", f"TLS key for {what} traffic")
+        add(f"{prefix}trusted-ca-file", f"CA that signs {what} certificates (enables mTLS)")
+    add("log-level", ", ".join(LOG_LEVELS), "info")
+    return p
+
+
+def _tls(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
+    files = [getattr(args, f"{prefix}{k}") for k in ("cert_file", "key_file", "trusted_ca_file")]
+    if not any(files):
+        return None
+    flag = prefix.replace("_", "-")
+    if not all(files):
+        p.error(f"--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together")
+    for k, f in zip(("cert-file", "key-file", "trusted-ca-file"), files, strict=True):
+        if not Path(f).is_file():
+            p.error(f"--{flag}{k}: TLS file {f} does not exist")
+    return TlsFiles(files[0], files[1], files[2])
+
+
+def _int(p: argparse.ArgumentParser, flag: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        p.error(f"--{flag} must be an integer, got {value!r}")
+    if n < minimum:
+        p.error(f"--{flag} must be >= {minimum}, got {n}")
+    return n
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
+    p = _parser()
+    args = p.parse_args(argv)
+    if not args.name:
+        p.error("--name is required")
+    if not args.initial_cluster:
+        p.error("--initial-cluster is required (name=peer-address,...)")
+    cluster: dict[str, str] = {}
+    for item in args.initial_cluster.split(","):
+        name, sep, addr = item.strip().partition("=")
+        if not sep or not name or ":" not in addr:
+            p.error(f"--initial-cluster entry {item!r} is not name=host:port")
+        if name in cluster:
+            p.error(f"--initial-cluster names {name!r} twice")
+        cluster[name] = addr
+    if args.name not in cluster:
+        p.error(f"--name {args.name!r} is not in --initial-cluster ({', '.join(cluster)})")
+    if args.initial_cluster_state not in ("new", "existing"):
+        p.error("--initial-cluster-state must be 'new' or 'existing'")
+    if not args.initial_cluster_token:
+        p.error("--initial-cluster-token must not be empty")
+    if args.log_level.lower() not in LOG_LEVELS:
+        p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    cfg = MembershipConfig(
+        name=args.name,
+        data_dir=Path(args.data_dir or f"{args.name}.dkv-membership"),
+        listen_peer=args.listen_peer,
+        listen_client=args.listen_client,
+        initial_cluster=cluster,
+        initial_cluster_state=args.initial_cluster_state,
+        advertise_peer=args.advertise_peer or "",
+        advertise_client=args.advertise_client or "",
+        cluster_token=args.initial_cluster_token,
+        peer_tls=_tls(args, "peer_", p),
+        client_tls=_tls(args, "", p),
+        tick_interval_ms=_int(p, "tick-interval-ms", args.tick_interval_ms, 1),
+        election_timeout_ticks=_int(p, "election-timeout-ticks", args.election_timeout_ticks, 2),
+        snapshot_count=_int(p, "snapshot-count", args.snapshot_count, 1),
+        snapshot_catchup_entries=_int(
+            p, "snapshot-catchup-entries", args.snapshot_catchup_entries, 0
+        ),
+        change_log_max=_int(p, "change-log-max", args.change_log_max, 1),
+        down_after_ms=_int(p, "down-after-ms", args.down_after_ms, 0),
+        down_check_interval_ms=_int(p, "down-check-interval-ms", args.down_check_interval_ms, 1),
+    )
+    try:
+        cfg.validate()  # a backstop: the checks above already name the flags
+    except InvalidArgument as exc:
+        p.error(str(exc))
+    return cfg, args.log_level.lower()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> MembershipConfig:
+    """The replica's configuration from ``argv`` and DKV_MEMBERSHIP_* (exit 2 on misuse)."""
+    return _parse(argv)[0]
+
+
+async def _serve(cfg: MembershipConfig) -> None:
+    server = MembershipServer(cfg)
+    await server.start()  # a port in use is an InvalidArgument from dkv.host.grpc_transport.bind
+    print(
+        f"{PROG} {cfg.name} (id {server.id:x}) serving clients on "
+        f"{with_port(cfg.listen_client, server.client_port)}, "
+        f"peers on {with_port(cfg.listen_peer, server.peer_port)}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"{PROG} {cfg.name}: shutting down", flush=True)
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, level = _parse(argv)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_serve(cfg))
+    except DkvError as exc:
+        print(f"{PROG}: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
