@@ -22,8 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import TlsFiles, with_port
+from dkv.host.grpc_transport import with_port
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.state import CHANGE_LOG_MAX
 
@@ -105,48 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tls(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
-    files = [getattr(args, f"{prefix}{k}") for k in ("cert_file", "key_file", "trusted_ca_file")]
-    if not any(files):
-        return None
-    flag = prefix.replace("_", "-")
-    if not all(files):
-        p.error(f"--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together")
-    for k, f in zip(("cert-file", "key-file", "trusted-ca-file"), files, strict=True):
-        if not Path(f).is_file():
-            p.error(f"--{flag}{k}: TLS file {f} does not exist")
-    return TlsFiles(files[0], files[1], files[2])
-
-
-def _int(p: argparse.ArgumentParser, flag: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        p.error(f"--{flag} must be an integer, got {value!r}")
-    if n < minimum:
-        p.error(f"--{flag} must be >= {minimum}, got {n}")
-    return n
-
-
 def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
     p = _parser()
     args = p.parse_args(argv)
-    if not args.name:
-        p.error("--name is required")
-    if not args.initial_cluster:
-        p.error("--initial-cluster is required (name=peer-address,...)")
-    cluster: dict[str, str] = {}
-    for item in args.initial_cluster.split(","):
-        name, sep, addr = item.strip().partition("=")
-        if not sep or not name or ":" not in addr:
-            p.error(f"--initial-cluster entry {item!r} is not name=host:port")
-        if name in cluster:
-            p.error(f"--initial-cluster names {name!r} twice")
-        cluster[name] = addr
-    if args.name not in cluster:
-        p.error(f"--name {args.name!r} is not in --initial-cluster ({', '.join(cluster)})")
-    if args.initial_cluster_state not in ("new", "existing"):
-        p.error("--initial-cluster-state must be 'new' or 'existing'")
+    cluster = membership_flags(args, p)
     if not args.initial_cluster_token:
         p.error("--initial-cluster-token must not be empty")
     if args.log_level.lower() not in LOG_LEVELS:
@@ -161,17 +124,21 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         advertise_peer=args.advertise_peer or "",
         advertise_client=args.advertise_client or "",
         cluster_token=args.initial_cluster_token,
-        peer_tls=_tls(args, "peer_", p),
-        client_tls=_tls(args, "", p),
-        tick_interval_ms=_int(p, "tick-interval-ms", args.tick_interval_ms, 1),
-        election_timeout_ticks=_int(p, "election-timeout-ticks", args.election_timeout_ticks, 2),
-        snapshot_count=_int(p, "snapshot-count", args.snapshot_count, 1),
-        snapshot_catchup_entries=_int(
+        peer_tls=tls_files(args, "peer_", p),
+        client_tls=tls_files(args, "", p),
+        tick_interval_ms=int_flag(p, "tick-interval-ms", args.tick_interval_ms, 1),
+        election_timeout_ticks=int_flag(
+            p, "election-timeout-ticks", args.election_timeout_ticks, 2
+        ),
+        snapshot_count=int_flag(p, "snapshot-count", args.snapshot_count, 1),
+        snapshot_catchup_entries=int_flag(
             p, "snapshot-catchup-entries", args.snapshot_catchup_entries, 0
         ),
-        change_log_max=_int(p, "change-log-max", args.change_log_max, 1),
-        down_after_ms=_int(p, "down-after-ms", args.down_after_ms, 0),
-        down_check_interval_ms=_int(p, "down-check-interval-ms", args.down_check_interval_ms, 1),
+        change_log_max=int_flag(p, "change-log-max", args.change_log_max, 1),
+        down_after_ms=int_flag(p, "down-after-ms", args.down_after_ms, 0),
+        down_check_interval_ms=int_flag(
+            p, "down-check-interval-ms", args.down_check_interval_ms, 1
+        ),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError
-from dkv.host.grpc_transport import TlsFiles
 from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 
@@ -75,46 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tls(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
-    files = [getattr(args, f"{prefix}{k}") for k in ("cert_file", "key_file", "trusted_ca_file")]
-    if not any(files):
-        return None
-    if not all(files):
-        flag = prefix.replace("_", "-")
-        p.error(f"--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together")
-    for f in files:
-        if not Path(f).is_file():
-            p.error(f"TLS file {f} does not exist")
-    return TlsFiles(files[0], files[1], files[2])
-
-
-def _int(p: argparse.ArgumentParser, flag: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        p.error(f"--{flag} must be an integer, got {value!r}")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p = _parser()
     args = p.parse_args(argv)
-    if not args.name:
-        p.error("--name is required")
-    if not args.initial_cluster:
-        p.error("--initial-cluster is required (name=peer-address,...)")
-    cluster: dict[str, str] = {}
-    for item in args.initial_cluster.split(","):
-        name, sep, addr = item.strip().partition("=")
-        if not sep or not name or ":" not in addr:
-            p.error(f"--initial-cluster entry {item!r} is not name=host:port")
-        if name in cluster:
-            p.error(f"--initial-cluster names {name!r} twice")
-        cluster[name] = addr
-    if args.name not in cluster:
-        p.error(f"--name {args.name!r} is not in --initial-cluster ({', '.join(cluster)})")
-    if args.initial_cluster_state not in ("new", "existing"):
-        p.error("--initial-cluster-state must be 'new' or 'existing'")
-    shards = _int(p, "shards", args.shards)
+    cluster = membership_flags(args, p)
+    shards = int_flag(p, "shards", args.shards)
     if not 1 <= shards <= 1024:
         p.error("--shards must be between 1 and 1024")
     return NodeConfig(
@@ -128,13 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         advertise_client=args.advertise_client or "",
         cluster_token=args.initial_cluster_token,
         shards=shards,
-        peer_tls=_tls(args, "peer_", p),
-        client_tls=_tls(args, "", p),
-        limits=Limits(value_bytes_max=_int(p, "max-value-bytes", args.max_value_bytes)),
-        tick_interval_ms=_int(p, "tick-interval-ms", args.tick_interval_ms),
-        election_timeout_ticks=_int(p, "election-timeout-ticks", args.election_timeout_ticks),
-        snapshot_count=_int(p, "snapshot-count", args.snapshot_count),
-        snapshot_catchup_entries=_int(p, "snapshot-catchup-entries", args.snapshot_catchup_entries),
+        peer_tls=tls_files(args, "peer_", p),
+        client_tls=tls_files(args, "", p),
+        limits=Limits(value_bytes_max=int_flag(p, "max-value-bytes", args.max_value_bytes)),
+        tick_interval_ms=int_flag(p, "tick-interval-ms", args.tick_interval_ms),
+        election_timeout_ticks=int_flag(p, "election-timeout-ticks", args.election_timeout_ticks),
+        snapshot_count=int_flag(p, "snapshot-count", args.snapshot_count),
+        snapshot_catchup_entries=int_flag(
+            p, "snapshot-catchup-entries", args.snapshot_catchup_entries
+        ),
     )
 
 

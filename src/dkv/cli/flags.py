@@ -1,0 +1,60 @@
+"""Flag parsing shared by the server processes (``dkv-node``, ``dkv-membership``).
+
+Each helper reports a bad value through ``parser.error`` (usage error, exit code 2, naming the
+flag), so every process refuses bad flags the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dkv.host.grpc_transport import TlsFiles
+
+__all__ = ["int_flag", "membership_flags", "tls_files"]
+
+
+def tls_files(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
+    """``--<prefix>cert-file/key-file/trusted-ca-file``: all three or none, files must exist."""
+    files = [getattr(args, f"{prefix}{k}") for k in ("cert_file", "key_file", "trusted_ca_file")]
+    if not any(files):
+        return None
+    flag = prefix.replace("_", "-")
+    if not all(files):
+        p.error(f"--{flag}cert-file, --{flag}key-file and --{flag}trusted-ca-file go together")
+    for k, f in zip(("cert-file", "key-file", "trusted-ca-file"), files, strict=True):
+        if not Path(f).is_file():
+            p.error(f"--{flag}{k}: TLS file {f} does not exist")
+    return TlsFiles(files[0], files[1], files[2])
+
+
+def int_flag(p: argparse.ArgumentParser, flag: str, value: str, minimum: int | None = None) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        p.error(f"--{flag} must be an integer, got {value!r}")
+    if minimum is not None and n < minimum:
+        p.error(f"--{flag} must be >= {minimum}, got {n}")
+    return n
+
+
+def membership_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, str]:
+    """Check ``--name``, ``--initial-cluster`` (name=host:port,...) and
+    ``--initial-cluster-state``; return the initial cluster as {name: peer address}."""
+    if not args.name:
+        p.error("--name is required")
+    if not args.initial_cluster:
+        p.error("--initial-cluster is required (name=peer-address,...)")
+    cluster: dict[str, str] = {}
+    for item in args.initial_cluster.split(","):
+        name, sep, addr = item.strip().partition("=")
+        if not sep or not name or ":" not in addr:
+            p.error(f"--initial-cluster entry {item!r} is not name=host:port")
+        if name in cluster:
+            p.error(f"--initial-cluster names {name!r} twice")
+        cluster[name] = addr
+    if args.name not in cluster:
+        p.error(f"--name {args.name!r} is not in --initial-cluster ({', '.join(cluster)})")
+    if args.initial_cluster_state not in ("new", "existing"):
+        p.error("--initial-cluster-state must be 'new' or 'existing'")
+    return cluster
