@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -15,9 +16,11 @@ from typing import Annotated, Any
 import typer
 
 from dkv.client import Client, ClientTls
+from dkv.client.membership import MembershipClient
 from dkv.errors import DkvError, InvalidArgument
 from dkv.keys import prefix_end
 from dkv.v1 import admin_pb2, kv_pb2
+from dkv.v1 import membership_pb2 as mpb
 
 app = typer.Typer(help="dkvctl: talk to a dkv cluster.", no_args_is_help=True)
 
@@ -456,6 +459,224 @@ def snapshot(
     else:
         for sid, idx in sorted(out.items()):
             typer.echo(f"shard {sid}: snapshot at index {idx}")
+
+
+# -- the cluster map, from the membership service -------------------------------------------
+
+cluster_app = typer.Typer(
+    help="The cluster map from the membership service: nodes, shards, leaders, slots.",
+    no_args_is_help=True,
+)
+app.add_typer(cluster_app, name="cluster")
+
+_NODE_STATES = {
+    mpb.NODE_STATE_UP: "up",
+    mpb.NODE_STATE_DOWN: "down",
+    mpb.NODE_STATE_LEAVING: "leaving",
+}
+
+
+@dataclass
+class ClusterOpts:
+    opts: Opts
+    membership: list[str]
+
+
+@cluster_app.callback()
+def _cluster_root(
+    ctx: typer.Context,
+    membership: Annotated[
+        str,
+        typer.Option(
+            envvar="DKVCTL_MEMBERSHIP",
+            help="Comma-separated host:port list of the membership service's replicas.",
+        ),
+    ] = "127.0.0.1:2479",
+) -> None:
+    eps = [e.strip() for e in membership.split(",") if e.strip()]
+    if not eps:
+        raise typer.BadParameter("at least one endpoint", param_hint="--membership")
+    ctx.obj = ClusterOpts(ctx.obj, eps)
+
+
+def _cluster_map(ctx: typer.Context) -> mpb.ClusterMap:
+    """Fetch the map (linearizable, any replica); unreachable or refused: message, exit 1."""
+    co: ClusterOpts = ctx.obj
+
+    async def go() -> mpb.ClusterMap:
+        async with MembershipClient(co.membership, co.opts.tls, co.opts.timeout_s) as mc:
+            return await mc.get_cluster_map()
+
+    try:
+        return asyncio.run(go())
+    except DkvError as exc:
+        typer.echo(f"Error: membership service ({', '.join(co.membership)}): {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _node_name(m: mpb.ClusterMap, node_id: int) -> str:
+    for n in m.nodes:
+        if n.id == node_id:
+            return n.name
+    return f"{node_id:x}"
+
+
+def _ago(unix_ms: int, now_ms: int) -> str:
+    if not unix_ms:
+        return "-"
+    s = max(0, now_ms - unix_ms) / 1000
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60)}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60)}m"
+
+
+def _nodes_rows(m: mpb.ClusterMap) -> list[dict[str, Any]]:
+    now_ms = time.time_ns() // 1_000_000
+    return [
+        {
+            "id": f"{n.id:x}",
+            "name": n.name,
+            "state": _NODE_STATES.get(n.state, str(n.state)),
+            "zone": n.zone,
+            "peer": n.peer_address,
+            "client": n.client_address,
+            "labels": dict(sorted(n.labels.items())),
+            "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms,
+            "last_heartbeat_ago": _ago(n.last_heartbeat_unix_ms, now_ms),
+        }
+        for n in m.nodes
+    ]
+
+
+def _shards_rows(m: mpb.ClusterMap) -> list[dict[str, Any]]:
+    leaders = {e.shard_id: e for e in m.leaders}
+    rows = []
+    for s in m.shards:
+        e = leaders.get(s.id)
+        rows.append(
+            {
+                "shard": s.id,
+                "epoch": s.epoch,
+                "voters": [_node_name(m, i) for i in s.voters],
+                "learners": [_node_name(m, i) for i in s.learners],
+                "leader": _node_name(m, e.leader_id) if e and e.leader_id else None,
+                "term": e.term if e else None,
+            }
+        )
+    return rows
+
+
+def _slots_rows(m: mpb.ClusterMap) -> list[dict[str, Any]]:
+    """Adjacent ranges of one shard merged; ``end`` exclusive, as in the proto."""
+    rows: list[dict[str, Any]] = []
+    for r in sorted(m.slot_ranges, key=lambda r: r.start):
+        if rows and rows[-1]["shard"] == r.shard_id and rows[-1]["end"] == r.start:
+            rows[-1]["end"] = r.end
+        else:
+            rows.append({"start": r.start, "end": r.end, "shard": r.shard_id})
+    return rows
+
+
+def _print_nodes(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        typer.echo("(no nodes registered)")
+        return
+    _table(rows, ["id", "name", "state", "zone", "peer", "client", "last_heartbeat_ago"])
+
+
+def _print_shards(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        typer.echo("(cluster not initialized: no shards yet)")
+        return
+    _table(
+        [
+            {
+                **r,
+                "voters": ",".join(r["voters"]) or "-",
+                "learners": ",".join(r["learners"]) or "-",
+                "leader": r["leader"] or "-",
+                "term": "-" if r["term"] is None else r["term"],
+            }
+            for r in rows
+        ],
+        ["shard", "epoch", "voters", "learners", "leader", "term"],
+    )
+
+
+def _print_slots(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        typer.echo("(cluster not initialized: no slot table yet)")
+        return
+    _table(
+        [{"slots": f"{r['start']}-{r['end'] - 1}", "shard": r["shard"]} for r in rows],
+        ["slots", "shard"],
+    )
+
+
+def _cluster_output(ctx: typer.Context) -> str:
+    co: ClusterOpts = ctx.obj
+    return co.opts.output
+
+
+@cluster_app.command("nodes")
+def cluster_nodes(ctx: typer.Context) -> None:
+    """Registered nodes: id (hex), name, state, zone, addresses, time since last heartbeat."""
+    m = _cluster_map(ctx)
+    rows = _nodes_rows(m)
+    if _cluster_output(ctx) == "json":
+        typer.echo(json.dumps({"version": m.version, "nodes": rows}))
+    else:
+        _print_nodes(rows)
+
+
+@cluster_app.command("shards")
+def cluster_shards(ctx: typer.Context) -> None:
+    """Shards: epoch, voters, learners, last reported leader and its term (node names)."""
+    m = _cluster_map(ctx)
+    rows = _shards_rows(m)
+    if _cluster_output(ctx) == "json":
+        typer.echo(json.dumps({"version": m.version, "shards": rows}))
+    else:
+        _print_shards(rows)
+
+
+@cluster_app.command("slots")
+def cluster_slots(ctx: typer.Context) -> None:
+    """The slot table as ranges START-END (inclusive) -> shard (JSON: ``end`` exclusive)."""
+    m = _cluster_map(ctx)
+    rows = _slots_rows(m)
+    if _cluster_output(ctx) == "json":
+        typer.echo(json.dumps({"version": m.version, "slot_ranges": rows}))
+    else:
+        _print_slots(rows)
+
+
+@cluster_app.command("show")
+def cluster_show(ctx: typer.Context) -> None:
+    """The whole map: version, nodes, shards and slots."""
+    m = _cluster_map(ctx)
+    nodes, shards, slots = _nodes_rows(m), _shards_rows(m), _slots_rows(m)
+    if _cluster_output(ctx) == "json":
+        typer.echo(
+            json.dumps(
+                {"version": m.version, "nodes": nodes, "shards": shards, "slot_ranges": slots}
+            )
+        )
+        return
+    typer.echo(f"Cluster map version {m.version}")
+    typer.echo("")
+    typer.echo("Nodes:")
+    _print_nodes(nodes)
+    typer.echo("")
+    typer.echo("Shards:")
+    _print_shards(shards)
+    typer.echo("")
+    typer.echo("Slots:")
+    _print_slots(slots)
 
 
 def main() -> None:
