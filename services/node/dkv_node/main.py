@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         "entries kept behind a snapshot so slow followers catch up from the log",
         "1000",
     )
+    add(
+        "membership",
+        "host:port,... of the membership service's client addresses (register and heartbeat)",
+    )
+    add("heartbeat-interval-ms", "interval between heartbeats to membership", "1000")
     for prefix, what in (("peer-", "peer"), ("", "client")):
         add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
         add(f"{prefix}key-file", f"TLS key for {what} traffic")
@@ -82,6 +87,15 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     shards = int_flag(p, "shards", args.shards)
     if not 1 <= shards <= 1024:
         p.error("--shards must be between 1 and 1024")
+    membership: list[str] = []
+    for item in (args.membership or "").split(","):
+        addr = item.strip()
+        if not addr:
+            continue
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            p.error(f"--membership entry {addr!r} is not host:port")
+        membership.append(addr)
     return NodeConfig(
         name=args.name,
         data_dir=Path(args.data_dir or f"{args.name}.dkv"),
@@ -101,6 +115,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         snapshot_count=int_flag(p, "snapshot-count", args.snapshot_count),
         snapshot_catchup_entries=int_flag(
             p, "snapshot-catchup-entries", args.snapshot_catchup_entries
+        ),
+        membership=tuple(membership),
+        heartbeat_interval_ms=int_flag(
+            p, "heartbeat-interval-ms", args.heartbeat_interval_ms, minimum=1
         ),
     )
 

@@ -35,10 +35,12 @@ from dkv.host.members import (
 )
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
+from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.kv_service import KvService, add_kv_service
 from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
+from dkv_node.registration import Registration
 from dkv_node.shard import KvShard
 
 __all__ = ["Node", "NodeConfig", "member_id"]
@@ -76,6 +78,9 @@ class NodeConfig:
     election_timeout_ticks: int = 10
     snapshot_count: int = 10_000  # applied entries between snapshots (etcd's --snapshot-count)
     snapshot_catchup_entries: int = 1_000  # entries kept behind a snapshot for slow followers
+    # Client addresses (host:port) of the membership service; empty: no registration.
+    membership: tuple[str, ...] = ()
+    heartbeat_interval_ms: int = 1000
 
     def validate(self) -> None:
         if self.name not in self.initial_cluster:
@@ -91,6 +96,8 @@ class NodeConfig:
             raise InvalidArgument(
                 "--snapshot-count must be >= 1 and --snapshot-catchup-entries >= 0"
             )
+        if self.heartbeat_interval_ms < 1:
+            raise InvalidArgument("--heartbeat-interval-ms must be >= 1")
 
 
 class Node:
@@ -107,8 +114,11 @@ class Node:
         self.shards: dict[int, KvShard] = {}
         self.peer_server: grpc.aio.Server | None = None
         self.client_server: grpc.aio.Server | None = None
+        self.registration: Registration | None = None
         self.peer_port = 0
         self.client_port = 0
+        self.advertise_peer = ""
+        self.advertise_client = ""
 
     def member_id_of(self, name: str) -> int:
         return member_id(self.cfg.cluster_token, name)
@@ -137,6 +147,7 @@ class Node:
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
         advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)
+        self.advertise_peer, self.advertise_client = advertise_peer, advertise_client
 
         me = Member(self.id, cfg.name, advertise_peer, advertise_client)
         hello = hello_metadata(me)
@@ -191,6 +202,27 @@ class Node:
         await self.host.start()
         await self.client_server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        if cfg.membership:
+            self.registration = Registration(
+                cfg.membership,
+                membership_pb2.Node(
+                    id=self.id,
+                    name=cfg.name,
+                    peer_address=advertise_peer,
+                    client_address=advertise_client,
+                ),
+                self.led_shards,
+                interval_s=cfg.heartbeat_interval_ms / 1000,
+                tls=cfg.client_tls,
+            )
+            self.registration.start()
+
+    def led_shards(self) -> list[tuple[int, int]]:
+        """(shard id, term) of every shard this node leads now (what heartbeats report)."""
+        host = self.host
+        if host is None or not host.running:
+            return []
+        return [(gid, host.term(gid)) for gid in self.shards if host.leader(gid) == self.id]
 
     def _on_hello(self, hello: dict[str, str]) -> None:
         """A peer opened its Raft stream and said who it is (see dkv.host.members)."""
@@ -225,7 +257,11 @@ class Node:
         return grpc.aio.secure_channel(address, creds)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Graceful: stop accepting clients, let in-flight requests finish, then stop Raft."""
+        """Graceful: stop heartbeating, stop accepting clients, let in-flight requests finish,
+        then stop Raft."""
+        if self.registration is not None:
+            await self.registration.stop()
+            self.registration = None
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.router is not None:
