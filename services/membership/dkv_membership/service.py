@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from dkv.errors import DkvError, InvalidArgument
+from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call
 from dkv.v1 import membership_pb2 as pb
@@ -261,21 +261,18 @@ class MembershipService:
     async def _follow(
         self, version: int, queue: asyncio.Queue[pb.WatchClusterMapResponse | None]
     ) -> None:
-        loop = asyncio.get_running_loop()
         full_first = version == 0
         if version > self.sm.version:
             # The client saw a version this replica has not applied yet: a lagging replica
             # catches up; a version of another cluster never comes (then: the whole map).
-            deadline = loop.time() + self.watch_future_wait_s
-            while self._serving() and self.sm.version < version:
-                left = deadline - loop.time()
-                if left <= 0:
-                    full_first = True
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._next_apply(self.host.written_applied(self.group_id)), left
-                    )
+            # One condition wait, re-checked after every host iteration (an event).
+            try:
+                await self.host.wait_for(
+                    lambda: self.sm.version >= version or not self._serving(),
+                    self.watch_future_wait_s,
+                )
+            except DeadlineExceeded:
+                full_first = True
         while self._serving():
             # Map, version and change log are read together, with no await in between.
             seen_applied = self.host.written_applied(self.group_id)
