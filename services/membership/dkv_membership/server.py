@@ -97,7 +97,7 @@ class MembershipConfig:
         if self.initial_cluster_state not in ("new", "existing"):
             raise InvalidArgument("--initial-cluster-state must be 'new' or 'existing'")
         if self.tick_interval_ms < 1 or self.election_timeout_ticks < 2:
-            raise InvalidArgument("--tick-interval-ms must be >= 1, --election-ticks >= 2")
+            raise InvalidArgument("--tick-interval-ms must be >= 1, --election-timeout-ticks >= 2")
         if self.snapshot_count < 1 or self.snapshot_catchup_entries < 0:
             raise InvalidArgument(
                 "--snapshot-count must be >= 1 and --snapshot-catchup-entries >= 0"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError
+from dkv.host.grpc_transport import with_port
 from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 
@@ -81,8 +82,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
+    """The node's configuration and the log level (exit 2 on misuse)."""
     p = _parser()
     args = p.parse_args(argv)
+    level = str(args.log_level or "info")
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        p.error(f"--log-level must be debug, info, warning or error, not {level!r}")
     cluster = membership_flags(args, p)
     shards = int_flag(p, "shards", args.shards)
     if not 1 <= shards <= 1024:
@@ -96,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         if not sep or not host or not port.isdigit():
             p.error(f"--membership entry {addr!r} is not host:port")
         membership.append(addr)
-    return NodeConfig(
+    cfg = NodeConfig(
         name=args.name,
         data_dir=Path(args.data_dir or f"{args.name}.dkv"),
         listen_peer=args.listen_peer,
@@ -121,14 +130,16 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             p, "heartbeat-interval-ms", args.heartbeat_interval_ms, minimum=1
         ),
     )
+    return cfg, level
 
 
 async def _serve(cfg: NodeConfig) -> None:
     node = Node(cfg)
     await node.start()
     print(
-        f"dkv-node {cfg.name} (id {node.id:x}) serving clients on {cfg.listen_client}, "
-        f"peers on {cfg.listen_peer}, {cfg.shards} shard(s)",
+        f"dkv-node {cfg.name} (id {node.id:x}) serving clients on "
+        f"{with_port(cfg.listen_client, node.client_port)}, "
+        f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {cfg.shards} shard(s)",
         flush=True,
     )
     stop = asyncio.Event()
@@ -141,10 +152,7 @@ async def _serve(cfg: NodeConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    level = str(_parser().parse_args(argv).log_level or "info")
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        _parser().error(f"--log-level must be debug, info, warning or error, not {level!r}")
+    cfg, level = _parse(argv)
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

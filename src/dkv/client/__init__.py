@@ -192,7 +192,10 @@ class Client:
         at another endpoint from the revision after the last one delivered (per shard: a
         prefix watch spans every shard's revision space), dropping what was already seen, so
         the caller sees every change once and in order per shard. A COMPACTED answer ends the
-        stream (the caller must re-read and watch from a newer revision)."""
+        stream (the caller must re-read and watch from a newer revision). Exact resumption
+        of a prefix/range watch needs an explicit ``start_revision``; one started "from now"
+        resumes after the lowest revision seen, which can miss events of a shard that had sent
+        nothing yet (requests carry one start revision for every shard)."""
         seen: dict[int, int] = {}  # shard id -> last revision delivered
         order = list(self.endpoints)
         attempt = 0
@@ -201,7 +204,16 @@ class Client:
             sub = kv_pb2.WatchRequest()
             sub.CopyFrom(req)
             if seen:
-                sub.start_revision = min(seen.values()) + 1
+                # Revisions are per shard. One shard: go on after the last event seen. Several
+                # shards: a shard that sent nothing yet may still owe events below that, so go
+                # back to the requested start (what was seen is dropped below). A multi-shard
+                # watch "from now" cannot be resumed exactly: see the docstring.
+                multi = bool(req.prefix or req.range_end)
+                sub.start_revision = (
+                    req.start_revision
+                    if multi and req.start_revision > 0
+                    else min(seen.values()) + 1
+                )
             call = self._channel(target).unary_stream(
                 "/dkv.v1.KV/Watch",
                 request_serializer=_serialize,
