@@ -51,7 +51,7 @@ class Precondition(_message.Message):
     def __init__(self, version: _Optional[int] = ..., mod_revision: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class RangeRequest(_message.Message):
-    __slots__ = ("key", "range_end", "limit", "consistency", "keys_only", "count_only", "prefix", "continuation")
+    __slots__ = ("key", "range_end", "limit", "consistency", "keys_only", "count_only", "prefix", "continuation", "shard_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     RANGE_END_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class RangeRequest(_message.Message):
     COUNT_ONLY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     range_end: bytes
     limit: int
@@ -68,7 +69,8 @@ class RangeRequest(_message.Message):
     count_only: bool
     prefix: bytes
     continuation: bytes
-    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[ReadConsistency, str]] = ..., keys_only: _Optional[bool] = ..., count_only: _Optional[bool] = ..., prefix: _Optional[bytes] = ..., continuation: _Optional[bytes] = ...) -> None: ...
+    shard_id: int
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[ReadConsistency, str]] = ..., keys_only: _Optional[bool] = ..., count_only: _Optional[bool] = ..., prefix: _Optional[bytes] = ..., continuation: _Optional[bytes] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class RangeResponse(_message.Message):
     __slots__ = ("header", "kvs", "more", "count", "continuation")
@@ -141,18 +143,20 @@ class DeleteResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., deleted: _Optional[int] = ..., prev_kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., succeeded: _Optional[bool] = ..., current: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("key", "range_end", "prefix", "start_revision", "prev_kv")
+    __slots__ = ("key", "range_end", "prefix", "start_revision", "prev_kv", "shard_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     RANGE_END_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
     PREV_KV_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     range_end: bytes
     prefix: bytes
     start_revision: int
     prev_kv: bool
-    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., start_revision: _Optional[int] = ..., prev_kv: _Optional[bool] = ...) -> None: ...
+    shard_id: int
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., start_revision: _Optional[int] = ..., prev_kv: _Optional[bool] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("type", "kv", "prev_kv")
