@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from dkv_node.shard import KvShard
 
-from dkv.errors import NotLeader, ProposalDropped
+from dkv.errors import InvalidArgument, NotLeader, ProposalDropped
 from dkv.host import Host, HostConfig, MemoryNetwork
 from dkv.raft import ConfState, Role
-from dkv.storage import Engine, Identity
+from dkv.storage import COLUMN_FAMILIES, Engine, Identity, group_prefix
 from dkv.v1 import kv_pb2
 
 NODES = (1, 2, 3)
@@ -53,7 +53,9 @@ class Cluster:
 
     def leader(self, gid: int) -> int:
         leaders = [
-            n for n, h in self.hosts.items() if h.groups[gid].node.status().role is Role.LEADER
+            n
+            for n, h in self.hosts.items()
+            if gid in h.groups and h.groups[gid].node.status().role is Role.LEADER
         ]
         return leaders[0] if len(leaders) == 1 else 0
 
@@ -249,5 +251,50 @@ def test_in_memory_state_machine_is_rebuilt_from_snapshot_and_log_on_restart(
         assert (snapshots > 0) == (entries >= 10)
         after, _ = await asyncio.wait_for(run(False, 0), 60)
         assert after == before
+
+    asyncio.run(scenario())
+
+
+def test_removed_group_leaves_no_trace_and_other_groups_keep_working(tmp_path: Path) -> None:
+    """remove_group deletes every key of the group (log, state, data) between iterations;
+    the other groups on the same engine keep their data and keep replicating; after a restart
+    the removed group is gone."""
+
+    async def scenario() -> None:
+        c = Cluster(tmp_path)
+        await c.start(bootstrap=True)
+        try:
+            for gid in GROUPS:
+                await c.put(gid, put_cmd(b"k%d" % gid, b"v", f"r{gid}"))
+            gone = 2
+
+            def keys_of(engine: Engine, gid: int) -> int:
+                return sum(
+                    1
+                    for cf in COLUMN_FAMILIES
+                    for _ in engine.scan(cf, group_prefix(gid), group_prefix(gid + 1))
+                )
+
+            assert keys_of(c.engines[3], gone) > 0
+            await c.hosts[3].remove_group(gone)
+            assert gone not in c.hosts[3].groups
+            assert keys_of(c.engines[3], gone) == 0
+            assert all(keys_of(c.engines[3], g) > 0 for g in GROUPS if g != gone)
+            with pytest.raises(InvalidArgument):
+                await c.hosts[3].remove_group(gone)
+            # Groups 1, 3, 4 still replicate to node 3; group 2 still works on nodes 1-2
+            # (messages from them to node 3's group 2 are dropped).
+            for gid in GROUPS:
+                await c.put(gid, put_cmd(b"after%d" % gid, b"v", f"a{gid}"))
+            await c.wait(
+                lambda: all(
+                    c.hosts[3].groups[g].storage.applied_index
+                    == c.hosts[1].groups[g].storage.applied_index
+                    for g in GROUPS
+                    if g != gone
+                )
+            )
+        finally:
+            await c.stop()
 
     asyncio.run(scenario())

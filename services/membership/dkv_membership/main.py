@@ -25,6 +25,7 @@ from pathlib import Path
 from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.grpc_transport import with_port
+from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.state import CHANGE_LOG_MAX
 
@@ -35,6 +36,7 @@ ENV_PREFIX = "DKV_MEMBERSHIP_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # MembershipConfig's defaults, shown in --help (a placeholder config, never started).
+_DRIVER = DriverConfig()
 _DEFAULTS = MembershipConfig(
     name="", data_dir=Path(), listen_peer="", listen_client="", initial_cluster={}
 )
@@ -98,12 +100,36 @@ def _parser() -> argparse.ArgumentParser:
         "how often the leader looks for nodes to mark DOWN",
         _DEFAULTS.down_check_interval_ms,
     )
+    add("shards", "shards created when the cluster is initialized (fixed)", _DRIVER.shard_count)
+    add("replication-factor", "replicas per shard", _DRIVER.replication)
+    add(
+        "min-nodes",
+        "nodes that must be UP before the cluster is initialized (0: --replication-factor)",
+        _DRIVER.min_nodes,
+    )
+    add("placement-interval-ms", "how often the leader checks placement", _DRIVER.interval_ms)
+    add("moves-max", "shards whose replicas move at the same time", _DRIVER.moves_max)
+    add("placement", "on: initialize the cluster and move replicas; off: never", "on")
     for prefix, what in (("peer-", "peer"), ("", "client")):
         add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
         add(f"{prefix}key-file", f"TLS key for {what} traffic")
         add(f"{prefix}trusted-ca-file", f"CA that signs {what} certificates (enables mTLS)")
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
+
+
+def _driver(args: argparse.Namespace, p: argparse.ArgumentParser) -> DriverConfig | None:
+    if args.placement not in ("on", "off"):
+        p.error(f"--placement must be on or off, got {args.placement!r}")
+    if args.placement == "off":
+        return None
+    return DriverConfig(
+        shard_count=int_flag(p, "shards", args.shards, 1),
+        replication=int_flag(p, "replication-factor", args.replication_factor, 1),
+        min_nodes=int_flag(p, "min-nodes", args.min_nodes, 0),
+        interval_ms=int_flag(p, "placement-interval-ms", args.placement_interval_ms, 1),
+        moves_max=int_flag(p, "moves-max", args.moves_max, 1),
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
@@ -139,6 +165,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         down_check_interval_ms=int_flag(
             p, "down-check-interval-ms", args.down_check_interval_ms, 1
         ),
+        driver=_driver(args, p),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

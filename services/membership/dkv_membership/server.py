@@ -50,7 +50,9 @@ from dkv.host.members import (
     member_id,
 )
 from dkv.raft import ConfState
+from dkv.sharding import SLOT_COUNT
 from dkv.storage import Engine, Identity
+from dkv_membership.driver import DriverConfig, PlacementDriver
 from dkv_membership.service import (
     MEMBERSHIP_GROUP_ID,
     Clock,
@@ -87,6 +89,9 @@ class MembershipConfig:
     # The leader marks a node DOWN after this long without a heartbeat; 0 turns it off.
     down_after_ms: int = 0
     down_check_interval_ms: int = 1_000
+    # The leader's placement driver (dkv_membership.driver): initializes the cluster with
+    # ``shard_count`` shards once ``min_nodes`` nodes are UP and moves replicas; None: off.
+    driver: DriverConfig | None = None
 
     def validate(self) -> None:
         if self.name not in self.initial_cluster:
@@ -106,6 +111,14 @@ class MembershipConfig:
             raise InvalidArgument("--change-log-max must be >= 1")
         if self.down_after_ms < 0 or self.down_check_interval_ms < 1:
             raise InvalidArgument("--down-after-ms must be >= 0, --down-check-interval-ms >= 1")
+        d = self.driver
+        if d is not None:
+            if not 1 <= d.shard_count <= SLOT_COUNT:
+                raise InvalidArgument(f"--shards must be between 1 and {SLOT_COUNT}")
+            if d.replication < 1 or d.min_nodes < 0:
+                raise InvalidArgument("--replication-factor must be >= 1, --min-nodes >= 0")
+            if d.interval_ms < 1 or d.moves_max < 1:
+                raise InvalidArgument("--placement-interval-ms and --moves-max must be >= 1")
 
 
 class MembershipServer:
@@ -126,6 +139,9 @@ class MembershipServer:
         self.client_server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
         self._down_task: asyncio.Task[None] | None = None
+        self.driver: PlacementDriver | None = None
+        self._driver_task: asyncio.Task[None] | None = None
+        self._node_channels: dict[str, grpc.aio.Channel] = {}
         self.peer_port = 0
         self.client_port = 0
 
@@ -207,7 +223,29 @@ class MembershipServer:
             self._down_task = asyncio.get_running_loop().create_task(
                 self.service.run_down_detector(cfg.down_after_ms, cfg.down_check_interval_ms / 1000)
             )
+        if cfg.driver is not None:
+            self.driver = PlacementDriver(self.service, cfg.driver, self._node_channel)
+            self._driver_task = asyncio.get_running_loop().create_task(
+                self.driver.run(self.service.closing)
+            )
         log.info("%s: membership replica %d serving on %s", cfg.name, self.id, advertise_client)
+
+    def _node_channel(self, address: str) -> grpc.aio.Channel:
+        """A cached channel to a storage node's client port (the driver's Admin calls), with
+        this replica's client certificate when clients use mTLS."""
+        ch = self._node_channels.get(address)
+        if ch is None:
+            tls = self.cfg.client_tls
+            if tls is None:
+                ch = grpc.aio.insecure_channel(address)
+            else:
+                cert, key, ca = tls.read()
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=ca, private_key=key, certificate_chain=cert
+                )
+                ch = grpc.aio.secure_channel(address, creds)
+            self._node_channels[address] = ch
+        return ch
 
     def _on_hello(self, hello: dict[str, str]) -> None:
         """A replica opened its Raft stream and said who it is (see dkv.host.members)."""
@@ -222,9 +260,13 @@ class MembershipServer:
             self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.close()
-        if self._down_task is not None:
-            await asyncio.gather(self._down_task, return_exceptions=True)
-            self._down_task = None
+        for task in (self._down_task, self._driver_task):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        self._down_task = self._driver_task = None
+        for ch in self._node_channels.values():
+            await ch.close()
+        self._node_channels.clear()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.host is not None:

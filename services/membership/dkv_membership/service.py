@@ -353,6 +353,11 @@ class MembershipService:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def closing(self) -> asyncio.Event:
+        """Set when the service closes (background loops end)."""
+        return self._closing
+
     def close(self) -> None:
         """End every watch stream (cleanly, status OK) and the down detector."""
         self._closing.set()

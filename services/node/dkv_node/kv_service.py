@@ -3,8 +3,15 @@
 Errors become gRPC statuses in one place, :mod:`dkv.host.grpc_errors` (NOT_LEADER is
 UNAVAILABLE with the leader's id, name and client address in trailing metadata).
 
-Ranges fan out to every shard in parallel and are merged in key order (every node holds every
-shard while placement is static; the gateway does the same across nodes later).
+Ranges fan out to every shard this node hosts, in parallel, and are merged in key order. A
+request that names a shard (``RangeRequest.shard_id``, ``WatchRequest.shard_id``,
+``DeleteRequest.shard_id``) touches only that shard: that is how the gateway fans out across
+nodes and merges, since a node may host only some shards of a cluster.
+
+Key -> shard: ``shard_for_key(key, shard_count())`` when the node is told the cluster's shard
+count (a node hosting only some shards), else the number of shards hosted (every node hosts
+every shard while placement is static). A key whose shard is not hosted here answers
+UNAVAILABLE (NOT_LEADER with no leader hint), so a router tries another node.
 """
 
 from __future__ import annotations
@@ -47,17 +54,31 @@ class KvService:
         limits: Limits,
         leader_info: LeaderInfo | None = None,
         router: LeaderRouter | None = None,
+        *,
+        shard_count: Callable[[], int] | None = None,
     ) -> None:
         self.host = host
         self.shards = shards
         self.limits = limits
         self.router = router
+        self.shard_count = shard_count
         self.leader_info: LeaderInfo = leader_info or (lambda _id: ("", ""))
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def _shard_of(self, key: bytes) -> int:
-        return self._serving(shard_for_key(key, len(self.shards)))
+        count = self.shard_count() if self.shard_count is not None else len(self.shards)
+        gid = shard_for_key(key, count)
+        if gid not in self.shards:
+            raise NotLeader(0, f"shard {gid} is not hosted on this node")
+        return self._serving(gid)
+
+    def _scoped(self, shard_id: int) -> int:
+        """A shard a request names explicitly: it must be hosted here (a caller that names a
+        shard chose this node for it, so anything else is its mistake)."""
+        if shard_id not in self.shards:
+            raise InvalidArgument(f"shard {shard_id} is not hosted on this node")
+        return self._serving(shard_id)
 
     def _serving(self, gid: int) -> int:
         """``gid``, unless this member was removed from it: then NOT_LEADER (UNAVAILABLE with
@@ -196,22 +217,24 @@ class KvService:
             timeout = self._timeout(context)
             if not req.prefix and not req.range_end:
                 self.limits.check_key(req.key)
-                gid = self._shard_of(req.key)
+                # shard_id N: read the key in shard N (empty if the key lives elsewhere).
+                gid = self._scoped(req.shard_id) if req.shard_id else self._shard_of(req.key)
                 await self._fresh(gid, req, timeout)
                 resp = self.shards[gid].kv.range(req)
                 resp.header.raft_term = self._term(gid)
                 return resp
             if req.prefix:
                 self.limits.check_key(req.prefix, "prefix")
+            gids = [self._scoped(req.shard_id)] if req.shard_id else sorted(self.shards)
             # Every shard may hold keys of the range: confirm freshness everywhere at once,
             # then merge each shard's first `limit` keys in key order.
-            await asyncio.gather(*(self._fresh(gid, req, timeout) for gid in self.shards))
+            await asyncio.gather(*(self._fresh(gid, req, timeout) for gid in gids))
             limit = min(req.limit, RANGE_LIMIT_MAX) if req.limit > 0 else RANGE_LIMIT_DEFAULT
             sub = kv_pb2.RangeRequest()
             sub.CopyFrom(req)
             sub.limit = limit
             sub.count_only = False
-            parts = [self.shards[gid].kv.range(sub) for gid in sorted(self.shards)]
+            parts = [self.shards[gid].kv.range(sub) for gid in gids]
             merged = list(heapq.merge(*(p.kvs for p in parts), key=lambda kv: kv.key))
             more = len(merged) > limit or any(p.more for p in parts)
             merged = merged[:limit]
@@ -238,17 +261,21 @@ async def watch_stream(
     Served from this replica's applied history, so it keeps going through leader changes.
     Revisions are per shard: a key's watch lives in its shard; a prefix watch covers every
     shard and each response names its shard in ``header.shard_id`` (``start_revision``
-    then applies to every shard's revision space)."""
+    then applies to every shard's revision space). ``shard_id`` N watches shard N only."""
     try:
         if req.prefix:
             svc.limits.check_key(req.prefix, "prefix")
             lo, hi = req.prefix, prefix_end(req.prefix)
-            gids = sorted(svc.shards)
         else:
             svc.limits.check_key(req.key)
             lo = req.key
             hi = req.range_end or req.key + b"\x00"
-            gids = sorted(svc.shards) if req.range_end else [svc._shard_of(req.key)]
+        if req.shard_id:
+            gids = [svc._scoped(req.shard_id)]
+        elif req.prefix or req.range_end:
+            gids = sorted(svc.shards)
+        else:
+            gids = [svc._shard_of(req.key)]
         for gid in gids:
             svc._serving(gid)
     except InvalidArgument as exc:

@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     add("listen-client", "address for clients", "127.0.0.1:2379")
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
-    add("initial-cluster", "name=peer-address,... of the initial members")
+    add(
+        "initial-cluster",
+        "name=peer-address,... of the initial members (static placement: every member hosts "
+        "every shard); omit it with --membership to let the membership service place shards",
+    )
     add("initial-cluster-state", "new (bootstrap) or existing (restart/join)", "new")
     add(
         "initial-cluster-token",
@@ -92,7 +96,13 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     level = str(args.log_level or "info")
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         p.error(f"--log-level must be debug, info, warning or error, not {level!r}")
-    cluster = membership_flags(args, p)
+    if args.membership and not args.initial_cluster:
+        # Managed: the membership service places shards on this node (dkv_node.hosting).
+        if not args.name:
+            p.error("--name is required")
+        cluster: dict[str, str] = {}
+    else:
+        cluster = membership_flags(args, p)
     shards = int_flag(p, "shards", args.shards)
     if not 1 <= shards <= 1024:
         p.error("--shards must be between 1 and 1024")

@@ -37,6 +37,7 @@ from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
+from dkv_node.hosting import ShardHosting, hosted_shards
 from dkv_node.kv_service import KvService, add_kv_service
 from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
@@ -82,8 +83,18 @@ class NodeConfig:
     membership: tuple[str, ...] = ()
     heartbeat_interval_ms: int = 1000
 
+    @property
+    def managed(self) -> bool:
+        """Shards come from the membership service's map (no ``--initial-cluster``)."""
+        return not self.initial_cluster and bool(self.membership)
+
     def validate(self) -> None:
-        if self.name not in self.initial_cluster:
+        if not self.initial_cluster and not self.membership:
+            raise InvalidArgument(
+                "give --membership (shards placed by the membership service) or "
+                "--initial-cluster (a fixed set of members hosting every shard)"
+            )
+        if not self.managed and self.name not in self.initial_cluster:
             raise InvalidArgument(
                 f"--name {self.name!r} is not in --initial-cluster "
                 f"({', '.join(sorted(self.initial_cluster)) or 'empty'})"
@@ -115,6 +126,8 @@ class Node:
         self.peer_server: grpc.aio.Server | None = None
         self.client_server: grpc.aio.Server | None = None
         self.registration: Registration | None = None
+        self.hosting: ShardHosting | None = None
+        self._membership_channels: dict[str, grpc.aio.Channel] = {}
         self.peer_port = 0
         self.client_port = 0
         self.advertise_peer = ""
@@ -126,7 +139,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.cfg
         data_exists = (cfg.data_dir / "CURRENT").is_file()
-        joining = cfg.initial_cluster_state == "existing" and not data_exists
+        joining = cfg.initial_cluster_state == "existing" and not data_exists and not cfg.managed
         if joining:
             # etcd's way of adding a member: `dkvctl member add`, then start the new member
             # with the current members in --initial-cluster and state "existing". It starts
@@ -136,7 +149,7 @@ class Node:
         self.engine = Engine.open(
             cfg.data_dir,
             Identity(cluster_id=cfg.cluster_token, node_name=cfg.name),
-            create=cfg.initial_cluster_state == "new" or joining,
+            create=cfg.initial_cluster_state == "new" or joining or cfg.managed,
         )
         # Bind first, so that port 0 works and what we advertise is where we listen.
         self.peer_server = grpc.aio.server()
@@ -171,11 +184,18 @@ class Node:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
-        voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
-        for gid in range(1, cfg.shards + 1):
-            shard = KvShard(self.engine, gid, self.id)
-            self.shards[gid] = shard
-            self.host.add_group(gid, shard, voters if cfg.initial_cluster_state == "new" else None)
+        if cfg.managed:
+            # The shards hosted when the node stopped; the map adds and removes others.
+            hosted, shard_count = hosted_shards(self.engine)
+            for gid in hosted:
+                self.host_shard(gid, None)
+            self.hosting = ShardHosting(
+                self, list(cfg.membership), self._membership_channel, shard_count
+            )
+        else:
+            voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
+            for gid in range(1, cfg.shards + 1):
+                self.host_shard(gid, voters if cfg.initial_cluster_state == "new" else None)
         for gid in self.shards:  # members that joined after --initial-cluster was written
             cs = self.host.groups[gid].storage.conf_state
             for mid in (*cs.voters, *cs.learners):
@@ -192,7 +212,14 @@ class Node:
         self.router = LeaderRouter(self.host, registry, self.id, self.client_channel)
         add_kv_service(
             self.client_server,
-            KvService(self.host, self.shards, cfg.limits, leader_info, self.router),
+            KvService(
+                self.host,
+                self.shards,
+                cfg.limits,
+                leader_info,
+                self.router,
+                shard_count=self.shard_count,
+            ),
         )
         self.admin = AdminService(self)
         add_admin_service(self.client_server, self.admin)
@@ -216,6 +243,29 @@ class Node:
                 tls=cfg.client_tls,
             )
             self.registration.start()
+        if self.hosting is not None:
+            self.hosting.start()
+
+    def shard_count(self) -> int:
+        """How many shards the cluster has (keys map to shards by it); 0: not known yet."""
+        if self.hosting is not None:
+            return self.hosting.shard_count
+        return self.cfg.shards
+
+    def host_shard(self, gid: int, bootstrap: ConfState | None) -> None:
+        """Start hosting shard ``gid`` (``bootstrap``: as an initial member with that
+        configuration; None: from disk, or empty until the leader's snapshot arrives)."""
+        assert self.engine is not None and self.host is not None
+        shard = KvShard(self.engine, gid, self.id)
+        self.host.add_group(gid, shard, bootstrap)
+        self.shards[gid] = shard
+
+    def _membership_channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._membership_channels.get(address)
+        if ch is None:
+            ch = self.client_channel(address)
+            self._membership_channels[address] = ch
+        return ch
 
     def led_shards(self) -> list[tuple[int, int]]:
         """(shard id, term) of every shard this node leads now (what heartbeats report)."""
@@ -262,6 +312,11 @@ class Node:
         if self.registration is not None:
             await self.registration.stop()
             self.registration = None
+        if self.hosting is not None:
+            await self.hosting.stop()
+        for ch in self._membership_channels.values():
+            await ch.close()
+        self._membership_channels.clear()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.router is not None:

@@ -302,3 +302,9 @@ class Client:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

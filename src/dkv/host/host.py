@@ -46,7 +46,7 @@ from dkv.raft import (
     Snapshot,
     SnapshotMetadata,
 )
-from dkv.storage import Batch, Engine, RocksRaftStorage
+from dkv.storage import COLUMN_FAMILIES, Batch, Engine, RocksRaftStorage, group_prefix
 
 __all__ = ["ConfChangeHook", "Host", "HostConfig", "StateMachine"]
 
@@ -138,6 +138,8 @@ class Host:
         self._read_seq = 0
         self._running = False
         self._snapshot_requested: set[int] = set()
+        # Groups to drop between iterations (see remove_group), with who waits for it.
+        self._removals: dict[int, asyncio.Future[None]] = {}
         self.on_conf_change: ConfChangeHook | None = None
         # Counters for tests and metrics.
         self.iterations = 0
@@ -186,6 +188,44 @@ class Host:
             group_id, node, storage, sm, written_applied=storage.applied_index
         )
 
+    async def remove_group(self, group_id: int) -> None:
+        """Stop hosting group ``group_id`` and delete everything of it on disk (log, state,
+        data, watch history: every key prefixed with the group's id).
+
+        Done by the loop between two iterations, so no batch staged for the group can be
+        written after its keys were deleted (which would bring them back). Its pending
+        proposals fail as of unknown outcome (the rest of the group may still commit them),
+        its reads with ProposalDropped. Used when placement moved the replica elsewhere
+        and this node was removed from the group's configuration."""
+        self._group(group_id)
+        fut = self._removals.get(group_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._removals[group_id] = fut
+        self._wake.set()
+        if not self._running:
+            self._drop_removed_groups()
+        await asyncio.shield(fut)
+
+    def _drop_removed_groups(self) -> None:
+        if not self._removals:
+            return
+        batch = self.engine.batch()
+        for gid in self._removals:
+            g = self.groups.pop(gid, None)
+            if g is not None:
+                _fail_pending(
+                    g, DeadlineExceeded(f"group {gid} left this node; the write may have happened")
+                )
+                for cf in COLUMN_FAMILIES:
+                    batch.delete_range(cf, group_prefix(gid), group_prefix(gid + 1))
+            self._snapshot_requested.discard(gid)
+        self.engine.write(batch, sync=True)
+        for fut in self._removals.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._removals.clear()
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -202,13 +242,9 @@ class Host:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._drop_removed_groups()
         for g in self.groups.values():
-            for _, fut in g.proposals.values():
-                if not fut.done():
-                    fut.set_exception(DeadlineExceeded("host stopped; the write may have happened"))
-            for rfut in [*g.reads.values(), *(f for _, f in g.read_waiters)]:
-                if not rfut.done():
-                    rfut.set_exception(ProposalDropped("host stopped"))
+            _fail_pending(g, DeadlineExceeded("host stopped; the write may have happened"))
         await self.transport.close()
 
     # -- client API -----------------------------------------------------------------------------
@@ -362,6 +398,7 @@ class Host:
             await self._wake.wait()
             self._wake.clear()
             await self._iteration()
+            self._drop_removed_groups()
             if self._snapshot_requested:
                 # Between iterations no batch is being applied: the snapshot is consistent.
                 due = [self.groups[gid] for gid in self._snapshot_requested if gid in self.groups]
@@ -512,3 +549,14 @@ class Host:
             await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"condition not reached within {timeout_s} s") from exc
+
+
+def _fail_pending(g: _Group, proposal_error: Exception) -> None:
+    """Fail what waits on group ``g``: proposals with ``proposal_error``, reads with
+    ProposalDropped (a read never changed anything)."""
+    for _, fut in g.proposals.values():
+        if not fut.done():
+            fut.set_exception(proposal_error)
+    for rfut in [*g.reads.values(), *(f for _, f in g.read_waiters)]:
+        if not rfut.done():
+            rfut.set_exception(ProposalDropped("host stopped or group removed"))
