@@ -37,7 +37,14 @@ class Opts:
 def _root(
     ctx: typer.Context,
     endpoints: Annotated[
-        str, typer.Option(envvar="DKVCTL_ENDPOINTS", help="Comma-separated host:port list.")
+        str,
+        typer.Option(
+            "--endpoints",
+            "--endpoint",
+            envvar="DKVCTL_ENDPOINTS",
+            help="Comma-separated host:port list: the front door (Envoy) by default, or "
+            "storage nodes directly (member, status, leader and snapshot need nodes).",
+        ),
     ] = "127.0.0.1:2379",
     output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
@@ -653,6 +660,32 @@ def cluster_slots(ctx: typer.Context) -> None:
         typer.echo(json.dumps({"version": m.version, "slot_ranges": rows}))
     else:
         _print_slots(rows)
+
+
+@cluster_app.command("drain")
+def cluster_drain(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Argument(help="Node name or hex id.")],
+) -> None:
+    """Drain a node: membership moves its replicas to other nodes, then removes it from the
+    map (watch `cluster shards`). Stop the node's process once it is gone from `cluster nodes`."""
+    co: ClusterOpts = ctx.obj
+    m = _cluster_map(ctx)
+    match = [n for n in m.nodes if n.name == node or f"{n.id:x}" == node.lower()]
+    if not match:
+        typer.echo(f"Error: no node {node!r} in the cluster map", err=True)
+        raise typer.Exit(1)
+
+    async def go() -> mpb.Node:
+        async with MembershipClient(co.membership, co.opts.tls, co.opts.timeout_s) as mc:
+            return await mc.leave_node(match[0].id)
+
+    try:
+        left = asyncio.run(go())
+    except DkvError as exc:
+        typer.echo(f"Error: membership service ({', '.join(co.membership)}): {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"draining {left.name} ({left.id:x}): its replicas move to other nodes")
 
 
 @cluster_app.command("show")

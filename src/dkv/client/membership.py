@@ -44,6 +44,17 @@ class MembershipClient:
         )
         return list(resp.nodes), resp.version
 
+    async def leave_node(self, node_id: int) -> pb.Node:
+        """Start draining ``node_id`` (LEAVING): placement moves its replicas elsewhere, then
+        removes it from the map. Returns the node as the map now has it."""
+        resp = await self._client._call(
+            "LeaveNode",
+            pb.LeaveNodeRequest(node_id=node_id),
+            pb.LeaveNodeResponse,
+            service=MEMBERSHIP_SERVICE,
+        )
+        return resp.node
+
     async def close(self) -> None:
         await self._client.close()
 

