@@ -12,7 +12,7 @@ help:
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
 	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
-	@echo "make proto       regenerate Python code from protos/"
+	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
@@ -37,9 +37,15 @@ lint: setup
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 
 # Generated code is committed so the package imports without protoc;
-# tests/test_proto.py fails when it is stale.
+# tests/test_proto.py fails when it is stale. kv.proto imports google/api/annotations.proto,
+# which googleapis-common-protos (a dependency) installs next to its Python modules. The
+# descriptor set of kv.proto is the gRPC-JSON transcoder's input, package data of dkv_gateway.
+GOOGLEAPIS_PROTOS = $(shell $(BIN)/python -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
+KV_DESCRIPTOR_SET := services/gateway/dkv_gateway/dkv_descriptor.pb
+
 proto: setup
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src $(PROTO_SRC)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS_PROTOS) --python_out=src --pyi_out=src --grpc_python_out=src $(PROTO_SRC)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS_PROTOS) --include_imports --descriptor_set_out=$(KV_DESCRIPTOR_SET) protos/dkv/v1/kv.proto
 
 bench-raft: setup
 	$(BIN)/python -m dkv.testing.bench_raft

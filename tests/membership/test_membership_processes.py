@@ -143,6 +143,8 @@ def test_join_kill9_leader_restart_and_refusals(tmp_path: Path) -> None:
             "--tick-interval-ms", "20",
             # Small, so that the restart rebuilds from a snapshot plus the log after it.
             "--snapshot-count", "4", "--snapshot-catchup-entries", "2",
+            # The nodes here are made up (nothing listens): no placement.
+            "--placement", "off",
             "--peer-cert-file", str(pki.cert(n)), "--peer-key-file", str(pki.key(n)),
             "--peer-trusted-ca-file", str(pki.ca_cert),
         ]  # fmt: skip
@@ -214,8 +216,12 @@ def test_join_kill9_leader_restart_and_refusals(tmp_path: Path) -> None:
     bad = run([*args("b", "existing"), "--tick-interval-ms", "soon"])
     assert bad.returncode == 2, bad.stderr
     assert "--tick-interval-ms must be an integer" in bad.stderr
-    unknown = run([*args("b", "existing"), "--shards", "2"])
-    assert unknown.returncode == 2 and "--shards" in unknown.stderr
+    unknown = run([*args("b", "existing"), "--shard-count", "2"])
+    assert unknown.returncode == 2 and "--shard-count" in unknown.stderr
+    zero = run([*args("b", "existing"), "--shards", "0"])
+    assert zero.returncode == 2 and "--shards must be >= 1" in zero.stderr
+    placement = run([*args("b", "existing"), "--placement", "maybe"])
+    assert placement.returncode == 2 and "--placement must be on or off" in placement.stderr
 
     # Refusals: one line, exit 1. Another replica's data dir:
     wrong = run(args("b", "existing", data_dir=str(tmp_path / "a")))

@@ -8,8 +8,17 @@ Pure functions: a :class:`FrontDoor` describing what we want in, protobuf messag
 What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
 
 - one listener on ``listen_host:listen_port`` with an HTTP connection manager (``AUTO`` codec, so
-  gRPC over HTTP/2 and, later, HTTP/JSON over HTTP/1.1 share the port). Routes are inline (no RDS
-  warming). Filters: the local rate limit, then the router.
+  gRPC over HTTP/2 and HTTP/JSON over HTTP/1.1 or HTTP/2 share the port). Routes are inline (no
+  RDS warming). Filters: the local rate limit, the gRPC-JSON transcoder, then the router.
+- the gRPC-JSON transcoder (``FrontDoor.http_json``) turns the ``google.api.http`` bindings of
+  ``dkv.v1.KV`` (protos/dkv/v1/kv.proto, docs/http.md) into gRPC calls. Its descriptor set is
+  package data (``dkv_descriptor.pb``, made by ``make proto``). A transcoded request leaves the
+  filter as ``POST /dkv.v1.KV/<Method>`` and the filter clears the route cache, so the router
+  picks the gRPC routes below with their retry policies: HTTP/JSON needs no routes of its own.
+  gRPC statuses become HTTP statuses with a JSON body ``{"code", "message"}``
+  (``convert_grpc_status``); bad JSON and unknown query parameters are 400s (unknown fields in
+  a JSON body are dropped: the transcoder cannot be told to refuse them); streams (``Watch``)
+  are newline-delimited JSON.
 - the local rate limit is a no-op unless ``filter_enabled`` and ``filter_enforced`` are 100%; it
   answers ``RESOURCE_EXHAUSTED`` (``rate_limited_as_resource_exhausted``) so gRPC clients do not
   retry it as ``UNAVAILABLE``.
@@ -21,12 +30,13 @@ What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
   speaks HTTP/2 upstream (Python gRPC servers need it), ejects failing hosts (outlier detection)
   and has ``healthy_panic_threshold: 0`` so Envoy never sprays traffic to ejected hosts.
 
-Not done yet: the gRPC-JSON transcoder (needs a descriptor set with ``google.api.http``
-annotations), TLS/mTLS and XFCC.
+Not done yet: TLS/mTLS and XFCC.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +49,7 @@ from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -51,6 +62,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 __all__ = [
     "ADS_CLUSTER_NAME",
     "GATEWAY_CLUSTER_NAME",
+    "KV_SERVICE",
     "KV_SERVICE_PREFIX",
     "LISTENER_NAME",
     "READ_RETRY_ON",
@@ -59,6 +71,8 @@ __all__ = [
     "bootstrap",
     "bootstrap_json",
     "gateway_cluster",
+    "grpc_json_transcoder",
+    "kv_descriptor_set",
     "listener",
     "resources",
     "write_bootstrap",
@@ -67,7 +81,10 @@ __all__ = [
 GATEWAY_CLUSTER_NAME = "dkv_gateway"
 ADS_CLUSTER_NAME = "dkv_xds"
 LISTENER_NAME = "dkv_front_door"
-KV_SERVICE_PREFIX = "/dkv.v1.KV/"
+KV_SERVICE = "dkv.v1.KV"
+KV_SERVICE_PREFIX = f"/{KV_SERVICE}/"
+DESCRIPTOR_SET_RESOURCE = "dkv_descriptor.pb"
+"""The ``FileDescriptorSet`` of kv.proto and its imports, next to this module (``make proto``)."""
 
 # Envoy's retry conditions (x-envoy-retry-on / x-envoy-retry-grpc-on values).
 READ_RETRY_ON = "connect-failure,refused-stream,reset,unavailable,cancelled"
@@ -78,6 +95,7 @@ WRITE_RETRY_ON = "connect-failure,refused-stream"
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
 _ROUTER_NAME = "envoy.filters.http.router"
 _LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
+_TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -88,6 +106,11 @@ class FrontDoor:
     ``gateways`` are the ``(host, port)`` addresses of the gateway replicas (gRPC, plaintext for
     now). Rates are per Envoy process: ``rate_limit_tokens_max`` requests may burst, refilled by
     ``rate_limit_tokens_per_fill`` every ``rate_limit_fill_interval_ms``.
+
+    ``http_json`` serves the KV API as HTTP/JSON too (the transcoder). ``http_json_body_bytes_max``
+    bounds one JSON request and one unary JSON answer, which the transcoder holds whole: values
+    may be 1 MiB (dkv_node.limits), which is about 1.4 MB as base64, so the default leaves room
+    for a JSON body carrying one such value, or a Range answer of a few.
     """
 
     listen_port: int
@@ -104,6 +127,8 @@ class FrontDoor:
     outlier_base_ejection_ms: int = 10_000
     outlier_ejection_percent_max: int = 100
     extra_routes: Sequence[route_components_pb2.Route] = field(default_factory=tuple)
+    http_json: bool = True
+    http_json_body_bytes_max: int = 8 << 20
 
 
 def _ms(milliseconds: int) -> duration_pb2.Duration:
@@ -249,8 +274,59 @@ def _local_rate_limit(door: FrontDoor) -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=_LOCAL_RATE_LIMIT_NAME, typed_config=_pack(config))
 
 
+@functools.cache
+def kv_descriptor_set() -> bytes:
+    """The serialized ``FileDescriptorSet`` the transcoder needs (package data, read once)."""
+    return importlib.resources.files("dkv_gateway").joinpath(DESCRIPTOR_SET_RESOURCE).read_bytes()
+
+
+def grpc_json_transcoder(door: FrontDoor) -> hcm_pb2.HttpFilter:
+    """The gRPC-JSON transcoder for ``dkv.v1.KV``, configured for curl users (docs/http.md).
+
+    - ``preserve_proto_field_names``/``always_print_primitive_fields``: answers use the names of
+      kv.proto and show zero values (``"succeeded": false`` says more than a missing field).
+    - ``stream_newline_delimited``: a Watch answer is one JSON object per line, which a client
+      can act on as it arrives, instead of one JSON array that never closes.
+    - ``convert_grpc_status``: a gRPC error becomes its HTTP status with ``{"code", "message"}``.
+    - ``request_validation_options``: unknown query parameters and a body field that collides
+      with a path binding are 400s, not silently dropped.
+    - ``url_unescape_spec: ALL_CHARACTERS``: path variables are base64 (bytes fields), and
+      standard base64 has ``+``, ``/`` and ``=``; decoding every percent-escape lets a client
+      percent-encode a key from a JSON answer as any URL library would.
+    """
+    options = transcoder_pb2.GrpcJsonTranscoder
+    config = options(
+        proto_descriptor_bin=kv_descriptor_set(),
+        services=[KV_SERVICE],
+        print_options=options.PrintOptions(
+            always_print_primitive_fields=True,
+            preserve_proto_field_names=True,
+            stream_newline_delimited=True,
+        ),
+        convert_grpc_status=True,
+        url_unescape_spec=options.ALL_CHARACTERS,
+        request_validation_options=options.RequestValidationOptions(
+            reject_unknown_query_parameters=True,
+            reject_binding_body_field_collisions=True,
+        ),
+        max_request_body_size=wrappers_pb2.UInt32Value(value=door.http_json_body_bytes_max),
+        max_response_body_size=wrappers_pb2.UInt32Value(value=door.http_json_body_bytes_max),
+    )
+    return hcm_pb2.HttpFilter(name=_TRANSCODER_NAME, typed_config=_pack(config))
+
+
+def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
+    """Rate limit first (HTTP/JSON and gRPC share the budget), transcoder, router last."""
+    filters = [_local_rate_limit(door)]
+    if door.http_json:
+        filters.append(grpc_json_transcoder(door))
+    filters.append(hcm_pb2.HttpFilter(name=_ROUTER_NAME, typed_config=_pack(router_pb2.Router())))
+    return filters
+
+
 def listener(door: FrontDoor) -> listener_pb2.Listener:
-    """The front-door listener: HTTP connection manager, inline routes, rate limit, router."""
+    """The front-door listener: HTTP connection manager, inline routes, rate limit, transcoder
+    (unless ``http_json`` is off), router."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="dkv_ingress",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -260,10 +336,7 @@ def listener(door: FrontDoor) -> listener_pb2.Listener:
                 route_components_pb2.VirtualHost(name="dkv", domains=["*"], routes=_routes(door))
             ],
         ),
-        http_filters=[
-            _local_rate_limit(door),
-            hcm_pb2.HttpFilter(name=_ROUTER_NAME, typed_config=_pack(router_pb2.Router())),
-        ],
+        http_filters=_http_filters(door),
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,

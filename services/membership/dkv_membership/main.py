@@ -121,15 +121,14 @@ def _parser() -> argparse.ArgumentParser:
 def _driver(args: argparse.Namespace, p: argparse.ArgumentParser) -> DriverConfig | None:
     if args.placement not in ("on", "off"):
         p.error(f"--placement must be on or off, got {args.placement!r}")
-    if args.placement == "off":
-        return None
-    return DriverConfig(
+    cfg = DriverConfig(
         shard_count=int_flag(p, "shards", args.shards, 1),
         replication=int_flag(p, "replication-factor", args.replication_factor, 1),
         min_nodes=int_flag(p, "min-nodes", args.min_nodes, 0),
         interval_ms=int_flag(p, "placement-interval-ms", args.placement_interval_ms, 1),
         moves_max=int_flag(p, "moves-max", args.moves_max, 1),
     )
+    return None if args.placement == "off" else cfg
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:

@@ -1,4 +1,4 @@
-"""The ``dkv`` command: operator and developer tasks (``dkv certs`` now; more to come)."""
+"""The ``dkv`` command: operator and developer tasks (``dkv certs``, ``dkv envoy-bootstrap``)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,52 @@ def certs(
             typer.echo(f"  {p}")
     else:
         typer.echo(f"certificates in {out} are up to date (use --force to replace them)")
+
+
+def _host_port(value: str, option: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> ``(host, port)``; ``BadParameter`` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(
+            f"want HOST:PORT with a port in 1-65535, got {value!r}", param_hint=option
+        )
+    return host, int(port)
+
+
+@app.command("envoy-bootstrap")
+def envoy_bootstrap(
+    xds: Annotated[
+        str, typer.Option(help="The gateway's xDS (ADS) server as HOST:PORT.", show_default=False)
+    ],
+    admin_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Envoy's admin port (bound to 127.0.0.1).")
+    ] = 9901,
+    node_id: Annotated[str, typer.Option(help="Envoy's node id, as the xDS server sees it.")] = (
+        "dkv-envoy"
+    ),
+    out: Annotated[
+        Path | None, typer.Option(help="Write the bootstrap here (default: stdout).")
+    ] = None,
+) -> None:
+    """Write Envoy's bootstrap (JSON, also valid YAML): the admin endpoint and the ADS server,
+    nothing else: listeners and clusters come from the gateway over xDS. Start Envoy with
+    `envoy -c FILE`."""
+    # Imported here: the gateway package (and Envoy's API protos) only matters to this command.
+    from dkv_gateway import envoy_config  # noqa: PLC0415
+
+    ads_host, ads_port = _host_port(xds, "--xds")
+    if not node_id:
+        raise typer.BadParameter("must not be empty", param_hint="--node-id")
+    config = envoy_config.bootstrap(
+        ads_host=ads_host, ads_port=ads_port, admin_port=admin_port, node_id=node_id
+    )
+    if out is None:
+        typer.echo(envoy_config.bootstrap_json(config), nl=False)
+        return
+    try:
+        envoy_config.write_bootstrap(str(out), config)
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"wrote Envoy's bootstrap to {out}", err=True)

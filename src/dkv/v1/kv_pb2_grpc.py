@@ -26,7 +26,28 @@ if _version_not_supported:
 
 
 class KVStub:
-    """Missing associated documentation comment in .proto file."""
+    """HTTP/JSON (docs/http.md): Envoy's gRPC-JSON transcoder serves KV over plain HTTP from the
+    `google.api.http` bindings below. Bodies and answers are proto3 JSON with the field names of
+    this file (`mod_revision`); answers show zero values; 64-bit integers are JSON strings.
+
+    Bytes are base64, everywhere. Keys, values, `range_end`, `prefix` and `continuation` are
+    `bytes` fields, and the transcoder decodes a string bound to a bytes field as base64 in URL
+    paths and query parameters exactly as in JSON bodies (there is no raw-text mode). So the key
+    `hello` is `/v1/kv/aGVsbG8`. Accepted: the URL-safe alphabet (RFC 4648 section 5, `-` `_`)
+    or the standard one (`+` `/`), padding `=` optional, percent-escapes decoded; answers use
+    the standard alphabet with padding (`"key": "aGVsbG8="`), which works in a path as it is
+    (`{key=**}` takes the `/` along) or percent-encoded. Beware: a path segment that is not
+    base64 (`hello`, five characters) is a 400, but one that happens to be valid base64 (`hell`)
+    silently names another key (the three bytes 85 e9 65).
+
+    Errors: a gRPC status becomes its HTTP status (INVALID_ARGUMENT 400, FAILED_PRECONDITION 400,
+    UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
+    "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
+    wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+
+    The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,10 +78,37 @@ class KVStub:
 
 
 class KVServicer:
-    """Missing associated documentation comment in .proto file."""
+    """HTTP/JSON (docs/http.md): Envoy's gRPC-JSON transcoder serves KV over plain HTTP from the
+    `google.api.http` bindings below. Bodies and answers are proto3 JSON with the field names of
+    this file (`mod_revision`); answers show zero values; 64-bit integers are JSON strings.
+
+    Bytes are base64, everywhere. Keys, values, `range_end`, `prefix` and `continuation` are
+    `bytes` fields, and the transcoder decodes a string bound to a bytes field as base64 in URL
+    paths and query parameters exactly as in JSON bodies (there is no raw-text mode). So the key
+    `hello` is `/v1/kv/aGVsbG8`. Accepted: the URL-safe alphabet (RFC 4648 section 5, `-` `_`)
+    or the standard one (`+` `/`), padding `=` optional, percent-escapes decoded; answers use
+    the standard alphabet with padding (`"key": "aGVsbG8="`), which works in a path as it is
+    (`{key=**}` takes the `/` along) or percent-encoded. Beware: a path segment that is not
+    base64 (`hello`, five characters) is a 400, but one that happens to be valid base64 (`hell`)
+    silently names another key (the three bytes 85 e9 65).
+
+    Errors: a gRPC status becomes its HTTP status (INVALID_ARGUMENT 400, FAILED_PRECONDITION 400,
+    UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
+    "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
+    wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+
+    The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
+    """
 
     def Range(self, request, context):
         """Read one key or a range of keys.
+
+        GET /v1/kv/{key}: one key; query parameters set the other fields, e.g.
+        `?consistency=READ_CONSISTENCY_SERIALIZABLE`, `?keys_only=true`.
+        GET /v1/kv?prefix=...&limit=...&continuation=...: a prefix or `key`/`range_end` range,
+        paginated by `continuation` (while the answer says `more`).
+        POST /v1/kv:range with the whole RangeRequest as the JSON body.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +116,10 @@ class KVServicer:
 
     def Put(self, request, context):
         """Write one key. With `precondition`, a compare-and-swap.
+
+        PUT /v1/kv/{key} with the rest of the PutRequest as the body, e.g.
+        `{"value": "d29ybGQ=", "precondition": {"version": "1"}}`.
+        POST /v1/kv:put with the whole PutRequest (key included) as the body.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +128,10 @@ class KVServicer:
     def Delete(self, request, context):
         """Delete one key or a range of keys. With `precondition` (single key only), a
         compare-and-delete.
+
+        DELETE /v1/kv/{key}, other fields as query parameters (`?prev_kv=true`,
+        `?precondition.version=3`, `?range_end=...`).
+        POST /v1/kv:delete with the whole DeleteRequest as the body.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +139,10 @@ class KVServicer:
 
     def Watch(self, request, context):
         """Stream the changes of a key or a prefix from a revision on.
+
+        POST /v1/kv:watch with the WatchRequest as the body, or GET /v1/kv:watch with query
+        parameters. The answer is a stream of WatchResponse JSON objects, one per line
+        (newline-delimited JSON), for as long as the client keeps the connection open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,7 +180,28 @@ def add_KVServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KV:
-    """Missing associated documentation comment in .proto file."""
+    """HTTP/JSON (docs/http.md): Envoy's gRPC-JSON transcoder serves KV over plain HTTP from the
+    `google.api.http` bindings below. Bodies and answers are proto3 JSON with the field names of
+    this file (`mod_revision`); answers show zero values; 64-bit integers are JSON strings.
+
+    Bytes are base64, everywhere. Keys, values, `range_end`, `prefix` and `continuation` are
+    `bytes` fields, and the transcoder decodes a string bound to a bytes field as base64 in URL
+    paths and query parameters exactly as in JSON bodies (there is no raw-text mode). So the key
+    `hello` is `/v1/kv/aGVsbG8`. Accepted: the URL-safe alphabet (RFC 4648 section 5, `-` `_`)
+    or the standard one (`+` `/`), padding `=` optional, percent-escapes decoded; answers use
+    the standard alphabet with padding (`"key": "aGVsbG8="`), which works in a path as it is
+    (`{key=**}` takes the `/` along) or percent-encoded. Beware: a path segment that is not
+    base64 (`hello`, five characters) is a 400, but one that happens to be valid base64 (`hell`)
+    silently names another key (the three bytes 85 e9 65).
+
+    Errors: a gRPC status becomes its HTTP status (INVALID_ARGUMENT 400, FAILED_PRECONDITION 400,
+    UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
+    "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
+    wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+
+    The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
+    """
 
     @staticmethod
     def Range(request,
