@@ -239,6 +239,9 @@ def _route(
 def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
     watch = _route(door, path=f"{KV_SERVICE_PREFIX}Watch", retry_on=None)
     watch.route.timeout.CopyFrom(_ms(0))  # a stream lives as long as the client wants
+    # A watch may see no event for hours; Envoy's default stream idle timeout (5 min) would
+    # cut it. Dead peers are found by HTTP/2 keepalive instead.
+    watch.route.idle_timeout.CopyFrom(_ms(0))
     return [
         _route(door, path=f"{KV_SERVICE_PREFIX}Range", retry_on=READ_RETRY_ON),
         _route(door, path=f"{KV_SERVICE_PREFIX}Put", retry_on=WRITE_RETRY_ON),
