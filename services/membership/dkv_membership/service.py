@@ -220,7 +220,14 @@ class MembershipService:
     ) -> pb.GetClusterMapResponse:
         async def run() -> pb.GetClusterMapResponse:
             await self._read_index(context)
-            return pb.GetClusterMapResponse(map=self.sm.cluster_map())
+            me, leader = self.host.cfg.node_id, self.host.leader(self.group_id)
+            return pb.GetClusterMapResponse(
+                map=self.sm.cluster_map(),
+                replica_id=me,
+                replica_name=self.leader_info(me)[0],
+                leader_id=leader,
+                leader_name=self.leader_info(leader)[0] if leader else "",
+            )
 
         return await self._call(context, run)
 

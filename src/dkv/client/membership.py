@@ -37,6 +37,16 @@ class MembershipClient:
         )
         return resp.map
 
+    async def describe(self) -> pb.GetClusterMapResponse:
+        """The map plus which replica answered and which one leads the membership group."""
+        resp: pb.GetClusterMapResponse = await self._client._call(
+            "GetClusterMap",
+            pb.GetClusterMapRequest(),
+            pb.GetClusterMapResponse,
+            service=MEMBERSHIP_SERVICE,
+        )
+        return resp
+
     async def list_nodes(self) -> tuple[list[pb.Node], int]:
         """Every registered node, sorted by id, and the map version they are from."""
         resp = await self._client._call(

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -75,6 +75,7 @@ __all__ = [
     "Cluster",
     "ClusterClient",
     "History",
+    "KvClient",
     "NodeProcess",
     "NodeState",
     "ShardView",
@@ -1025,7 +1026,7 @@ def _s(b: bytes) -> str:
 
 
 async def recorded_put(
-    client: ClusterClient,
+    client: KvClient,
     history: History,
     cid: int,
     key: bytes,
@@ -1052,7 +1053,7 @@ async def recorded_put(
 
 
 async def recorded_get(
-    client: ClusterClient, history: History, cid: int, key: bytes, deadline: float
+    client: KvClient, history: History, cid: int, key: bytes, deadline: float
 ) -> tuple[bool, kv_pb2.KeyValue | None]:
     """A linearizable get recorded in ``history``: (answered, key-value or None if absent).
     Not answered in time: nothing is recorded (a read has no effect). The operation's call
@@ -1082,7 +1083,7 @@ class Workload:
 
     def __init__(
         self,
-        client: ClusterClient,
+        client: KvClient,
         history: History,
         *,
         workers: int = 5,
@@ -1189,7 +1190,7 @@ class Workload:
 
 
 async def read_back(
-    client: ClusterClient, history: History, keys: Iterable[bytes], timeout_s: float = 30.0
+    client: KvClient, history: History, keys: Iterable[bytes], timeout_s: float = 30.0
 ) -> dict[bytes, kv_pb2.KeyValue | None]:
     """Read every key (linearizably, recorded in ``history``): {key: key-value or None}.
     Fails if some key cannot be read within ``timeout_s``."""
@@ -1270,6 +1271,27 @@ class WatchedEvent:
     key: bytes
     value: bytes
     node: str  # the node whose stream delivered it
+
+
+class KvClient(Protocol):
+    """What :class:`Workload`, :func:`recorded_put`, :func:`recorded_get` and
+    :func:`read_back` need of a client: :class:`ClusterClient` (nodes directly, retrying
+    itself) or :class:`dkv.testing.frontdoor.FrontDoorClient` (one call through Envoy; the
+    gateway retries)."""
+
+    async def put(
+        self, key: bytes, value: bytes, request_id: str, deadline: float
+    ) -> kv_pb2.PutResponse | None: ...
+
+    async def get(
+        self,
+        key: bytes,
+        deadline: float,
+        serializable: bool = False,
+        attempts: list[float] | None = None,
+    ) -> kv_pb2.RangeResponse | None: ...
+
+    def shard_of(self, key: bytes) -> int: ...
 
 
 class WatchRecorder:

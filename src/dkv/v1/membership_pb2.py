@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64kv/v1/membership.proto\x12\x06\x64kv.v1\"\xf7\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cpeer_address\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12(\n\x06labels\x18\x05 \x03(\x0b\x32\x18.dkv.v1.Node.LabelsEntry\x12\x0c\n\x04zone\x18\x06 \x01(\t\x12 \n\x05state\x18\x07 \x01(\x0e\x32\x11.dkv.v1.NodeState\x12\x1e\n\x16last_heartbeat_unix_ms\x18\x08 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x05Shard\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\x04\x12\x10\n\x08learners\x18\x04 \x03(\x04\"9\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x10\n\x08shard_id\x18\x03 \x01(\x04\"@\n\x0bLeaderEntry\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tleader_id\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xa7\x01\n\nClusterMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1b\n\x05nodes\x18\x02 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x1d\n\x06shards\x18\x03 \x03(\x0b\x32\r.dkv.v1.Shard\x12&\n\x0bslot_ranges\x18\x04 \x03(\x0b\x32\x11.dkv.v1.SlotRange\x12$\n\x07leaders\x18\x05 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"-\n\x0fJoinNodeRequest\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\"?\n\x10JoinNodeResponse\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"@\n\x11LeaveNodeResponse\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12$\n\x07leaders\x18\x02 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"$\n\x11HeartbeatResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x12\n\x10ListNodesRequest\"A\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x16\n\x14GetClusterMapRequest\"8\n\x15GetClusterMapResponse\x12\x1f\n\x03map\x18\x01 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\".\n\x16WatchClusterMapRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\"\xfd\x01\n\x17WatchClusterMapResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x1f\n\x03map\x18\x03 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\x12\x1b\n\x05nodes\x18\x04 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x18\n\x10removed_node_ids\x18\x05 \x03(\x04\x12\x1d\n\x06shards\x18\x06 \x03(\x0b\x32\r.dkv.v1.Shard\x12&\n\x0bslot_ranges\x18\x07 \x03(\x0b\x32\x11.dkv.v1.SlotRange\x12$\n\x07leaders\x18\x08 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"\xb3\x03\n\x11MembershipCommand\x12\x34\n\rregister_node\x18\x01 \x01(\x0b\x32\x1b.dkv.v1.RegisterNodeCommandH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.dkv.v1.HeartbeatCommandH\x00\x12,\n\tmark_down\x18\x03 \x01(\x0b\x32\x17.dkv.v1.MarkDownCommandH\x00\x12%\n\x05leave\x18\x04 \x01(\x0b\x32\x14.dkv.v1.LeaveCommandH\x00\x12\x30\n\x0bremove_node\x18\x05 \x01(\x0b\x32\x19.dkv.v1.RemoveNodeCommandH\x00\x12=\n\x12set_shard_replicas\x18\x06 \x01(\x0b\x32\x1f.dkv.v1.SetShardReplicasCommandH\x00\x12\x34\n\rreport_leader\x18\x07 \x01(\x0b\x32\x1b.dkv.v1.ReportLeaderCommandH\x00\x12\x32\n\x0cinit_cluster\x18\x08 \x01(\x0b\x32\x1a.dkv.v1.InitClusterCommandH\x00\x42\t\n\x07\x63ommand\"1\n\x13RegisterNodeCommand\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\"4\n\x10HeartbeatCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x02 \x01(\x04\"B\n\x0fMarkDownCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x1e\n\x16last_heartbeat_unix_ms\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"$\n\x11RemoveNodeCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"e\n\x17SetShardReplicasCommand\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x65xpected_epoch\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\x04\x12\x10\n\x08learners\x18\x04 \x03(\x04\"H\n\x13ReportLeaderCommand\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tleader_id\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"H\n\x12InitClusterCommand\x12\x13\n\x0bshard_count\x18\x01 \x01(\r\x12\x1d\n\x06shards\x18\x02 \x03(\x0b\x32\r.dkv.v1.Shard\"Y\n\x12MembershipSnapshot\x12\x1f\n\x03map\x18\x01 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\x12\"\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x11.dkv.v1.MapChange\"j\n\tMapChange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08node_ids\x18\x02 \x03(\x04\x12\x11\n\tshard_ids\x18\x03 \x03(\x04\x12\x18\n\x10leader_shard_ids\x18\x04 \x03(\x04\x12\r\n\x05slots\x18\x05 \x01(\x08*g\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02\x12\x16\n\x12NODE_STATE_LEAVING\x10\x03\x32\xb5\x03\n\nMembership\x12=\n\x08JoinNode\x12\x17.dkv.v1.JoinNodeRequest\x1a\x18.dkv.v1.JoinNodeResponse\x12@\n\tLeaveNode\x12\x18.dkv.v1.LeaveNodeRequest\x1a\x19.dkv.v1.LeaveNodeResponse\x12@\n\tHeartbeat\x12\x18.dkv.v1.HeartbeatRequest\x1a\x19.dkv.v1.HeartbeatResponse\x12@\n\tListNodes\x12\x18.dkv.v1.ListNodesRequest\x1a\x19.dkv.v1.ListNodesResponse\x12L\n\rGetClusterMap\x12\x1c.dkv.v1.GetClusterMapRequest\x1a\x1d.dkv.v1.GetClusterMapResponse\x12T\n\x0fWatchClusterMap\x12\x1e.dkv.v1.WatchClusterMapRequest\x1a\x1f.dkv.v1.WatchClusterMapResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64kv/v1/membership.proto\x12\x06\x64kv.v1\"\xf7\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cpeer_address\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12(\n\x06labels\x18\x05 \x03(\x0b\x32\x18.dkv.v1.Node.LabelsEntry\x12\x0c\n\x04zone\x18\x06 \x01(\t\x12 \n\x05state\x18\x07 \x01(\x0e\x32\x11.dkv.v1.NodeState\x12\x1e\n\x16last_heartbeat_unix_ms\x18\x08 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x05Shard\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\x04\x12\x10\n\x08learners\x18\x04 \x03(\x04\"9\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x10\n\x08shard_id\x18\x03 \x01(\x04\"@\n\x0bLeaderEntry\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tleader_id\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xa7\x01\n\nClusterMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1b\n\x05nodes\x18\x02 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x1d\n\x06shards\x18\x03 \x03(\x0b\x32\r.dkv.v1.Shard\x12&\n\x0bslot_ranges\x18\x04 \x03(\x0b\x32\x11.dkv.v1.SlotRange\x12$\n\x07leaders\x18\x05 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"-\n\x0fJoinNodeRequest\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\"?\n\x10JoinNodeResponse\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"#\n\x10LeaveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"@\n\x11LeaveNodeResponse\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12$\n\x07leaders\x18\x02 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"$\n\x11HeartbeatResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x12\n\x10ListNodesRequest\"A\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x16\n\x14GetClusterMapRequest\"\x8a\x01\n\x15GetClusterMapResponse\x12\x1f\n\x03map\x18\x01 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\x12\x14\n\x0creplica_name\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\x04\x12\x13\n\x0bleader_name\x18\x04 \x01(\t\x12\x11\n\tleader_id\x18\x05 \x01(\x04\".\n\x16WatchClusterMapRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\"\xfd\x01\n\x17WatchClusterMapResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x1f\n\x03map\x18\x03 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\x12\x1b\n\x05nodes\x18\x04 \x03(\x0b\x32\x0c.dkv.v1.Node\x12\x18\n\x10removed_node_ids\x18\x05 \x03(\x04\x12\x1d\n\x06shards\x18\x06 \x03(\x0b\x32\r.dkv.v1.Shard\x12&\n\x0bslot_ranges\x18\x07 \x03(\x0b\x32\x11.dkv.v1.SlotRange\x12$\n\x07leaders\x18\x08 \x03(\x0b\x32\x13.dkv.v1.LeaderEntry\"\xb3\x03\n\x11MembershipCommand\x12\x34\n\rregister_node\x18\x01 \x01(\x0b\x32\x1b.dkv.v1.RegisterNodeCommandH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.dkv.v1.HeartbeatCommandH\x00\x12,\n\tmark_down\x18\x03 \x01(\x0b\x32\x17.dkv.v1.MarkDownCommandH\x00\x12%\n\x05leave\x18\x04 \x01(\x0b\x32\x14.dkv.v1.LeaveCommandH\x00\x12\x30\n\x0bremove_node\x18\x05 \x01(\x0b\x32\x19.dkv.v1.RemoveNodeCommandH\x00\x12=\n\x12set_shard_replicas\x18\x06 \x01(\x0b\x32\x1f.dkv.v1.SetShardReplicasCommandH\x00\x12\x34\n\rreport_leader\x18\x07 \x01(\x0b\x32\x1b.dkv.v1.ReportLeaderCommandH\x00\x12\x32\n\x0cinit_cluster\x18\x08 \x01(\x0b\x32\x1a.dkv.v1.InitClusterCommandH\x00\x42\t\n\x07\x63ommand\"1\n\x13RegisterNodeCommand\x12\x1a\n\x04node\x18\x01 \x01(\x0b\x32\x0c.dkv.v1.Node\"4\n\x10HeartbeatCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x02 \x01(\x04\"B\n\x0fMarkDownCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x1e\n\x16last_heartbeat_unix_ms\x18\x02 \x01(\x04\"\x1f\n\x0cLeaveCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"$\n\x11RemoveNodeCommand\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\"e\n\x17SetShardReplicasCommand\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x65xpected_epoch\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\x04\x12\x10\n\x08learners\x18\x04 \x03(\x04\"H\n\x13ReportLeaderCommand\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tleader_id\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"H\n\x12InitClusterCommand\x12\x13\n\x0bshard_count\x18\x01 \x01(\r\x12\x1d\n\x06shards\x18\x02 \x03(\x0b\x32\r.dkv.v1.Shard\"Y\n\x12MembershipSnapshot\x12\x1f\n\x03map\x18\x01 \x01(\x0b\x32\x12.dkv.v1.ClusterMap\x12\"\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x11.dkv.v1.MapChange\"j\n\tMapChange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08node_ids\x18\x02 \x03(\x04\x12\x11\n\tshard_ids\x18\x03 \x03(\x04\x12\x18\n\x10leader_shard_ids\x18\x04 \x03(\x04\x12\r\n\x05slots\x18\x05 \x01(\x08*g\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02\x12\x16\n\x12NODE_STATE_LEAVING\x10\x03\x32\xb5\x03\n\nMembership\x12=\n\x08JoinNode\x12\x17.dkv.v1.JoinNodeRequest\x1a\x18.dkv.v1.JoinNodeResponse\x12@\n\tLeaveNode\x12\x18.dkv.v1.LeaveNodeRequest\x1a\x19.dkv.v1.LeaveNodeResponse\x12@\n\tHeartbeat\x12\x18.dkv.v1.HeartbeatRequest\x1a\x19.dkv.v1.HeartbeatResponse\x12@\n\tListNodes\x12\x18.dkv.v1.ListNodesRequest\x1a\x19.dkv.v1.ListNodesResponse\x12L\n\rGetClusterMap\x12\x1c.dkv.v1.GetClusterMapRequest\x1a\x1d.dkv.v1.GetClusterMapResponse\x12T\n\x0fWatchClusterMap\x12\x1e.dkv.v1.WatchClusterMapRequest\x1a\x1f.dkv.v1.WatchClusterMapResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=2583
-  _globals['_NODESTATE']._serialized_end=2686
+  _globals['_NODESTATE']._serialized_start=2666
+  _globals['_NODESTATE']._serialized_end=2769
   _globals['_NODE']._serialized_start=36
   _globals['_NODE']._serialized_end=283
   _globals['_NODE_LABELSENTRY']._serialized_start=238
@@ -65,34 +65,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESRESPONSE']._serialized_end=1063
   _globals['_GETCLUSTERMAPREQUEST']._serialized_start=1065
   _globals['_GETCLUSTERMAPREQUEST']._serialized_end=1087
-  _globals['_GETCLUSTERMAPRESPONSE']._serialized_start=1089
-  _globals['_GETCLUSTERMAPRESPONSE']._serialized_end=1145
-  _globals['_WATCHCLUSTERMAPREQUEST']._serialized_start=1147
-  _globals['_WATCHCLUSTERMAPREQUEST']._serialized_end=1193
-  _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_start=1196
-  _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_end=1449
-  _globals['_MEMBERSHIPCOMMAND']._serialized_start=1452
-  _globals['_MEMBERSHIPCOMMAND']._serialized_end=1887
-  _globals['_REGISTERNODECOMMAND']._serialized_start=1889
-  _globals['_REGISTERNODECOMMAND']._serialized_end=1938
-  _globals['_HEARTBEATCOMMAND']._serialized_start=1940
-  _globals['_HEARTBEATCOMMAND']._serialized_end=1992
-  _globals['_MARKDOWNCOMMAND']._serialized_start=1994
-  _globals['_MARKDOWNCOMMAND']._serialized_end=2060
-  _globals['_LEAVECOMMAND']._serialized_start=2062
-  _globals['_LEAVECOMMAND']._serialized_end=2093
-  _globals['_REMOVENODECOMMAND']._serialized_start=2095
-  _globals['_REMOVENODECOMMAND']._serialized_end=2131
-  _globals['_SETSHARDREPLICASCOMMAND']._serialized_start=2133
-  _globals['_SETSHARDREPLICASCOMMAND']._serialized_end=2234
-  _globals['_REPORTLEADERCOMMAND']._serialized_start=2236
-  _globals['_REPORTLEADERCOMMAND']._serialized_end=2308
-  _globals['_INITCLUSTERCOMMAND']._serialized_start=2310
-  _globals['_INITCLUSTERCOMMAND']._serialized_end=2382
-  _globals['_MEMBERSHIPSNAPSHOT']._serialized_start=2384
-  _globals['_MEMBERSHIPSNAPSHOT']._serialized_end=2473
-  _globals['_MAPCHANGE']._serialized_start=2475
-  _globals['_MAPCHANGE']._serialized_end=2581
-  _globals['_MEMBERSHIP']._serialized_start=2689
-  _globals['_MEMBERSHIP']._serialized_end=3126
+  _globals['_GETCLUSTERMAPRESPONSE']._serialized_start=1090
+  _globals['_GETCLUSTERMAPRESPONSE']._serialized_end=1228
+  _globals['_WATCHCLUSTERMAPREQUEST']._serialized_start=1230
+  _globals['_WATCHCLUSTERMAPREQUEST']._serialized_end=1276
+  _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_start=1279
+  _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_end=1532
+  _globals['_MEMBERSHIPCOMMAND']._serialized_start=1535
+  _globals['_MEMBERSHIPCOMMAND']._serialized_end=1970
+  _globals['_REGISTERNODECOMMAND']._serialized_start=1972
+  _globals['_REGISTERNODECOMMAND']._serialized_end=2021
+  _globals['_HEARTBEATCOMMAND']._serialized_start=2023
+  _globals['_HEARTBEATCOMMAND']._serialized_end=2075
+  _globals['_MARKDOWNCOMMAND']._serialized_start=2077
+  _globals['_MARKDOWNCOMMAND']._serialized_end=2143
+  _globals['_LEAVECOMMAND']._serialized_start=2145
+  _globals['_LEAVECOMMAND']._serialized_end=2176
+  _globals['_REMOVENODECOMMAND']._serialized_start=2178
+  _globals['_REMOVENODECOMMAND']._serialized_end=2214
+  _globals['_SETSHARDREPLICASCOMMAND']._serialized_start=2216
+  _globals['_SETSHARDREPLICASCOMMAND']._serialized_end=2317
+  _globals['_REPORTLEADERCOMMAND']._serialized_start=2319
+  _globals['_REPORTLEADERCOMMAND']._serialized_end=2391
+  _globals['_INITCLUSTERCOMMAND']._serialized_start=2393
+  _globals['_INITCLUSTERCOMMAND']._serialized_end=2465
+  _globals['_MEMBERSHIPSNAPSHOT']._serialized_start=2467
+  _globals['_MEMBERSHIPSNAPSHOT']._serialized_end=2556
+  _globals['_MAPCHANGE']._serialized_start=2558
+  _globals['_MAPCHANGE']._serialized_end=2664
+  _globals['_MEMBERSHIP']._serialized_start=2772
+  _globals['_MEMBERSHIP']._serialized_end=3209
 # @@protoc_insertion_point(module_scope)

@@ -150,10 +150,18 @@ class GetClusterMapRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetClusterMapResponse(_message.Message):
-    __slots__ = ("map",)
+    __slots__ = ("map", "replica_name", "replica_id", "leader_name", "leader_id")
     MAP_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    LEADER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     map: ClusterMap
-    def __init__(self, map: _Optional[_Union[ClusterMap, _Mapping]] = ...) -> None: ...
+    replica_name: str
+    replica_id: int
+    leader_name: str
+    leader_id: int
+    def __init__(self, map: _Optional[_Union[ClusterMap, _Mapping]] = ..., replica_name: _Optional[str] = ..., replica_id: _Optional[int] = ..., leader_name: _Optional[str] = ..., leader_id: _Optional[int] = ...) -> None: ...
 
 class WatchClusterMapRequest(_message.Message):
     __slots__ = ("from_version",)
