@@ -239,30 +239,7 @@ class DevStack:
             )
             for i, m in enumerate(lay.membership_names, start=1)
         ]
-        for i, name in enumerate(NODE_NAMES, start=1):
-            procs.append(
-                _Proc(
-                    f"node {name}",
-                    [
-                        py,
-                        "-m",
-                        "dkv_node.main",
-                        "--name",
-                        name,
-                        "--data-dir",
-                        str(lay.root / name),
-                        "--listen-client",
-                        f"{host}:{lay.node_client(i)}",
-                        "--listen-peer",
-                        f"{host}:{lay.node_peer(i)}",
-                        "--membership",
-                        membership,
-                        *lay.tls_flags(name),
-                        *lay.tls_flags(name, "peer-"),
-                    ],
-                    lay.logs / f"{name}.log",
-                )
-            )
+        procs += [self.node_proc(i, name) for i, name in enumerate(NODE_NAMES, start=1)]
         procs.append(
             _Proc(
                 "gateway",
@@ -302,6 +279,31 @@ class DevStack:
         )
         return procs
 
+    def node_proc(self, i: int, name: str) -> _Proc:
+        """Storage node number ``i`` (ports from the layout), managed by membership."""
+        lay, host = self.layout, "127.0.0.1"
+        return _Proc(
+            f"node {name}",
+            [
+                self.python,
+                "-m",
+                "dkv_node.main",
+                "--name",
+                name,
+                "--data-dir",
+                str(lay.root / name),
+                "--listen-client",
+                f"{host}:{lay.node_client(i)}",
+                "--listen-peer",
+                f"{host}:{lay.node_peer(i)}",
+                "--membership",
+                lay.membership_endpoints,
+                *lay.tls_flags(name),
+                *lay.tls_flags(name, "peer-"),
+            ],
+            lay.logs / f"{name}.log",
+        )
+
     def write_envoy_bootstrap(self) -> Path:
         path = self.layout.root / "envoy-bootstrap.json"
         config = envoy_config.bootstrap(
@@ -316,11 +318,46 @@ class DevStack:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.check_ports()
         self.make_certs()
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
         self.procs = self.plan()
         for p in self.procs:
-            p.start(env)
+            p.start(self.env)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    # -- faults and growth (tests, and `dkv dev` users who want to play) -------------------------
+
+    def proc(self, name: str) -> _Proc:
+        """The process called ``name`` ("node n1", "membership m2", "gateway", "envoy")."""
+        for p in self.procs:
+            if p.name == name:
+                return p
+        raise KeyError(f"no process {name!r}; have {[p.name for p in self.procs]}")
+
+    def kill9(self, name: str) -> None:
+        p = self.proc(name)
+        if p.popen is not None and p.popen.poll() is None:
+            p.popen.kill()
+            p.popen.wait()
+
+    def restart(self, name: str) -> None:
+        """Start ``name`` again (after kill9 or an exit), same flags and data."""
+        p = self.proc(name)
+        if p.popen is not None and p.popen.poll() is None:
+            raise StackError(f"{name} is still running")
+        p.start(self.env)
+
+    def add_node(self, name: str) -> _Proc:
+        """Start one more storage node; membership places replicas on it."""
+        write_dev_pki(self.layout.certs.directory, [("node", name)], extra_dns=["localhost"])
+        index = sum(1 for p in self.procs if p.name.startswith("node ")) + 1
+        p = self.node_proc(index, name)
+        self.procs.append(p)
+        p.start(self.env)
+        return p
 
     def dead(self) -> _Proc | None:
         return next((p for p in self.procs if p.exited() is not None), None)
