@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: setup test test-fast lint proto proto-check bench-raft bench-node sim clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node sim clean help
 
 help:
+	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
 	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
@@ -24,6 +25,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Data, certificates and logs under ./.dkv (kept: running again resumes the same cluster).
+run: setup
+	$(BIN)/dkv dev
 
 test: setup
 	$(BIN)/python -m pytest -n auto -q

@@ -106,3 +106,25 @@ def envoy_bootstrap(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"wrote Envoy's bootstrap to {out}", err=True)
+
+
+@app.command()
+def dev(
+    root: Annotated[Path, typer.Option(help="Data, certificates and logs.")] = Path(".dkv"),
+    port_base: Annotated[
+        int,
+        typer.Option(
+            min=1024, max=65000, help="Ports are this plus fixed offsets (front door: +9)."
+        ),
+    ] = 2370,
+    shards: Annotated[
+        int, typer.Option(min=1, max=1024, help="Shards of a new cluster (fixed after).")
+    ] = 8,
+) -> None:
+    """Run the whole platform locally (membership, 3 nodes, gateway, Envoy) until Ctrl-C.
+    Running it again with the same --root resumes the same cluster and data."""
+    # Imported here: it pulls in the gateway package and Envoy's API protos.
+    from dkv import devstack  # noqa: PLC0415
+
+    code = devstack.run(devstack.DevLayout(root.absolute(), port_base=port_base, shards=shards))
+    raise typer.Exit(code)
