@@ -47,6 +47,14 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _json_or_text(raw: bytes) -> Any:
+    """Envoy answers its own (transcoder) errors in plain text, the gateway's in JSON."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
 def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
     req = urllib.request.Request(
@@ -57,10 +65,10 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     )
     try:
         with urllib.request.urlopen(req, timeout=15) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+            return resp.status, _json_or_text(resp.read())
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            return exc.code, _json_or_text(exc.read())
 
 
 def dkvctl(layout: DevLayout, *args: str) -> subprocess.CompletedProcess[str]:

@@ -68,6 +68,8 @@ class KvService:
 
     def _shard_of(self, key: bytes) -> int:
         count = self.shard_count() if self.shard_count is not None else len(self.shards)
+        if count <= 0:  # a node that has not learned the cluster's shards yet
+            raise NotLeader(0, "this node does not know the cluster's shards yet")
         gid = shard_for_key(key, count)
         if gid not in self.shards:
             raise NotLeader(0, f"shard {gid} is not hosted on this node")

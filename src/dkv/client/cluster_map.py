@@ -16,9 +16,11 @@ import bisect
 import logging
 import random
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from dkv.sharding import slot_for_key
 from dkv.v1 import membership_pb2 as pb
@@ -26,6 +28,17 @@ from dkv.v1 import membership_pb2 as pb
 __all__ = ["ClusterMapView", "follow_cluster_map"]
 
 log = logging.getLogger("dkv.cluster_map")
+
+M = TypeVar("M", bound=Message)
+
+
+def _copy(m: M) -> M:
+    """A copy the view owns: a protobuf sub-message is a view into its parent, so keeping it
+    would let whoever holds the message change (or clear) the view's map behind its back."""
+    out = type(m)()
+    out.CopyFrom(m)
+    return out
+
 
 # Backoff between watch attempts while no membership replica answers.
 RETRY_DELAY_MIN_MS = 50
@@ -51,27 +64,27 @@ class ClusterMapView:
             self.replace(msg.map)
             return
         for n in msg.nodes:
-            self.nodes[n.id] = n
+            self.nodes[n.id] = _copy(n)
         for i in msg.removed_node_ids:
             self.nodes.pop(i, None)
         for s in msg.shards:
-            self.shards[s.id] = s
+            self.shards[s.id] = _copy(s)
         for e in msg.leaders:
-            self.leaders[e.shard_id] = e
+            self.leaders[e.shard_id] = _copy(e)
         if msg.slot_ranges:
             self._set_slots(msg.slot_ranges)
         self.version = msg.version
 
     def replace(self, m: pb.ClusterMap) -> None:
-        self.nodes = {n.id: n for n in m.nodes}
-        self.shards = {s.id: s for s in m.shards}
-        self.leaders = {e.shard_id: e for e in m.leaders}
+        self.nodes = {n.id: _copy(n) for n in m.nodes}
+        self.shards = {s.id: _copy(s) for s in m.shards}
+        self.leaders = {e.shard_id: _copy(e) for e in m.leaders}
         self._set_slots(m.slot_ranges)
         self.version = m.version
 
     def _set_slots(self, ranges: Iterable[pb.SlotRange]) -> None:
-        rs = sorted(ranges, key=lambda r: r.start)
-        self._slot_ranges = list(rs)
+        rs = sorted((_copy(r) for r in ranges), key=lambda r: r.start)
+        self._slot_ranges = rs
         self._slot_starts = [r.start for r in rs]
 
     # -- lookups --------------------------------------------------------------------------------

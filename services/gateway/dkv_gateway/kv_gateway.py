@@ -1,0 +1,281 @@
+"""The public ``dkv.v1.KV`` service of the gateway: route each request to its shard(s).
+
+- Put, single-key Delete and single-key Range go to the key's shard (key -> slot -> shard from
+  the cluster map) through :class:`dkv_gateway.router.Router`, which finds the leader and
+  retries within the caller's deadline. A serializable read may be answered by any replica.
+- A write without a ``request_id`` gets a fresh one here, before the first attempt, so that
+  every retry carries the same id and the shard applies the write at most once. When the
+  write fails with UNAVAILABLE its outcome is unknown: the trailer ``dkv-request-id`` names
+  the id, and retrying with it is safe.
+- A Range over a key range or prefix asks every shard for its first ``limit`` keys after the
+  continuation (``RangeRequest.shard_id = N``, in parallel), merges them in key order and cuts
+  at ``limit``: the first ``limit`` keys of the merge are the first ``limit`` keys overall,
+  since each shard sent its own first ``limit``. ``more``, ``continuation`` (last key +
+  ``\\0``) and ``count`` (keys in this page, as a node answers) follow the node's rules, so a
+  caller pages the same way through a node or the gateway. The header has ``shard_id`` 0 and
+  the largest shard revision. It is *not* one snapshot across shards: each shard is read on
+  its own (linearizably by default), at slightly different moments.
+- A range Delete runs in every shard (``DeleteRequest.shard_id = N``, at each shard's leader)
+  with the same request id (the node derives one id per shard and step from it); ``deleted``
+  is the sum and ``prev_kvs`` are merged in key order. Like a node's, it is not atomic across
+  shards.
+- Watch: see :mod:`dkv_gateway.watch`.
+
+Errors become statuses in one place (:func:`_answer`): a node's final status passes through
+unchanged; a shard that has no reachable leader before the deadline is UNAVAILABLE naming the
+shard, with ``grpc-retry-pushback-ms`` (gRPC's standard server pushback); a cluster whose map
+has no shards yet is UNAVAILABLE saying so; the rest is :mod:`dkv.host.grpc_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX
+
+from dkv.host.grpc_errors import Ctx, call
+from dkv.v1 import kv_pb2
+from dkv_gateway.router import NodeStatus, NotInitialized, Router, ShardUnreachable
+from dkv_gateway.watch import merged_watch
+
+__all__ = ["KvGateway", "add_kv_gateway"]
+
+T = TypeVar("T")
+
+NOT_INITIALIZED_PUSHBACK_MS = 1_000
+
+
+def _no_leader_info(_member_id: int) -> tuple[str, str]:
+    return "", ""
+
+
+async def _answer(context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn``; turn a failure into the caller's status (``context.abort`` raises)."""
+
+    async def run() -> T:
+        try:
+            return await fn()
+        except NodeStatus as exc:
+            if exc.trailers:
+                context.set_trailing_metadata(exc.trailers)
+            await context.abort(exc.code, exc.details)
+        except ShardUnreachable as exc:
+            trailers = [("grpc-retry-pushback-ms", str(exc.retry_pushback_ms))]
+            if exc.request_id:
+                trailers.append(("dkv-request-id", exc.request_id))
+            context.set_trailing_metadata(tuple(trailers))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NotInitialized as exc:
+            context.set_trailing_metadata(
+                (("grpc-retry-pushback-ms", str(NOT_INITIALIZED_PUSHBACK_MS)),)
+            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    return await call(context, run, _no_leader_info)
+
+
+async def _all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently; the first failure cancels the others and is raised."""
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _naming_request_id(
+    req: kv_pb2.PutRequest | kv_pb2.DeleteRequest, fn: Callable[[], Awaitable[T]]
+) -> Callable[[], Awaitable[T]]:
+    """``fn``, whose ShardUnreachable names the write's request id (read when it fails: the
+    gateway may have chosen it meanwhile), so the caller can retry the very same write."""
+
+    async def run() -> T:
+        try:
+            return await fn()
+        except ShardUnreachable as exc:
+            exc.request_id = req.request_id
+            raise
+
+    return run
+
+
+def _range_limit(limit: int) -> int:
+    return min(limit, RANGE_LIMIT_MAX) if limit > 0 else RANGE_LIMIT_DEFAULT
+
+
+class KvGateway:
+    """See the module docstring. ``closing`` ends watch streams cleanly when set."""
+
+    def __init__(self, router: Router, closing: asyncio.Event | None = None) -> None:
+        self.router = router
+        self.closing = closing or asyncio.Event()
+
+    def _deadline(self, context: Ctx) -> float:
+        return self.router.deadline(context.time_remaining())
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def put(self, req: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:
+        async def run() -> kv_pb2.PutResponse:
+            deadline = self._deadline(context)
+            if not req.request_id:
+                req.request_id = uuid.uuid4().hex  # before the first attempt: retries share it
+            shard = self.router.shard_of_key(req.key)
+            return await self.router.unary(
+                shard, "Put", req, kv_pb2.PutResponse.FromString, deadline, write=True
+            )
+
+        return await _answer(context, _naming_request_id(req, run))
+
+    async def delete(self, req: kv_pb2.DeleteRequest, context: Ctx) -> kv_pb2.DeleteResponse:
+        async def run() -> kv_pb2.DeleteResponse:
+            deadline = self._deadline(context)
+            if not req.request_id:
+                req.request_id = uuid.uuid4().hex
+            if req.shard_id:
+                shard = self.router.check_shard(req.shard_id)
+            elif req.range_end:
+                return await self._delete_range(req, deadline)
+            else:
+                shard = self.router.shard_of_key(req.key)
+            return await self.router.unary(
+                shard, "Delete", req, kv_pb2.DeleteResponse.FromString, deadline, write=True
+            )
+
+        return await _answer(context, _naming_request_id(req, run))
+
+    async def _delete_range(
+        self, req: kv_pb2.DeleteRequest, deadline: float
+    ) -> kv_pb2.DeleteResponse:
+        def part(shard: int) -> Coroutine[Any, Any, kv_pb2.DeleteResponse]:
+            sub = kv_pb2.DeleteRequest()
+            sub.CopyFrom(req)
+            sub.shard_id = shard
+            return self.router.unary(
+                shard, "Delete", sub, kv_pb2.DeleteResponse.FromString, deadline, write=True
+            )
+
+        parts = await _all([part(s) for s in self.router.shards()])
+        merged = kv_pb2.DeleteResponse(
+            succeeded=all(p.succeeded for p in parts), deleted=sum(p.deleted for p in parts)
+        )
+        merged.header.revision = max(p.header.revision for p in parts)
+        if req.prev_kv:
+            merged.prev_kvs.extend(heapq.merge(*(p.prev_kvs for p in parts), key=lambda kv: kv.key))
+        return merged
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def range(self, req: kv_pb2.RangeRequest, context: Ctx) -> kv_pb2.RangeResponse:
+        async def run() -> kv_pb2.RangeResponse:
+            deadline = self._deadline(context)
+            if req.shard_id:
+                shard = self.router.check_shard(req.shard_id)
+            elif req.prefix or req.range_end:
+                return await self._range_all(req, deadline)
+            else:
+                shard = self.router.shard_of_key(req.key)
+            return await self.router.unary(
+                shard, "Range", req, kv_pb2.RangeResponse.FromString, deadline
+            )
+
+        return await _answer(context, run)
+
+    async def _range_all(self, req: kv_pb2.RangeRequest, deadline: float) -> kv_pb2.RangeResponse:
+        limit = _range_limit(req.limit)
+        sub = kv_pb2.RangeRequest()
+        sub.CopyFrom(req)
+        sub.limit = limit
+        if req.count_only:
+            # The cut at `limit` needs the keys (not the values) to find the page's end.
+            sub.count_only = False
+            sub.keys_only = True
+
+        def part(shard: int) -> Coroutine[Any, Any, kv_pb2.RangeResponse]:
+            scoped = kv_pb2.RangeRequest()
+            scoped.CopyFrom(sub)
+            scoped.shard_id = shard
+            return self.router.unary(
+                shard, "Range", scoped, kv_pb2.RangeResponse.FromString, deadline
+            )
+
+        parts = await _all([part(s) for s in self.router.shards()])
+        merged = list(heapq.merge(*(p.kvs for p in parts), key=lambda kv: kv.key))
+        more = len(merged) > limit or any(p.more for p in parts)
+        page = merged[:limit]
+        resp = kv_pb2.RangeResponse(more=more, count=len(page))
+        resp.header.revision = max(p.header.revision for p in parts)
+        if not req.count_only:
+            resp.kvs.extend(page)
+        if more and page:
+            resp.continuation = page[-1].key + b"\x00"
+        return resp
+
+    async def watch(
+        self, req: kv_pb2.WatchRequest, context: Ctx
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        async def shards() -> list[int]:
+            if req.shard_id:
+                return [self.router.check_shard(req.shard_id)]
+            if req.prefix or req.range_end:
+                return self.router.shards()
+            return [self.router.shard_of_key(req.key)]
+
+        shard_ids = await _answer(context, shards)
+
+        failure: NodeStatus | None = None
+        try:
+            async for resp in merged_watch(self.router, req, shard_ids, self.closing):
+                yield resp
+        except NodeStatus as exc:
+            failure = exc
+        if failure is not None:
+            error = failure
+
+            async def fail() -> None:
+                raise error
+
+            await _answer(context, fail)
+
+
+def add_kv_gateway(server: grpc.aio.Server, gateway: KvGateway) -> None:
+    """Serve ``gateway`` as ``dkv.v1.KV`` on ``server``."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Put": grpc.unary_unary_rpc_method_handler(
+            gateway.put,
+            request_deserializer=kv_pb2.PutRequest.FromString,
+            response_serializer=kv_pb2.PutResponse.SerializeToString,
+        ),
+        "Delete": grpc.unary_unary_rpc_method_handler(
+            gateway.delete,
+            request_deserializer=kv_pb2.DeleteRequest.FromString,
+            response_serializer=kv_pb2.DeleteResponse.SerializeToString,
+        ),
+        "Range": grpc.unary_unary_rpc_method_handler(
+            gateway.range,
+            request_deserializer=kv_pb2.RangeRequest.FromString,
+            response_serializer=kv_pb2.RangeResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            gateway.watch,
+            request_deserializer=kv_pb2.WatchRequest.FromString,
+            response_serializer=kv_pb2.WatchResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dkv.v1.KV", handlers),))

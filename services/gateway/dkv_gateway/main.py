@@ -1,0 +1,153 @@
+"""``dkv-gateway``: run one gateway (stateless; run as many as you like behind Envoy).
+
+Flags in the style of ``dkv-node``; each is also an env var DKV_GATEWAY_<FLAG> (prefixed so it
+does not clash with dkv-node's DKV_* in one environment). A flag on the command line wins.
+
+Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT), 2 for a usage error, 1 when the
+gateway refuses to start (e.g. a port in use). Every refusal is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+# gRPC core logs connection churn (nodes restarting) at INFO; keep the gateway's log readable.
+# Must be set before grpc initialises, i.e. before the imports below load it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from dkv.cli.flags import int_flag, tls_files
+from dkv.errors import DkvError, InvalidArgument
+from dkv.host.grpc_transport import with_port
+from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
+
+__all__ = ["ENV_PREFIX", "main", "parse_args"]
+
+PROG = "dkv-gateway"
+ENV_PREFIX = "DKV_GATEWAY_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DEFAULTS = GatewayConfig(membership=())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``dkv-gateway: <reason>``), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Run a dkv gateway: the public KV API, routed to each shard's leader, "
+        "and the xDS server that configures Envoy. Every flag can also be set as "
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MEMBERSHIP).",
+    )
+
+    def add(flag: str, help_: str, default: object = None) -> None:
+        d = None if default is None else str(default)
+        p.add_argument(f"--{flag}", default=_env(flag, d), help=help_)
+
+    add("listen-client", "address for KV clients (and Envoy)", _DEFAULTS.listen_client)
+    add("advertise-client", "address Envoy dials (default: --listen-client)")
+    add("listen-xds", "address of the xDS (ADS) server for Envoy", _DEFAULTS.listen_xds)
+    add("envoy-port", "the port Envoy's front door listens on", _DEFAULTS.envoy_port)
+    add("membership", "host:port,... of the membership service's client addresses (required)")
+    add(
+        "default-timeout-ms",
+        "deadline of a call that carries none",
+        _DEFAULTS.default_timeout_ms,
+    )
+    add("cert-file", "TLS certificate for talking to nodes and membership")
+    add("key-file", "TLS key for talking to nodes and membership")
+    add("trusted-ca-file", "CA that signs the nodes' and membership's certificates (mTLS)")
+    add("log-level", ", ".join(LOG_LEVELS), "info")
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
+    p = _parser()
+    args = p.parse_args(argv)
+    level = str(args.log_level or "info").lower()
+    if level not in LOG_LEVELS:
+        p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    membership = tuple(a.strip() for a in (args.membership or "").split(",") if a.strip())
+    if not membership:
+        p.error("--membership is required (host:port,... of the membership service)")
+    addresses = [("membership", a) for a in membership]
+    addresses += [("listen-client", args.listen_client), ("listen-xds", args.listen_xds)]
+    if args.advertise_client:
+        addresses.append(("advertise-client", args.advertise_client))
+    for flag, address in addresses:
+        try:
+            split_host_port(address)
+        except InvalidArgument:
+            p.error(f"--{flag} entry {address!r} is not host:port")
+    cfg = GatewayConfig(
+        membership=membership,
+        listen_client=args.listen_client,
+        advertise_client=args.advertise_client or "",
+        listen_xds=args.listen_xds,
+        envoy_port=int_flag(p, "envoy-port", args.envoy_port, 1),
+        tls=tls_files(args, "", p),
+        default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
+    )
+    try:
+        cfg.validate()  # a backstop: the checks above already name the flags
+    except InvalidArgument as exc:
+        p.error(str(exc))
+    return cfg, level
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
+    """The gateway's configuration from ``argv`` and DKV_GATEWAY_* (exit 2 on misuse)."""
+    return _parse(argv)[0]
+
+
+async def _serve(cfg: GatewayConfig) -> None:
+    server = GatewayServer(cfg)
+    await server.start()  # a port in use is an InvalidArgument from dkv.host.grpc_transport.bind
+    print(
+        f"{PROG} serving clients on {server.advertise_client}, "
+        f"xDS on {with_port(cfg.listen_xds, server.xds_port)} "
+        f"(Envoy front door on port {cfg.envoy_port}), "
+        f"membership {','.join(cfg.membership)}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"{PROG}: shutting down", flush=True)
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, level = _parse(argv)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_serve(cfg))
+    except DkvError as exc:
+        print(f"{PROG}: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

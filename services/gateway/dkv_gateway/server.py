@@ -1,0 +1,200 @@
+"""One gateway process assembled from its configuration (DESIGN.md "gateway").
+
+Two gRPC servers:
+
+- the client server on ``listen_client``: the public ``dkv.v1.KV`` service
+  (:mod:`dkv_gateway.kv_gateway`) and gRPC health. Health says NOT_SERVING until the cluster
+  map is initialized (it has shards), so neither Envoy nor Kubernetes sends traffic to a
+  gateway that could only answer "not initialized";
+- the xDS server on ``listen_xds``: :class:`dkv_gateway.xds.AdsServer`, which tells Envoy to
+  listen on ``envoy_port`` (the front door users hit) and to send KV calls to this gateway
+  (:func:`dkv_gateway.envoy_config.resources`).
+
+Both bind before anything is announced, so port 0 works and Envoy is told the bound port.
+A background task keeps the cluster map current from the membership service
+(:func:`dkv.client.cluster_map.follow_cluster_map`); the gateway holds no other state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
+from dkv.errors import InvalidArgument
+from dkv.host.grpc_transport import TlsFiles, bind, with_port
+from dkv_gateway.envoy_config import FrontDoor, resources
+from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
+from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
+from dkv_gateway.xds import AdsServer
+
+__all__ = ["GatewayConfig", "GatewayServer", "split_host_port"]
+
+log = logging.getLogger("dkv.gateway")
+
+KV_SERVICE = "dkv.v1.KV"
+
+# As on the node: answer RESOURCE_EXHAUSTED beyond this many calls in progress (watches
+# count), and raise gRPC core's pending-call queue above it so it never drops calls silently.
+CLIENT_RPCS_MAX = 4096
+CLIENT_SERVER_OPTIONS = (
+    ("grpc.server.max_pending_requests", 2 * CLIENT_RPCS_MAX),
+    ("grpc.server.max_pending_requests_hard_limit", 4 * CLIENT_RPCS_MAX),
+)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) as (host, port); InvalidArgument when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidArgument(f"{address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # Client addresses (host:port) of the membership replicas.
+    membership: tuple[str, ...]
+    listen_client: str = "127.0.0.1:2378"
+    # What Envoy dials (default: --listen-client with the bound port).
+    advertise_client: str = ""
+    listen_xds: str = "127.0.0.1:2377"
+    # The port Envoy's front-door listener opens (what users hit).
+    envoy_port: int = 2379
+    # mTLS toward the nodes' and membership's client ports.
+    tls: TlsFiles | None = None
+    # The deadline of a call that carries none.
+    default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
+
+    def validate(self) -> None:
+        if not self.membership:
+            raise InvalidArgument("--membership is required (host:port,... of membership)")
+        for address in (*self.membership, self.listen_client, self.listen_xds):
+            split_host_port(address)
+        if self.advertise_client:
+            split_host_port(self.advertise_client)
+        if not 1 <= self.envoy_port <= 65535:
+            raise InvalidArgument(f"--envoy-port must be in 1..65535, got {self.envoy_port}")
+        if self.default_timeout_ms < 1:
+            raise InvalidArgument("--default-timeout-ms must be >= 1")
+
+
+class GatewayServer:
+    """See the module docstring."""
+
+    def __init__(self, cfg: GatewayConfig, rng: random.Random | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.rng = rng or random.Random()
+        self.view = ClusterMapView()
+        self.initialized = asyncio.Event()  # set once the map has shards
+        self.client_server: grpc.aio.Server | None = None
+        self.xds_server: grpc.aio.Server | None = None
+        self.health: health.HealthServicer | None = None
+        self.ads: AdsServer | None = None
+        self.router: Router | None = None
+        self._node_channels: ChannelPool | None = None
+        self._membership_channels: ChannelPool | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self.client_port = 0
+        self.xds_port = 0
+        self.advertise_client = ""
+
+    async def start(self) -> None:
+        try:
+            await self._assemble()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _assemble(self) -> None:
+        cfg = self.cfg
+        # Bind first, so that port 0 works and what we announce is where we listen.
+        self.client_server = grpc.aio.server(
+            options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
+        )
+        self.client_port = bind(self.client_server, cfg.listen_client, None)
+        self.xds_server = grpc.aio.server()
+        self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
+        self.advertise_client = cfg.advertise_client or with_port(
+            cfg.listen_client, self.client_port
+        )
+        clusters, listeners = resources(
+            FrontDoor(listen_port=cfg.envoy_port, gateways=[split_host_port(self.advertise_client)])
+        )
+        self.ads = AdsServer(clusters=clusters, listeners=listeners)
+        self.ads.add_to_server(self.xds_server)
+
+        self._node_channels = ChannelPool(cfg.tls)
+        self._membership_channels = ChannelPool(cfg.tls)
+        self.router = Router(
+            self.view,
+            self._node_channels,
+            default_timeout_s=cfg.default_timeout_ms / 1000,
+            rng=self.rng,
+        )
+        add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
+        for service in ("", KV_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.xds_server.start()
+        await self.client_server.start()
+        self._follow = asyncio.get_running_loop().create_task(
+            follow_cluster_map(
+                self._membership_channels.get,
+                list(cfg.membership),
+                self.view,
+                self._on_map_change,
+                self.rng,
+            )
+        )
+        log.info(
+            "gateway serving clients on %s, xDS on %s",
+            self.advertise_client,
+            with_port(cfg.listen_xds, self.xds_port),
+        )
+
+    def _on_map_change(self, view: ClusterMapView) -> None:
+        assert self.router is not None
+        self.router.on_map_change(view)
+        if view.initialized and not self.initialized.is_set():
+            self.initialized.set()
+            if self.health is not None:
+                for service in ("", KV_SERVICE):
+                    self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info(
+                "cluster map initialized: %d shards, %d nodes (version %d)",
+                view.shard_count,
+                len(view.nodes),
+                view.version,
+            )
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Graceful: health goes NOT_SERVING, watches end cleanly (callers resume
+        elsewhere), calls in flight get ``grace_s`` to finish, then every channel closes."""
+        self._closing.set()
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+            self._follow = None
+        if self.ads is not None:
+            await self.ads.close()
+        if self.client_server is not None:
+            await self.client_server.stop(grace_s)
+        if self.xds_server is not None:
+            await self.xds_server.stop(None)
+        for pool in (self._node_channels, self._membership_channels):
+            if pool is not None:
+                await pool.close()
