@@ -186,6 +186,9 @@ class DevStack:
         taken = []
         for port, what in self.layout.ports():
             with socket.socket() as s:
+                # As the servers do: connections of a previous run in TIME_WAIT do not make
+                # the port "taken", a listener does.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:

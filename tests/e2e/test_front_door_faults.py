@@ -117,7 +117,7 @@ async def run_phase(
     finally:
         await task
     assert not history.errors, f"{label}: calls failed through the front door: {history.errors}"
-    assert not history.unknown(), f"{label}: calls got no answer in time: {history.unknown()}"
+    assert not history.unknown, f"{label}: calls got no answer in time: {history.unknown}"
     return work
 
 
