@@ -76,10 +76,18 @@ class KvService:
         return self._serving(gid)
 
     def _scoped(self, shard_id: int) -> int:
-        """A shard a request names explicitly: it must be hosted here (a caller that names a
-        shard chose this node for it, so anything else is its mistake)."""
+        """A shard a request names explicitly. One the cluster does not have is the caller's
+        mistake (INVALID_ARGUMENT); one that exists but is not hosted here is a routing miss
+        (UNAVAILABLE, no leader hint): during a move the map can name this node a moment
+        before it hosts the shard, or after it dropped it, and the caller should try another
+        replica."""
+        count = self.shard_count() if self.shard_count is not None else len(self.shards)
         if shard_id not in self.shards:
-            raise InvalidArgument(f"shard {shard_id} is not hosted on this node")
+            if count and not 1 <= shard_id <= count:
+                raise InvalidArgument(
+                    f"shard {shard_id} does not exist (the cluster has shards 1..{count})"
+                )
+            raise NotLeader(0, f"shard {shard_id} is not hosted on this node")
         return self._serving(shard_id)
 
     def _serving(self, gid: int) -> int:
