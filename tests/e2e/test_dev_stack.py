@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import random
 import subprocess
@@ -20,10 +21,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from dkv.client import Client
 from dkv.devstack import DevLayout, DevStack, StackError
+from dkv.errors import InvalidArgument
 from dkv.v1 import kv_pb2
 
 pytestmark = pytest.mark.slow
@@ -55,7 +58,7 @@ def _json_or_text(raw: bytes) -> Any:
         return raw.decode(errors="replace")
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+def http_call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
     req = urllib.request.Request(
         url,
@@ -69,6 +72,21 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, _json_or_text(exc.read())
+
+
+def first_watch_line(door: str, body: Any) -> Any:
+    host, port = door.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/v1/kv:watch", body=json.dumps(body))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        while True:
+            line = resp.readline()
+            if line.strip():
+                return json.loads(line)
+    finally:
+        conn.close()
 
 
 def dkvctl(layout: DevLayout, *args: str) -> subprocess.CompletedProcess[str]:
@@ -135,17 +153,47 @@ async def exercise_front_door(layout: DevLayout) -> None:
         deleted = await c.delete(b"user/alice")
         assert deleted.deleted == 1
 
+        # A prefix watch over every shard (the gateway merges one stream per shard): the
+        # whole history (every shard counts its own revisions), each key once.
+        watch = c.watch(kv_pb2.WatchRequest(prefix=b"scan/", start_revision=1))
+        watched: set[bytes] = set()
+        try:
+            while len(watched) < len(keys):
+                resp = await asyncio.wait_for(anext(watch), 30)
+                for e in resp.events:
+                    assert e.kv.key not in watched, e.kv.key
+                    watched.add(e.kv.key)
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+        assert watched == set(keys)
+
+        # Bad input: a clear status, not a hang.
+        with pytest.raises(InvalidArgument, match="key"):
+            await c.put(b"", b"x")
+
     # HTTP/JSON through the transcoder (keys and values base64, as proto3 JSON has it).
     base = f"http://{door}/v1/kv"
     status, body = await asyncio.to_thread(
-        http, "PUT", f"{base}/{b64(b'web/x')}", {"value": b64(b"hi")}
+        http_call, "PUT", f"{base}/{b64(b'web/x')}", {"value": b64(b"hi")}
     )
     assert status == 200, body
-    status, body = await asyncio.to_thread(http, "GET", f"{base}/{b64(b'web/x')}")
+    status, body = await asyncio.to_thread(http_call, "GET", f"{base}/{b64(b'web/x')}")
     assert status == 200, body
     assert [base64.b64decode(kv["value"]) for kv in body["kvs"]] == [b"hi"]
-    status, body = await asyncio.to_thread(http, "PUT", f"{base}/{b64(b'web/y')}", b"{not json")
+    status, body = await asyncio.to_thread(
+        http_call, "PUT", f"{base}/{b64(b'web/y')}", b"{not json"
+    )
     assert status == 400, body
+    status, body = await asyncio.to_thread(
+        http_call, "POST", f"{base}:put", {"key": "", "value": b64(b"v")}
+    )
+    assert status == 400 and body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0], body
+    # A watch over HTTP: newline-delimited JSON, one object per change, as it happens.
+    rev = (await asyncio.to_thread(http_call, "GET", f"{base}/{b64(b'web/x')}"))[1]["kvs"][0]
+    line = await asyncio.to_thread(
+        first_watch_line, door, {"key": b64(b"web/x"), "start_revision": rev["mod_revision"]}
+    )
+    assert [base64.b64decode(e["kv"]["value"]) for e in line["events"]] == [b"hi"]
 
     # dkvctl against the front door.
     out = await asyncio.to_thread(dkvctl, layout, "put", "cli/key", "cli-value")

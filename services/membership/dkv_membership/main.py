@@ -37,6 +37,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # MembershipConfig's defaults, shown in --help (a placeholder config, never started).
 _DRIVER = DriverConfig()
+# The process turns down detection on (10 heartbeats of a node at the default 1 s interval);
+# MembershipConfig keeps it off for embedders and tests that drive it themselves.
+DOWN_AFTER_MS_DEFAULT = 10_000
 _DEFAULTS = MembershipConfig(
     name="", data_dir=Path(), listen_peer="", listen_client="", initial_cluster={}
 )
@@ -93,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "down-after-ms",
         "the leader marks a node DOWN after this long without a heartbeat; 0 turns it off",
-        _DEFAULTS.down_after_ms,
+        DOWN_AFTER_MS_DEFAULT,
     )
     add(
         "down-check-interval-ms",
