@@ -109,7 +109,7 @@ class FrontDoor:
 
     ``http_json`` serves the KV API as HTTP/JSON too (the transcoder). ``http_json_body_bytes_max``
     bounds one JSON request and one unary JSON answer, which the transcoder holds whole: values
-    may be 1 MiB (dkv_node.limits), which is about 1.4 MB as base64, so the default leaves room
+    may be 1 MiB (the node's limits), which is about 1.4 MB as base64, so the default leaves room
     for a JSON body carrying one such value, or a Range answer of a few.
     """
 

@@ -37,9 +37,9 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from dkv_node.kv_state import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX
 
 from dkv.host.grpc_errors import Ctx, call
+from dkv.keys import range_limit
 from dkv.v1 import kv_pb2
 from dkv_gateway.router import NodeStatus, NotInitialized, Router, ShardUnreachable
 from dkv_gateway.watch import merged_watch
@@ -113,10 +113,6 @@ def _naming_request_id(
             raise
 
     return run
-
-
-def _range_limit(limit: int) -> int:
-    return min(limit, RANGE_LIMIT_MAX) if limit > 0 else RANGE_LIMIT_DEFAULT
 
 
 class KvGateway:
@@ -198,7 +194,7 @@ class KvGateway:
         return await _answer(context, run)
 
     async def _range_all(self, req: kv_pb2.RangeRequest, deadline: float) -> kv_pb2.RangeResponse:
-        limit = _range_limit(req.limit)
+        limit = range_limit(req.limit)
         sub = kv_pb2.RangeRequest()
         sub.CopyFrom(req)
         sub.limit = limit

@@ -28,12 +28,11 @@ import grpc.aio
 from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
+from dkv.keys import range_limit
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 from dkv_node.kv_state import (
     DELETE_RANGE_KEYS_MAX,
-    RANGE_LIMIT_DEFAULT,
-    RANGE_LIMIT_MAX,
     prefix_end,
 )
 from dkv_node.leader_router import LeaderRouter
@@ -239,7 +238,7 @@ class KvService:
             # Every shard may hold keys of the range: confirm freshness everywhere at once,
             # then merge each shard's first `limit` keys in key order.
             await asyncio.gather(*(self._fresh(gid, req, timeout) for gid in gids))
-            limit = min(req.limit, RANGE_LIMIT_MAX) if req.limit > 0 else RANGE_LIMIT_DEFAULT
+            limit = range_limit(req.limit)
             sub = kv_pb2.RangeRequest()
             sub.CopyFrom(req)
             sub.limit = limit

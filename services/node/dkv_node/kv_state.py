@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dkv.errors import InvalidArgument, InvariantViolation
-from dkv.keys import prefix_end
+
+# Defined in dkv.keys (the gateway pages the same way); re-exported for the node's modules.
+from dkv.keys import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX, prefix_end, range_limit
 from dkv.v1 import kv_pb2
 
 __all__ = [
@@ -39,8 +41,6 @@ __all__ = [
     "prefix_end",
 ]
 
-RANGE_LIMIT_DEFAULT = 1000
-RANGE_LIMIT_MAX = 10_000
 # One range-delete command removes at most this many keys (its entry, events and response
 # stay small); the API layer repeats the command until the range is empty.
 DELETE_RANGE_KEYS_MAX = 1000
@@ -216,7 +216,7 @@ class KvStateMachine:
             if req.continuation < lo or (hi and req.continuation >= hi):
                 raise InvalidArgument("continuation token does not belong to this range")
             lo = req.continuation
-        limit = min(req.limit, RANGE_LIMIT_MAX) if req.limit > 0 else RANGE_LIMIT_DEFAULT
+        limit = range_limit(req.limit)
         # One extra key tells whether more remain.
         found = self.store.scan(lo, hi, limit + 1)
         more = len(found) > limit
