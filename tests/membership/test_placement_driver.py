@@ -25,12 +25,17 @@ SHARDS = 4
 WAIT_S = 30.0
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+async def eventually(
+    check: Callable[[], bool],
+    what: str,
+    timeout_s: float = WAIT_S,
+    on_fail: Callable[[], str] = lambda: "",
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not check():
         if loop.time() > deadline:
-            raise AssertionError(f"not reached within {timeout_s} s: {what}")
+            raise AssertionError(f"not reached within {timeout_s} s: {what} {on_fail()}")
         await asyncio.sleep(0.02)
 
 
@@ -40,7 +45,7 @@ class Fixture:
         self.m: MembershipServer | None = None
         self.nodes: dict[str, Node] = {}
 
-    async def start_membership(self) -> None:
+    async def start_membership(self, replace_down_after_ms: int = 0) -> None:
         self.m = MembershipServer(
             MembershipConfig(
                 name="m1",
@@ -49,7 +54,14 @@ class Fixture:
                 listen_client="127.0.0.1:0",
                 initial_cluster={"m1": "127.0.0.1:1"},  # one replica: never dialled
                 tick_interval_ms=10,
-                driver=DriverConfig(shard_count=SHARDS, replication=3, interval_ms=50),
+                down_after_ms=400,
+                down_check_interval_ms=50,
+                driver=DriverConfig(
+                    shard_count=SHARDS,
+                    replication=3,
+                    interval_ms=50,
+                    replace_down_after_ms=replace_down_after_ms,
+                ),
             )
         )
         await self.m.start()
@@ -113,6 +125,17 @@ class Fixture:
             if set(n.shards) != want:
                 return False
         return True
+
+    def describe(self) -> str:
+        """The map's nodes and shards, for a failure message."""
+        if self.m is None or self.m.sm is None:
+            return "membership stopped"
+        st = self.m.sm.state
+        nodes = {n.id: (n.name, n.state) for n in st.nodes.values()}
+        shards = {
+            s.id: ([nodes[v][0] for v in s.voters], list(s.learners)) for s in st.shards.values()
+        }
+        return f"nodes {sorted(nodes.values())}; shards (voters, learners) {shards}"
 
     def client(self) -> Client:
         return Client([n.advertise_client for n in self.nodes.values()], timeout_s=10)
@@ -217,6 +240,65 @@ def test_managed_node_restart_serves_its_shards_from_disk(tmp_path: Path) -> Non
             async with f.client() as client:
                 got = await client.get(b"k")
                 assert [kv.value for kv in got.kvs] == [b"v1"]
+        finally:
+            await f.stop()
+
+    asyncio.run(scenario())
+
+
+def test_replicas_of_a_node_down_too_long_are_recreated_elsewhere(tmp_path: Path) -> None:
+    """Four nodes; one dies for good. Once DOWN longer than replace_down_after_ms, its
+    replicas are added elsewhere and it is removed from every shard, with no data lost. With
+    only three nodes, a dead node keeps its replicas (nowhere else to put them)."""
+
+    async def scenario() -> None:
+        f = Fixture(tmp_path)
+        await f.start_membership(replace_down_after_ms=300)
+        try:
+            for name in ("a", "b", "c"):
+                await f.start_node(name)
+            await eventually(f.settled, "cluster initialized")
+            async with f.client() as client:
+                for i in range(20):
+                    await client.put(b"k%d" % i, b"v%d" % i)
+            d = await f.start_node("d")
+            await eventually(
+                lambda: any(d.id in s.voters for s in f.shards().values()) and f.settled(),
+                "replicas moved onto d",
+            )
+            del f.nodes["d"]
+            await d.stop()
+            assert f.m is not None and f.m.sm is not None
+            sm = f.m.sm
+            await eventually(
+                lambda: sm.state.nodes[d.id].state == pb.NODE_STATE_DOWN, "d marked DOWN"
+            )
+            await eventually(
+                lambda: (
+                    all(d.id not in s.voters and not s.learners for s in f.shards().values())
+                    and f.settled()
+                ),
+                "d's replicas re-created on a, b and c",
+                on_fail=f.describe,
+            )
+            async with f.client() as client:
+                for i in range(20):
+                    got = await client.get(b"k%d" % i)
+                    assert [kv.value for kv in got.kvs] == [b"v%d" % i]
+            # Now only three nodes are left: another death moves nothing.
+            c = f.nodes.pop("c")
+            await c.stop()
+            await eventually(
+                lambda: sm.state.nodes[c.id].state == pb.NODE_STATE_DOWN, "c marked DOWN"
+            )
+            passes = f.m.driver.passes if f.m.driver is not None else 0
+            await eventually(
+                lambda: (
+                    f.m is not None and f.m.driver is not None and f.m.driver.passes > passes + 20
+                ),
+                "driver ran 20 more passes",
+            )
+            assert all(c.id in s.voters for s in f.shards().values())
         finally:
             await f.stop()
 

@@ -26,8 +26,10 @@ Runs on every replica, acts only on the leader, one pass every ``interval_ms``:
    than the planned number of voters.
 3. **Leaving.** A LEAVING node that holds no replica any more is removed from the map.
 
-DOWN nodes keep their replicas (their shards serve from the remaining majority); replacing
-a dead node's replicas automatically is not done yet — drain it with ``LeaveNode``.
+A DOWN node keeps its replicas for ``replace_down_after_ms`` (its shards serve from the
+remaining majority meanwhile); after that its replicas are re-created on other nodes, as for a
+draining node, when enough other nodes are UP. If it comes back, it is UP with fewer (or no)
+replicas, and placement may give it some again.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class DriverConfig:
     interval_ms: int = 1000
     moves_max: int = 2  # shards being moved at the same time
     rpc_timeout_ms: int = 5000
+    # A node DOWN (no heartbeat) for longer than this loses its replicas to other nodes, if
+    # enough others are UP; 0: never (drain it with LeaveNode).
+    replace_down_after_ms: int = 300_000
 
 
 class PlacementDriver:
@@ -128,10 +133,24 @@ class PlacementDriver:
         await self._remove_drained()
 
     def plan(self) -> dict[int, tuple[int, ...]]:
-        """Where each shard's replicas should be: over UP and DOWN nodes (not LEAVING),
-        keeping current replicas where the load bound allows."""
+        """Where each shard's replicas should be, keeping current replicas where the load
+        bound allows: over UP nodes and nodes DOWN for a short while (a restart, a network
+        blip: moving their replicas would cost more than waiting). Nodes DOWN for longer than
+        ``replace_down_after_ms`` are left out (their replicas are re-created elsewhere) as
+        long as enough other nodes remain for the replication factor; LEAVING nodes are
+        always left out (drained)."""
         st = self.service.sm.state
-        nodes = sorted((n for n in st.nodes.values() if n.state in (UP, DOWN)), key=lambda n: n.id)
+        now_ms = self.service.clock()
+        wait_ms = self.cfg.replace_down_after_ms
+
+        def dead(n: pb.Node) -> bool:
+            return n.state == DOWN and wait_ms > 0 and now_ms - n.last_heartbeat_unix_ms > wait_ms
+
+        candidates = [n for n in st.nodes.values() if n.state in (UP, DOWN)]
+        alive = [n for n in candidates if not dead(n)]
+        if len(alive) >= self.cfg.replication:
+            candidates = alive
+        nodes = sorted(candidates, key=lambda n: n.id)
         if not nodes:
             return {}
         name_of = {n.id: n.name for n in st.nodes.values()}

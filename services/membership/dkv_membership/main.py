@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("placement-interval-ms", "how often the leader checks placement", _DRIVER.interval_ms)
     add("moves-max", "shards whose replicas move at the same time", _DRIVER.moves_max)
+    add(
+        "replace-down-after-ms",
+        "a node DOWN this long gets its replicas re-created on other nodes; 0: never",
+        _DRIVER.replace_down_after_ms,
+    )
     add("placement", "on: initialize the cluster and move replicas; off: never", "on")
     for prefix, what in (("peer-", "peer"), ("", "client")):
         add(f"{prefix}cert-file", f"TLS certificate for {what} traffic")
@@ -130,6 +135,7 @@ def _driver(args: argparse.Namespace, p: argparse.ArgumentParser) -> DriverConfi
         min_nodes=int_flag(p, "min-nodes", args.min_nodes, 0),
         interval_ms=int_flag(p, "placement-interval-ms", args.placement_interval_ms, 1),
         moves_max=int_flag(p, "moves-max", args.moves_max, 1),
+        replace_down_after_ms=int_flag(p, "replace-down-after-ms", args.replace_down_after_ms, 0),
     )
     return None if args.placement == "off" else cfg
 
