@@ -14,11 +14,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_node.node import Node, NodeConfig
 
 from dkv.client import Client
+from dkv.errors import ConfChangeRejected
 from dkv.v1 import membership_pb2 as pb
 
 SHARDS = 4
@@ -227,6 +229,9 @@ def test_managed_node_restart_serves_its_shards_from_disk(tmp_path: Path) -> Non
             await eventually(f.settled, "cluster initialized")
             async with f.client() as client:
                 await client.put(b"k", b"v1")
+                # Hand-made member changes would fight the placement driver: refused.
+                with pytest.raises(ConfChangeRejected, match="placed by the membership"):
+                    await client.member_add("x", "127.0.0.1:1")
             a = f.nodes.pop("a")
             hosted = set(a.shards)
             await a.stop()

@@ -177,10 +177,20 @@ class AdminService:
 
         return await self._call(context, run)
 
+    def _static_placement_only(self) -> None:
+        """Member add/promote/remove change every shard by hand; with placement managed by
+        the membership service they would fight its driver."""
+        if self.node.cfg.managed:
+            raise ConfChangeRejected(
+                "replicas of this cluster are placed by the membership service: start a node "
+                "with --membership to add it, `dkvctl cluster drain NODE` to remove one"
+            )
+
     async def member_add(
         self, req: admin_pb2.MemberAddRequest, context: Ctx
     ) -> admin_pb2.MemberAddResponse:
         async def run() -> admin_pb2.MemberAddResponse:
+            self._static_placement_only()
             if not _NAME.match(req.name):
                 raise InvalidArgument(
                     f"member name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-'"
@@ -209,6 +219,7 @@ class AdminService:
         self, req: admin_pb2.MemberPromoteRequest, context: Ctx
     ) -> admin_pb2.MemberPromoteResponse:
         async def run() -> admin_pb2.MemberPromoteResponse:
+            self._static_placement_only()
             m = self._known_member(req.id)
             await self._every_shard(
                 context, admin_pb2.MEMBERSHIP_CHANGE_PROMOTE, req.id, m.name, m.peer_address
@@ -221,6 +232,7 @@ class AdminService:
         self, req: admin_pb2.MemberRemoveRequest, context: Ctx
     ) -> admin_pb2.MemberRemoveResponse:
         async def run() -> admin_pb2.MemberRemoveResponse:
+            self._static_placement_only()
             self._known_member(req.id)
             await self._every_shard(context, admin_pb2.MEMBERSHIP_CHANGE_REMOVE, req.id, "", "")
             return admin_pb2.MemberRemoveResponse(members=self.members())
