@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node sim clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench sim clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
+	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 
 $(STAMP): pyproject.toml
@@ -59,6 +60,11 @@ bench-raft: setup
 # DKV_BENCH_PROFILE=1 adds a py-spy profile of the dkv leader (see docs/benchmarks.md).
 bench-node: setup
 	$(BIN)/python -m dkv.testing.bench_node
+
+# The front door's cost: Envoy -> gateway -> leader, the gateway alone, the leader directly and
+# etcd, one after the other (~3.5 min); DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
+bench: setup
+	$(BIN)/python -m dkv.testing.bench_front_door
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose

@@ -11,7 +11,8 @@ What runs (each a real process, logs under ``<root>/logs/``, data under ``<root>
 
 Every internal hop uses mTLS with the local CA (node↔node, node↔membership, gateway↔node,
 gateway↔membership); the front door (Envoy) and the Envoy→gateway hop are plaintext on
-127.0.0.1 for now.
+127.0.0.1 for now. ``DevLayout(client_tls=False)`` (``make bench`` only) also makes the nodes'
+and membership's client ports plaintext; node↔node stays mTLS.
 
 Ports are ``port_base`` plus fixed offsets, so the printed examples stay valid from run to run
 and two stacks can run side by side with different bases. Before starting anything, every port
@@ -63,6 +64,10 @@ class DevLayout:
     port_base: int = 2370
     shards: int = 8
     membership_replicas: int = 1  # 3 for a fault-tolerant membership service
+    # False (benchmarks only: ``make bench`` drives the nodes with h2load, which cannot present
+    # a client certificate): the client ports of the nodes and of membership are plaintext
+    # h2c, and the gateway calls them without TLS. Peer (Raft) traffic keeps mTLS.
+    client_tls: bool = True
 
     @property
     def front_door(self) -> int:
@@ -124,6 +129,10 @@ class DevLayout:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    def client_tls_flags(self, name: str) -> list[str]:
+        """``name``'s client-side TLS flags, or none when ``client_tls`` is off."""
+        return self.tls_flags(name) if self.client_tls else []
 
     def tls_flags(self, name: str, prefix: str = "") -> list[str]:
         pki = self.certs
@@ -235,7 +244,7 @@ class DevStack:
                     str(lay.shards),
                     "--down-after-ms",
                     "5000",
-                    *lay.tls_flags(m),
+                    *lay.client_tls_flags(m),
                     *lay.tls_flags(m, "peer-"),
                 ],
                 lay.logs / f"membership-{m}.log",
@@ -258,7 +267,7 @@ class DevStack:
                     str(lay.front_door),
                     "--membership",
                     membership,
-                    *lay.tls_flags(GATEWAY_NAME),
+                    *lay.client_tls_flags(GATEWAY_NAME),
                 ],
                 lay.logs / "gateway.log",
             )
@@ -301,7 +310,7 @@ class DevStack:
                 f"{host}:{lay.node_peer(i)}",
                 "--membership",
                 lay.membership_endpoints,
-                *lay.tls_flags(name),
+                *lay.client_tls_flags(name),
                 *lay.tls_flags(name, "peer-"),
             ],
             lay.logs / f"{name}.log",
@@ -419,7 +428,8 @@ class DevStack:
                 f"  front door (Envoy)   {fd}   gRPC and HTTP/JSON",
                 f"  Envoy admin          127.0.0.1:{lay.envoy_admin}",
                 f"  gateway              127.0.0.1:{lay.gateway} (xDS 127.0.0.1:{lay.xds})",
-                f"  membership           {lay.membership_endpoints} (mTLS)",
+                f"  membership           {lay.membership_endpoints}"
+                + (" (mTLS)" if lay.client_tls else " (plaintext)"),
                 "  nodes                "
                 + ", ".join(
                     f"{n} 127.0.0.1:{lay.node_client(i)}" for i, n in enumerate(NODE_NAMES, start=1)

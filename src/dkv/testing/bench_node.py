@@ -384,16 +384,16 @@ class CpuMeter:
         self.ours = list(ours)
         self.watched = watched
         self.t0 = time.monotonic()
-        self.busy0 = _machine_busy_s()
-        self.procs0 = {pid: _proc_cpu_s(pid) for pid in self.ours}
-        self.local0 = _local_cpu_s()
+        self.busy0 = machine_busy_s()
+        self.procs0 = {pid: proc_cpu_s(pid) for pid in self.ours}
+        self.local0 = local_cpu_s()
 
     def stop(self) -> tuple[float, float, float]:
         """(watched process, all of ``ours``, everything not ours), in cores."""
         wall = max(1e-9, time.monotonic() - self.t0)
-        busy = _machine_busy_s() - self.busy0
-        procs = {pid: _proc_cpu_s(pid) - t for pid, t in self.procs0.items()}
-        ours = sum(procs.values()) + _local_cpu_s() - self.local0
+        busy = machine_busy_s() - self.busy0
+        procs = {pid: proc_cpu_s(pid) - t for pid, t in self.procs0.items()}
+        ours = sum(procs.values()) + local_cpu_s() - self.local0
         watched = procs.get(self.watched, 0.0)
         return watched / wall, sum(procs.values()) / wall, max(0.0, busy - ours) / wall
 
@@ -401,14 +401,14 @@ class CpuMeter:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _machine_busy_s() -> float:
+def machine_busy_s() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is already in user)
     return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _TICK
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> float:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -417,7 +417,7 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
-def _local_cpu_s() -> float:
+def local_cpu_s() -> float:
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -659,8 +659,9 @@ def profiled(pid: int, out: Path, gil: bool) -> Iterator[None]:
             spy.wait(5)
 
 
-def summarize_profile(path: Path, top: int = 15) -> str:
-    """Top functions by self samples and, for dkv's own code, by inclusive samples."""
+def summarize_profile(path: Path, top: int = 15, entry: str = "dkv_node/main.py") -> str:
+    """Top functions by self samples and, for dkv's own code, by inclusive samples
+    (``entry``: the process's entry point, left out of the inclusive list: it holds all)."""
     selfs: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -689,7 +690,7 @@ def summarize_profile(path: Path, top: int = 15) -> str:
     ours = [
         (f, n)
         for f, n in incl.most_common()
-        if "(dkv" in f and "dkv_node/main.py" not in f  # the entry point holds everything
+        if "(dkv" in f and entry not in f  # the entry point holds everything
     ]
     lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in ours[:top]]
     return "\n".join(lines)
