@@ -9,10 +9,11 @@ What runs (each a real process, logs under ``<root>/logs/``, data under ``<root>
 - the gateway (public KV API, routing; Envoy's xDS server);
 - Envoy, whose bootstrap names only the gateway's ADS server.
 
-Every internal hop uses mTLS with the local CA (node↔node, node↔membership, gateway↔node,
-gateway↔membership); the front door (Envoy) and the Envoy→gateway hop are plaintext on
-127.0.0.1 for now. ``DevLayout(client_tls=False)`` (``make bench`` only) also makes the nodes'
-and membership's client ports plaintext; node↔node stays mTLS.
+Every hop uses mTLS with the local CA: client↔Envoy (clients present a certificate, e.g.
+``certs/admin.crt``), Envoy↔gateway, gateway↔node, node↔node, node↔membership,
+gateway↔membership. ``DevLayout(client_tls=False)`` (``make bench`` only: h2load presents no
+certificate) makes every client-facing port plaintext h2c (Envoy, gateway, nodes,
+membership); node↔node stays mTLS.
 
 Ports are ``port_base`` plus fixed offsets, so the printed examples stay valid from run to run
 and two stacks can run side by side with different bases. Before starting anything, every port
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from dkv_gateway import envoy_config
 
-from dkv.client import Client
+from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
 from dkv.security.certs import PkiLayout, write_dev_pki
 
@@ -47,6 +48,7 @@ __all__ = ["DevLayout", "DevStack", "StackError"]
 
 NODE_NAMES = ("n1", "n2", "n3")
 GATEWAY_NAME = "gw1"
+ENVOY_NAME = "envoy"
 CLIENT_NAME = "admin"
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
@@ -130,6 +132,13 @@ class DevLayout:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def client_tls_files(self) -> ClientTls | None:
+        """What a client of the front door presents (None when ``client_tls`` is off)."""
+        if not self.client_tls:
+            return None
+        pki = self.certs
+        return ClientTls(str(pki.cert(CLIENT_NAME)), str(pki.key(CLIENT_NAME)), str(pki.ca_cert))
+
     def client_tls_flags(self, name: str) -> list[str]:
         """``name``'s client-side TLS flags, or none when ``client_tls`` is off."""
         return self.tls_flags(name) if self.client_tls else []
@@ -211,7 +220,7 @@ class DevStack:
     def make_certs(self) -> None:
         names = [("node", n) for n in NODE_NAMES]
         names += [("membership", m) for m in self.layout.membership_names]
-        names += [("gateway", GATEWAY_NAME)]
+        names += [("gateway", GATEWAY_NAME), ("envoy", ENVOY_NAME)]
         names += [("client", CLIENT_NAME)]
         write_dev_pki(self.layout.certs.directory, names, extra_dns=["localhost"])
 
@@ -268,6 +277,7 @@ class DevStack:
                     "--membership",
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
+                    *(lay.tls_flags(ENVOY_NAME, "envoy-") if lay.client_tls else []),
                 ],
                 lay.logs / "gateway.log",
             )
@@ -381,7 +391,8 @@ class DevStack:
         deadline = loop.time() + timeout_s
         last = "no answer yet"
         key = b"dkv-dev/ready"
-        async with Client([f"127.0.0.1:{self.layout.front_door}"], timeout_s=2.0) as client:
+        door = [f"127.0.0.1:{self.layout.front_door}"]
+        async with Client(door, self.layout.client_tls_files(), timeout_s=2.0) as client:
             while True:
                 dead = self.dead()
                 if dead is not None:
@@ -416,7 +427,19 @@ class DevStack:
         lay = self.layout
         fd = f"127.0.0.1:{lay.front_door}"
         pki = lay.certs
-        mtls = f"--cacert {pki.ca_cert} --cert {pki.cert(CLIENT_NAME)} --key {pki.key(CLIENT_NAME)}"
+        admin = (pki.ca_cert, pki.cert(CLIENT_NAME), pki.key(CLIENT_NAME))
+        scheme = "https" if lay.client_tls else "http"
+        curl_tls = (
+            f"--cacert {admin[0]} --cert {admin[1]} --key {admin[2]} " if lay.client_tls else ""
+        )
+        env = (
+            [
+                "  # every port speaks mTLS: give dkvctl the local CA and a client certificate",
+                f"  export DKVCTL_CACERT={admin[0]} DKVCTL_CERT={admin[1]} DKVCTL_KEY={admin[2]}",
+            ]
+            if lay.client_tls
+            else []
+        )
         dkvctl = f"{Path(sys.executable).parent}/dkvctl"
         if not Path(dkvctl).exists():
             dkvctl = "dkvctl"
@@ -425,7 +448,8 @@ class DevStack:
                 "",
                 f"dkv is up — data in {lay.root}/, logs in {lay.logs}/",
                 "",
-                f"  front door (Envoy)   {fd}   gRPC and HTTP/JSON",
+                f"  front door (Envoy)   {fd}   gRPC and HTTP/JSON"
+                + (", mTLS" if lay.client_tls else ", plaintext"),
                 f"  Envoy admin          127.0.0.1:{lay.envoy_admin}",
                 f"  gateway              127.0.0.1:{lay.gateway} (xDS 127.0.0.1:{lay.xds})",
                 f"  membership           {lay.membership_endpoints}"
@@ -436,13 +460,15 @@ class DevStack:
                 ),
                 "",
                 "Try:",
+                *env,
                 f"  {dkvctl} --endpoints {fd} put hello world",
                 f"  {dkvctl} --endpoints {fd} get hello",
                 f"  {dkvctl} --endpoints {fd} watch --prefix he",
-                f"  {dkvctl} {mtls} cluster --membership {lay.membership_endpoints} shards",
+                f"  {dkvctl} cluster --membership {lay.membership_endpoints} shards",
                 "  # HTTP/JSON: keys and values are base64 (hello = aGVsbG8=, world = d29ybGQ=)",
-                f'  curl -s -X PUT http://{fd}/v1/kv/aGVsbG8= -d \'{{"value": "d29ybGQ="}}\'',
-                f"  curl -s http://{fd}/v1/kv/aGVsbG8=",
+                f"  curl -s {curl_tls}-X PUT {scheme}://{fd}/v1/kv/aGVsbG8= "
+                + '-d \'{"value": "d29ybGQ="}\'',
+                f"  curl -s {curl_tls}{scheme}://{fd}/v1/kv/aGVsbG8=",
                 "",
                 "Ctrl-C stops everything; `make run` again resumes the same data.",
             ]

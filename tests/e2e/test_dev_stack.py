@@ -13,7 +13,9 @@ import asyncio
 import base64
 import http.client
 import json
+import os
 import random
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -58,6 +60,17 @@ def _json_or_text(raw: bytes) -> Any:
         return raw.decode(errors="replace")
 
 
+def tls_context(layout: DevLayout) -> ssl.SSLContext:
+    """The front door's mTLS, as a curl user has it: the local CA and the admin certificate."""
+    pki = layout.certs
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(pki.cert("admin")), str(pki.key("admin")))
+    return ctx
+
+
+CONTEXT: dict[str, ssl.SSLContext] = {}
+
+
 def http_call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
     req = urllib.request.Request(
@@ -67,7 +80,7 @@ def http_call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         headers={"content-type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
+        with urllib.request.urlopen(req, timeout=15, context=CONTEXT["tls"]) as resp:
             return resp.status, _json_or_text(resp.read())
     except urllib.error.HTTPError as exc:
         with exc:
@@ -76,7 +89,7 @@ def http_call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
 
 def first_watch_line(door: str, body: Any) -> Any:
     host, port = door.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = http.client.HTTPSConnection(host, int(port), timeout=30, context=CONTEXT["tls"])
     try:
         conn.request("POST", "/v1/kv:watch", body=json.dumps(body))
         resp = conn.getresponse()
@@ -90,6 +103,13 @@ def first_watch_line(door: str, body: Any) -> Any:
 
 
 def dkvctl(layout: DevLayout, *args: str) -> subprocess.CompletedProcess[str]:
+    pki = layout.certs
+    env = {
+        **os.environ,
+        "DKVCTL_CACERT": str(pki.ca_cert),
+        "DKVCTL_CERT": str(pki.cert("admin")),
+        "DKVCTL_KEY": str(pki.key("admin")),
+    }
     return subprocess.run(
         [
             sys.executable,
@@ -103,12 +123,14 @@ def dkvctl(layout: DevLayout, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
 async def exercise_front_door(layout: DevLayout) -> None:
     door = f"127.0.0.1:{layout.front_door}"
-    async with Client([door], timeout_s=10) as c:
+    CONTEXT["tls"] = tls_context(layout)
+    async with Client([door], layout.client_tls_files(), timeout_s=10) as c:
         # CRUD and compare-and-swap over gRPC.
         put = await c.put(b"user/alice", b"1")
         got = await c.get(b"user/alice")
@@ -172,7 +194,7 @@ async def exercise_front_door(layout: DevLayout) -> None:
             await c.put(b"", b"x")
 
     # HTTP/JSON through the transcoder (keys and values base64, as proto3 JSON has it).
-    base = f"http://{door}/v1/kv"
+    base = f"https://{door}/v1/kv"
     status, body = await asyncio.to_thread(
         http_call, "PUT", f"{base}/{b64(b'web/x')}", {"value": b64(b"hi")}
     )
@@ -195,6 +217,21 @@ async def exercise_front_door(layout: DevLayout) -> None:
     )
     assert [base64.b64decode(e["kv"]["value"]) for e in line["events"]] == [b"hi"]
 
+    # The front door speaks mTLS only: plaintext, or TLS without a client certificate, fails.
+    async with grpc.aio.insecure_channel(door) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary(
+                "/dkv.v1.KV/Range",
+                request_serializer=kv_pb2.RangeRequest.SerializeToString,
+                response_deserializer=kv_pb2.RangeResponse.FromString,
+            )(kv_pb2.RangeRequest(key=b"web/x"), timeout=5)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    no_cert = ssl.create_default_context(cafile=str(layout.certs.ca_cert))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        await asyncio.to_thread(
+            urllib.request.urlopen, f"{base}/{b64(b'web/x')}", timeout=15, context=no_cert
+        )
+
     # dkvctl against the front door.
     out = await asyncio.to_thread(dkvctl, layout, "put", "cli/key", "cli-value")
     assert out.returncode == 0, out.stderr
@@ -209,7 +246,8 @@ def test_dev_stack_serves_through_envoy_and_resumes_after_restart(tmp_path: Path
         await exercise_front_door(layout)
 
     async def second_run() -> None:
-        async with Client([f"127.0.0.1:{layout.front_door}"], timeout_s=10) as c:
+        door = [f"127.0.0.1:{layout.front_door}"]
+        async with Client(door, layout.client_tls_files(), timeout_s=10) as c:
             got = await c.get(b"cli/key")
             assert [kv.value for kv in got.kvs] == [b"cli-value"]
             page = await c.range(kv_pb2.RangeRequest(prefix=b"scan/", count_only=True))

@@ -147,7 +147,8 @@ async def scenario(stack: DevStack) -> None:
     ops = Ops(stack)
     history = History()
     works: list[Workload] = []
-    async with FrontDoorClient(ops.front_door, SHARDS) as client:
+    tls = stack.layout.client_tls_files()
+    async with FrontDoorClient(ops.front_door, SHARDS, tls) as client:
         try:
             # 1. The leader of a shard dies.
             killed: list[str] = []

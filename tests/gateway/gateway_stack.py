@@ -25,7 +25,7 @@ from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.service import MEMBERSHIP_GROUP_ID
 from dkv_node.node import Node, NodeConfig
 
-from dkv.client import Client
+from dkv.client import Client, ClientTls
 from dkv.host import Host
 from dkv.host.grpc_transport import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
@@ -260,8 +260,18 @@ class Stack:
             )
         )
         await self.gateway.start()
-        self.client = Client([self.gateway_address], timeout_s=15.0)
-        self.channel = grpc.aio.insecure_channel(self.gateway_address)
+        client = self.tls_files("client")
+        if client is None:
+            self.client = Client([self.gateway_address], timeout_s=15.0)
+            self.channel = grpc.aio.insecure_channel(self.gateway_address)
+        else:  # the gateway's KV port requires a client certificate too
+            tls = ClientTls(client.cert_file, client.key_file, client.trusted_ca_file)
+            self.client = Client([self.gateway_address], tls, timeout_s=15.0)
+            cert, key, ca = client.read()
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
+            )
+            self.channel = grpc.aio.secure_channel(self.gateway_address, creds)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -421,7 +421,8 @@ def test_uninitialized_cluster_is_unavailable_and_not_ready(tmp_path: Path) -> N
 
 
 def test_mtls_to_nodes_and_membership(tmp_path: Path) -> None:
-    """Nodes and membership require client certificates: the gateway presents its own."""
+    """Nodes, membership and the gateway's own KV port require client certificates: the
+    gateway presents its own to nodes and membership, and refuses a client without one."""
 
     async def scenario() -> None:
         async with running_stack(tmp_path, tls=True) as st:
@@ -433,6 +434,14 @@ def test_mtls_to_nodes_and_membership(tmp_path: Path) -> None:
             # A client without a certificate cannot talk to a node directly.
             node = st.running()[0]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{node.client_port}") as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await ch.unary_unary(
+                        "/dkv.v1.KV/Range",
+                        request_serializer=kv_pb2.RangeRequest.SerializeToString,
+                        response_deserializer=kv_pb2.RangeResponse.FromString,
+                    )(kv_pb2.RangeRequest(key=b"t/0"), timeout=2)
+                assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            async with grpc.aio.insecure_channel(st.gateway_address) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await ch.unary_unary(
                         "/dkv.v1.KV/Range",

@@ -55,6 +55,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
@@ -62,6 +64,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 __all__ = [
     "ADS_CLUSTER_NAME",
     "GATEWAY_CLUSTER_NAME",
+    "TlsFiles",
     "KV_SERVICE",
     "KV_SERVICE_PREFIX",
     "LISTENER_NAME",
@@ -93,10 +96,20 @@ WRITE_RETRY_ON = "connect-failure,refused-stream"
 """Writes: only failures that guarantee the gateway never saw the request."""
 
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
+_TLS_NAME = "envoy.transport_sockets.tls"
 _ROUTER_NAME = "envoy.filters.http.router"
 _LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
 _TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files Envoy reads itself (paths in the config: no key travels over xDS)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +140,13 @@ class FrontDoor:
     outlier_base_ejection_ms: int = 10_000
     outlier_ejection_percent_max: int = 100
     extra_routes: Sequence[route_components_pb2.Route] = field(default_factory=tuple)
+    # TLS on the listener (Envoy's certificate; ``ca_file`` verifies clients); None: plaintext.
+    listener_tls: TlsFiles | None = None
+    # Clients must present a certificate signed by ``listener_tls.ca_file`` (mTLS).
+    require_client_cert: bool = True
+    # mTLS from Envoy to the gateways (Envoy's client certificate; ``ca_file`` verifies the
+    # gateways); None: plaintext h2c.
+    upstream_tls: TlsFiles | None = None
     http_json: bool = True
     http_json_body_bytes_max: int = 8 << 20
 
@@ -157,6 +177,27 @@ def _http2_upstream() -> dict[str, any_pb2.Any]:
         )
     )
     return {_HTTP_PROTOCOL_OPTIONS_KEY: _pack(options)}
+
+
+def _common_tls(files: TlsFiles, alpn: Sequence[str]) -> tls_pb2.CommonTlsContext:
+    def source(path: str) -> base_pb2.DataSource:
+        return base_pb2.DataSource(filename=path)
+
+    return tls_pb2.CommonTlsContext(
+        tls_certificates=[
+            tls_common_pb2.TlsCertificate(
+                certificate_chain=source(files.cert_file), private_key=source(files.key_file)
+            )
+        ],
+        validation_context=tls_common_pb2.CertificateValidationContext(
+            trusted_ca=source(files.ca_file)
+        ),
+        alpn_protocols=list(alpn),
+    )
+
+
+def _transport_socket(context: Any) -> base_pb2.TransportSocket:
+    return base_pb2.TransportSocket(name=_TLS_NAME, typed_config=_pack(context))
 
 
 def _static_cluster(
@@ -202,6 +243,15 @@ def gateway_cluster(door: FrontDoor) -> cluster_pb2.Cluster:
             max_ejection_percent=wrappers_pb2.UInt32Value(value=door.outlier_ejection_percent_max),
         )
     )
+    if door.upstream_tls is not None:
+        # HTTP/2 only (Python gRPC servers need it), negotiated by ALPN.
+        cluster.transport_socket.CopyFrom(
+            _transport_socket(
+                tls_pb2.UpstreamTlsContext(
+                    common_tls_context=_common_tls(door.upstream_tls, ["h2"])
+                )
+            )
+        )
     return cluster
 
 
@@ -344,14 +394,24 @@ def listener(door: FrontDoor) -> listener_pb2.Listener:
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_socket_address(door.listen_host, door.listen_port),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=_HCM_NAME, typed_config=_pack(manager))
-                ]
-            )
-        ],
+        filter_chains=[_filter_chain(door, manager)],
     )
+
+
+def _filter_chain(
+    door: FrontDoor, manager: hcm_pb2.HttpConnectionManager
+) -> listener_components_pb2.FilterChain:
+    chain = listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name=_HCM_NAME, typed_config=_pack(manager))]
+    )
+    if door.listener_tls is not None:
+        # gRPC negotiates h2, curl and browsers may take http/1.1: both share the listener.
+        context = tls_pb2.DownstreamTlsContext(
+            common_tls_context=_common_tls(door.listener_tls, ["h2", "http/1.1"]),
+            require_client_certificate=wrappers_pb2.BoolValue(value=door.require_client_cert),
+        )
+        chain.transport_socket.CopyFrom(_transport_socket(context))
+    return chain
 
 
 def resources(door: FrontDoor) -> tuple[list[cluster_pb2.Cluster], list[listener_pb2.Listener]]:

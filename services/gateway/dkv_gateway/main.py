@@ -71,9 +71,16 @@ def _parser() -> argparse.ArgumentParser:
         "deadline of a call that carries none",
         _DEFAULTS.default_timeout_ms,
     )
-    add("cert-file", "TLS certificate for talking to nodes and membership")
-    add("key-file", "TLS key for talking to nodes and membership")
-    add("trusted-ca-file", "CA that signs the nodes' and membership's certificates (mTLS)")
+    add(
+        "cert-file",
+        "TLS certificate: the gateway's KV port serves mTLS with it and presents it to "
+        "nodes and membership",
+    )
+    add("key-file", "TLS key for --cert-file")
+    add("trusted-ca-file", "CA that signs the certificates of Envoy, nodes and membership")
+    add("envoy-cert-file", "Envoy's certificate (a path Envoy reads): its front door serves TLS")
+    add("envoy-key-file", "Envoy's key (a path Envoy reads)")
+    add("envoy-trusted-ca-file", "CA whose client certificates Envoy's front door accepts")
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
 
@@ -96,13 +103,21 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
             split_host_port(address)
         except InvalidArgument:
             p.error(f"--{flag} entry {address!r} is not host:port")
+    tls = tls_files(args, "", p)
+    envoy_tls = tls_files(args, "envoy_", p)
+    if tls is not None and envoy_tls is None:
+        p.error(
+            "--cert-file makes the gateway's KV port require client certificates: give Envoy "
+            "one with --envoy-cert-file, --envoy-key-file and --envoy-trusted-ca-file"
+        )
     cfg = GatewayConfig(
         membership=membership,
         listen_client=args.listen_client,
         advertise_client=args.advertise_client or "",
         listen_xds=args.listen_xds,
         envoy_port=int_flag(p, "envoy-port", args.envoy_port, 1),
-        tls=tls_files(args, "", p),
+        tls=tls,
+        envoy_tls=envoy_tls,
         default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
     )
     try:

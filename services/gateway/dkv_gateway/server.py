@@ -31,6 +31,7 @@ from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv_gateway.envoy_config import FrontDoor, resources
+from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
 from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
 from dkv_gateway.xds import AdsServer
@@ -68,8 +69,13 @@ class GatewayConfig:
     listen_xds: str = "127.0.0.1:2377"
     # The port Envoy's front-door listener opens (what users hit).
     envoy_port: int = 2379
-    # mTLS toward the nodes' and membership's client ports.
+    # mTLS: the gateway's own KV port (clients, i.e. Envoy, must present a certificate signed
+    # by the CA) and its calls to the nodes' and membership's client ports.
     tls: TlsFiles | None = None
+    # Envoy's certificate, key and CA, as paths Envoy reads: its front-door listener serves
+    # TLS with them (clients must present a certificate signed by the CA), and it presents
+    # them to the gateway when ``tls`` is set. None: a plaintext front door.
+    envoy_tls: TlsFiles | None = None
     # The deadline of a call that carries none.
     default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
 
@@ -121,14 +127,26 @@ class GatewayServer:
         self.client_server = grpc.aio.server(
             options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
         )
-        self.client_port = bind(self.client_server, cfg.listen_client, None)
+        self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
         self.xds_server = grpc.aio.server()
         self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
         self.advertise_client = cfg.advertise_client or with_port(
             cfg.listen_client, self.client_port
         )
+        envoy_files = (
+            None
+            if cfg.envoy_tls is None
+            else EnvoyTlsFiles(
+                cfg.envoy_tls.cert_file, cfg.envoy_tls.key_file, cfg.envoy_tls.trusted_ca_file
+            )
+        )
         clusters, listeners = resources(
-            FrontDoor(listen_port=cfg.envoy_port, gateways=[split_host_port(self.advertise_client)])
+            FrontDoor(
+                listen_port=cfg.envoy_port,
+                gateways=[split_host_port(self.advertise_client)],
+                listener_tls=envoy_files,
+                upstream_tls=envoy_files if cfg.tls is not None else None,
+            )
         )
         self.ads = AdsServer(clusters=clusters, listeners=listeners)
         self.ads.add_to_server(self.xds_server)

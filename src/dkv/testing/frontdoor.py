@@ -17,6 +17,7 @@ from typing import Final
 import grpc
 import grpc.aio
 
+from dkv.client import ClientTls
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 
@@ -33,10 +34,19 @@ _CHANNEL_OPTIONS: Final = (
 class FrontDoorClient:
     """See the module docstring. Create it inside the event loop that uses it."""
 
-    def __init__(self, address: str, shard_count: int) -> None:
+    def __init__(self, address: str, shard_count: int, tls: ClientTls | None = None) -> None:
         self.address = address
         self.shard_count = shard_count
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            with open(tls.cert_file, "rb") as c, open(tls.key_file, "rb") as k:
+                cert, key = c.read(), k.read()
+            with open(tls.trusted_ca_file, "rb") as ca:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=ca.read(), private_key=key, certificate_chain=cert
+                )
+            self.channel = grpc.aio.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
         self.failures: Counter[str] = Counter()  # status code name -> failed calls
 
     async def __aenter__(self) -> FrontDoorClient:
