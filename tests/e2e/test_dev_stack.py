@@ -102,14 +102,13 @@ def first_watch_line(door: str, body: Any) -> Any:
         conn.close()
 
 
-def dkvctl(layout: DevLayout, *args: str) -> subprocess.CompletedProcess[str]:
+def dkvctl(layout: DevLayout, *args: str, tls: bool = True) -> subprocess.CompletedProcess[str]:
     pki = layout.certs
-    env = {
-        **os.environ,
-        "DKVCTL_CACERT": str(pki.ca_cert),
-        "DKVCTL_CERT": str(pki.cert("admin")),
-        "DKVCTL_KEY": str(pki.key("admin")),
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DKVCTL_")}
+    if tls:
+        env["DKVCTL_CACERT"] = str(pki.ca_cert)
+        env["DKVCTL_CERT"] = str(pki.cert("admin"))
+        env["DKVCTL_KEY"] = str(pki.key("admin"))
     return subprocess.run(
         [
             sys.executable,
@@ -237,6 +236,8 @@ async def exercise_front_door(layout: DevLayout) -> None:
     assert out.returncode == 0, out.stderr
     out = await asyncio.to_thread(dkvctl, layout, "get", "cli/key")
     assert out.returncode == 0 and "cli-value" in out.stdout, out.stdout + out.stderr
+    plain = await asyncio.to_thread(dkvctl, layout, "--timeout", "3", "get", "cli/key", tls=False)
+    assert plain.returncode == 1 and "may require mTLS" in plain.stderr, plain.stderr
 
 
 def test_dev_stack_serves_through_envoy_and_resumes_after_restart(tmp_path: Path) -> None:

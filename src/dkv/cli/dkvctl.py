@@ -65,6 +65,16 @@ def _root(
     ctx.obj = Opts(eps, output, timeout, tls)
 
 
+def _tls_hint(opts: Opts, exc: Exception) -> str:
+    """A server that speaks TLS closes a plaintext connection at once: say what to do."""
+    if opts.tls is None and "Socket closed" in str(exc):
+        return (
+            "\n(the endpoint may require mTLS: give --cacert, --cert and --key, or set "
+            "DKVCTL_CACERT, DKVCTL_CERT and DKVCTL_KEY; `make run` prints them)"
+        )
+    return ""
+
+
 def _run(ctx: typer.Context, work: Any) -> Any:
     """Run ``work(client)``; a dkv error becomes a one-line message and exit code 1."""
     opts: Opts = ctx.obj
@@ -79,7 +89,7 @@ def _run(ctx: typer.Context, work: Any) -> Any:
     try:
         return asyncio.run(go())
     except DkvError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {exc}{_tls_hint(opts, exc)}", err=True)
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
