@@ -137,8 +137,8 @@ class PlacementDriver:
         bound allows: over UP nodes and nodes DOWN for a short while (a restart, a network
         blip: moving their replicas would cost more than waiting). Nodes DOWN for longer than
         ``replace_down_after_ms`` are left out (their replicas are re-created elsewhere) as
-        long as enough other nodes remain for the replication factor; LEAVING nodes are
-        always left out (drained)."""
+        long as enough other nodes remain for the replication factor; LEAVING nodes are left
+        out (drained) unless too few other nodes remain."""
         st = self.service.sm.state
         now_ms = self.service.clock()
         wait_ms = self.cfg.replace_down_after_ms
@@ -150,6 +150,18 @@ class PlacementDriver:
         alive = [n for n in candidates if not dead(n)]
         if len(alive) >= self.cfg.replication:
             candidates = alive
+        elif st.shards:
+            # Too few nodes for the replication factor: replicas stay where they are, LEAVING
+            # nodes too (a drain waits for a new node rather than shrinking every shard).
+            leaving = [n for n in st.nodes.values() if n.state == LEAVING]
+            candidates += leaving[: max(0, self.cfg.replication - len(candidates))]
+            if leaving and self.passes % 60 == 1:
+                log.warning(
+                    "cannot drain %s: %d nodes left for %d replicas per shard; add a node",
+                    ", ".join(n.name for n in leaving),
+                    len(alive),
+                    self.cfg.replication,
+                )
         nodes = sorted(candidates, key=lambda n: n.id)
         if not nodes:
             return {}
