@@ -221,7 +221,7 @@ def test_cluster_boots_from_membership_and_moves_replicas_onto_a_new_node(
                 "driver ran 20 more passes",
             )
             assert all(len(s.voters) == 3 and c.id in s.voters for s in f.shards().values())
-            assert c.id in f.m.sm.state.nodes
+            assert f.m.sm is not None and c.id in f.m.sm.state.nodes
             async with f.client() as client:
                 for key, (value, _rev) in written.items():
                     got = await client.get(key)
