@@ -177,6 +177,7 @@ def test_cluster_boots_from_membership_and_moves_replicas_onto_a_new_node(
             await eventually(
                 lambda: any(d.id in s.voters for s in f.shards().values()) and f.settled(),
                 "replicas moved onto d and placement settled",
+                on_fail=f.describe,
             )
             load = {n.cfg.name: len(n.shards) for n in f.nodes.values()}
             cap = math.ceil(1.25 * SHARDS * 3 / 4)
@@ -204,7 +205,15 @@ def test_cluster_boots_from_membership_and_moves_replicas_onto_a_new_node(
             await eventually(
                 lambda: d.id not in f.m.sm.state.nodes and not d.shards,  # type: ignore[union-attr]
                 "d drained and removed from the map",
+                on_fail=lambda: f"{f.describe()}; d hosts {sorted(d.shards)}",
             )
+            # d is still running: its registration is refused now, it gets nothing back.
+            assert d.registration is not None
+            await eventually(
+                lambda: d.registration is not None and d.registration.join_failures > 0,
+                "d's registration refused",
+            )
+            assert d.id not in f.m.sm.state.nodes and not d.shards
             del f.nodes["d"]
             await d.stop()
             await eventually(f.settled, "placement settled on a, b, c")

@@ -177,6 +177,14 @@ def test_remove_node_needs_leave_and_no_replicas() -> None:
     assert r(remove(4)).changed
     assert 4 not in r.sm.state.nodes
     assert r(remove(4)).accepted  # idempotent
+    # A drained and removed node stays out: registering again (it is still running) is
+    # refused, also after a snapshot/restore; another name (a new id) is welcome.
+    out = r(register(4))
+    assert not out.accepted and "drained and removed" in out.reason
+    copy = MembershipStateMachine()
+    copy.restore(r.sm.snapshot())
+    assert copy.state.retired == {4}
+    assert r(register(5, name="n4-again")).accepted
     r(leave(3))
     out = r(remove(3))
     assert not out.accepted and "shards [1, 2]" in out.reason

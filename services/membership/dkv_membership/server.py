@@ -17,8 +17,9 @@ Replica ids are derived from the cluster token and the replica's name, as for st
 ``initial_cluster``. Replicas learn each other's client addresses from the hello of the Raft
 stream (:mod:`dkv.host.members`), which is what followers put into NOT_LEADER answers.
 
-The set of replicas is fixed by ``initial_cluster``: adding or removing a membership replica
-later (a Raft configuration change) is not supported yet.
+The first replicas come from ``initial_cluster``; more are added (and removed) at run time with
+``AddReplica`` / ``RemoveReplica`` (:mod:`dkv_membership.replicas`): start the new replica with
+``initial_cluster_state="existing"`` and an empty data dir, then add it.
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ from dkv.host.grpc_transport import (
 from dkv.host.members import (
     Member,
     MemberRegistry,
+    decode_context,
     hello_metadata,
     member_from_hello,
     member_id,
 )
-from dkv.raft import ConfState
+from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.sharding import SLOT_COUNT
-from dkv.storage import Engine, Identity
+from dkv.storage import Batch, Engine, Identity
 from dkv_membership.driver import DriverConfig, PlacementDriver
+from dkv_membership.replicas import ReplicaAdmin, add_replica_admin
 from dkv_membership.service import (
     MEMBERSHIP_GROUP_ID,
     Clock,
@@ -150,15 +153,17 @@ class MembershipServer:
 
     async def start(self) -> None:
         cfg = self.cfg
-        if cfg.initial_cluster_state == "existing" and not (cfg.data_dir / "CURRENT").is_file():
-            raise InvalidArgument(
-                f"{cfg.name}: --initial-cluster-state existing needs this replica's data dir; "
-                "adding a replica to a running membership group is not supported yet"
-            )
+        # "existing" with an empty data dir: a replica joining a running group (added with
+        # AddReplica); it learns the map from the leader's snapshot.
+        joining = (
+            cfg.initial_cluster_state == "existing" and not (cfg.data_dir / "CURRENT").is_file()
+        )
+        if joining:
+            log.info("%s: joining the membership group with an empty data dir", cfg.name)
         self.engine = Engine.open(
             cfg.data_dir,
             Identity(cluster_id=cfg.cluster_token, node_name=cfg.name),
-            create=cfg.initial_cluster_state == "new",
+            create=cfg.initial_cluster_state == "new" or joining,
         )
         try:
             await self._assemble()
@@ -199,6 +204,7 @@ class MembershipServer:
             compact_keep_entries=cfg.snapshot_catchup_entries,
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
+        self.host.on_conf_change = self._on_conf_change
         self.sm = MembershipStateMachine(cfg.change_log_max)
         voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
         self.host.add_group(
@@ -213,6 +219,10 @@ class MembershipServer:
         )
         add_raft_peer_service(self.peer_server, transport.service)
         add_membership_service(self.client_server, self.service)
+        add_replica_admin(
+            self.client_server,
+            ReplicaAdmin(self.host, MEMBERSHIP_GROUP_ID, registry, self.member_id_of, leader_info),
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
         await self.peer_server.start()
@@ -246,6 +256,14 @@ class MembershipServer:
                 ch = grpc.aio.secure_channel(address, creds)
             self._node_channels[address] = ch
         return ch
+
+    def _on_conf_change(self, gid: int, cc: ConfChange, cs: ConfState, batch: Batch) -> None:
+        """A replica added by AddReplica: remember where it is (the change carries it)."""
+        m = decode_context(cc.node_id, cc.context)
+        if m is not None and self.registry is not None:
+            self.registry.learn(m, batch)
+        if cc.type is ConfChangeType.REMOVE_NODE and cc.node_id == self.id:
+            log.warning("%s: removed from the membership group", self.cfg.name)
 
     def _on_hello(self, hello: dict[str, str]) -> None:
         """A replica opened its Raft stream and said who it is (see dkv.host.members)."""

@@ -91,6 +91,7 @@ class MembershipState:
     shards: dict[int, pb.Shard] = field(default_factory=dict)
     slot_ranges: list[pb.SlotRange] = field(default_factory=list)
     leaders: dict[int, pb.LeaderEntry] = field(default_factory=dict)
+    retired: set[int] = field(default_factory=set)
 
     @property
     def initialized(self) -> bool:
@@ -103,6 +104,7 @@ class MembershipState:
         out.shards.extend(self.shards[k] for k in sorted(self.shards))
         out.slot_ranges.extend(sorted(self.slot_ranges, key=lambda r: r.start))
         out.leaders.extend(self.leaders[k] for k in sorted(self.leaders))
+        out.retired_node_ids.extend(sorted(self.retired))
         return out
 
     @classmethod
@@ -113,6 +115,7 @@ class MembershipState:
             shards={s.id: _copy(s) for s in m.shards},
             slot_ranges=[_copy(r) for r in m.slot_ranges],
             leaders={e.shard_id: _copy(e) for e in m.leaders},
+            retired=set(m.retired_node_ids),
         )
 
 
@@ -203,6 +206,11 @@ class MembershipStateMachine:
         st = self.state
         n = c.node
         old = st.nodes.get(n.id)
+        if n.id in st.retired:
+            return self._reject(
+                f"node {n.name!r} ({n.id}) was drained and removed from the cluster; to add "
+                "this machine again, start it under a new name with an empty data dir"
+            )
         if old is not None and old.name != n.name:
             return self._reject(f"node id {n.id} is registered as {old.name!r}, not {n.name!r}")
         for other in st.nodes.values():
@@ -273,6 +281,7 @@ class MembershipStateMachine:
                 f"node {c.node_id} still holds replicas of shards {holding}", node=node
             )
         del st.nodes[c.node_id]
+        st.retired.add(c.node_id)
         self._commit(nodes=[c.node_id])
         return Outcome(True, True, st.version, node=_copy(node))
 

@@ -678,7 +678,9 @@ def cluster_drain(
     node: Annotated[str, typer.Argument(help="Node name or hex id.")],
 ) -> None:
     """Drain a node: membership moves its replicas to other nodes, then removes it from the
-    map (watch `cluster shards`). Stop the node's process once it is gone from `cluster nodes`."""
+    map for good (it cannot register again under its name; watch `cluster shards`). Stop the
+    node's process once it is gone from `cluster nodes`. A drain that would leave fewer nodes
+    than the replication factor waits for a new node."""
     co: ClusterOpts = ctx.obj
     m = _cluster_map(ctx)
     match = [n for n in m.nodes if n.name == node or f"{n.id:x}" == node.lower()]
@@ -696,6 +698,60 @@ def cluster_drain(
         typer.echo(f"Error: membership service ({', '.join(co.membership)}): {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"draining {left.name} ({left.id:x}): its replicas move to other nodes")
+
+
+def _replicas_out(ctx: typer.Context, replicas: list[mpb.Replica]) -> None:
+    co: ClusterOpts = ctx.obj
+    rows = [
+        {
+            "id": f"{r.id:x}",
+            "name": r.name,
+            "role": "learner" if r.is_learner else "voter",
+            "peer": r.peer_address,
+            "client": r.client_address,
+        }
+        for r in replicas
+    ]
+    if co.opts.output == "json":
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<12} {r['id']:<18} {r['role']:<8} {r['peer']:<22} {r['client']}")
+
+
+def _membership_call(ctx: typer.Context, work: Any) -> Any:
+    co: ClusterOpts = ctx.obj
+
+    async def go() -> Any:
+        async with MembershipClient(co.membership, co.opts.tls, co.opts.timeout_s) as mc:
+            return await work(mc)
+
+    try:
+        return asyncio.run(go())
+    except DkvError as exc:
+        typer.echo(f"Error: membership service ({', '.join(co.membership)}): {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@cluster_app.command("replica-add")
+def cluster_replica_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The new membership replica's name.")],
+    peer_url: Annotated[str, typer.Argument(help="Its peer host:port.")],
+) -> None:
+    """Add a membership replica: start it first with --initial-cluster-state existing (and the
+    current replicas plus itself in --initial-cluster); it joins as a learner, catches up, and
+    becomes a voter. Use a longer --timeout if the map is large."""
+    _replicas_out(ctx, _membership_call(ctx, lambda mc: mc.add_replica(name, peer_url)))
+
+
+@cluster_app.command("replica-remove")
+def cluster_replica_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The membership replica to remove.")],
+) -> None:
+    """Remove a membership replica (stop its process afterwards)."""
+    _replicas_out(ctx, _membership_call(ctx, lambda mc: mc.remove_replica(name)))
 
 
 @cluster_app.command("show")

@@ -65,6 +65,26 @@ class MembershipClient:
         )
         return resp.node
 
+    async def add_replica(self, name: str, peer_address: str) -> list[pb.Replica]:
+        """Add a membership replica (learner, caught up, then voter); see membership.proto."""
+        resp = await self._client._call(
+            "AddReplica",
+            pb.AddReplicaRequest(name=name, peer_address=peer_address),
+            pb.AddReplicaResponse,
+            service=MEMBERSHIP_SERVICE,
+        )
+        return list(resp.replicas)
+
+    async def remove_replica(self, name: str) -> list[pb.Replica]:
+        """Remove a membership replica (leadership moves away first if it leads)."""
+        resp = await self._client._call(
+            "RemoveReplica",
+            pb.RemoveReplicaRequest(name=name),
+            pb.RemoveReplicaResponse,
+            service=MEMBERSHIP_SERVICE,
+        )
+        return list(resp.replicas)
+
     async def close(self) -> None:
         await self._client.close()
 

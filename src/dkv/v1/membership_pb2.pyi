@@ -78,18 +78,20 @@ class LeaderEntry(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., leader_id: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class ClusterMap(_message.Message):
-    __slots__ = ("version", "nodes", "shards", "slot_ranges", "leaders")
+    __slots__ = ("version", "nodes", "shards", "slot_ranges", "leaders", "retired_node_ids")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SLOT_RANGES_FIELD_NUMBER: _ClassVar[int]
     LEADERS_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     slot_ranges: _containers.RepeatedCompositeFieldContainer[SlotRange]
     leaders: _containers.RepeatedCompositeFieldContainer[LeaderEntry]
-    def __init__(self, version: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., slot_ranges: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., leaders: _Optional[_Iterable[_Union[LeaderEntry, _Mapping]]] = ...) -> None: ...
+    retired_node_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., slot_ranges: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., leaders: _Optional[_Iterable[_Union[LeaderEntry, _Mapping]]] = ..., retired_node_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JoinNodeRequest(_message.Message):
     __slots__ = ("node",)
@@ -188,6 +190,46 @@ class WatchClusterMapResponse(_message.Message):
     slot_ranges: _containers.RepeatedCompositeFieldContainer[SlotRange]
     leaders: _containers.RepeatedCompositeFieldContainer[LeaderEntry]
     def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., map: _Optional[_Union[ClusterMap, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., removed_node_ids: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., slot_ranges: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., leaders: _Optional[_Iterable[_Union[LeaderEntry, _Mapping]]] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("id", "name", "peer_address", "client_address", "is_learner")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IS_LEARNER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    peer_address: str
+    client_address: str
+    is_learner: bool
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., peer_address: _Optional[str] = ..., client_address: _Optional[str] = ..., is_learner: _Optional[bool] = ...) -> None: ...
+
+class AddReplicaRequest(_message.Message):
+    __slots__ = ("name", "peer_address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    peer_address: str
+    def __init__(self, name: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
+
+class AddReplicaResponse(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class RemoveReplicaRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveReplicaResponse(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class MembershipCommand(_message.Message):
     __slots__ = ("register_node", "heartbeat", "mark_down", "leave", "remove_node", "set_shard_replicas", "report_leader", "init_cluster")

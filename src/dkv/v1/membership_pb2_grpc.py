@@ -64,6 +64,16 @@ class MembershipStub:
                 request_serializer=dkv_dot_v1_dot_membership__pb2.WatchClusterMapRequest.SerializeToString,
                 response_deserializer=dkv_dot_v1_dot_membership__pb2.WatchClusterMapResponse.FromString,
                 _registered_method=True)
+        self.AddReplica = channel.unary_unary(
+                '/dkv.v1.Membership/AddReplica',
+                request_serializer=dkv_dot_v1_dot_membership__pb2.AddReplicaRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_membership__pb2.AddReplicaResponse.FromString,
+                _registered_method=True)
+        self.RemoveReplica = channel.unary_unary(
+                '/dkv.v1.Membership/RemoveReplica',
+                request_serializer=dkv_dot_v1_dot_membership__pb2.RemoveReplicaRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_membership__pb2.RemoveReplicaResponse.FromString,
+                _registered_method=True)
 
 
 class MembershipServicer:
@@ -113,6 +123,24 @@ class MembershipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddReplica(self, request, context):
+        """The membership group's own replicas (a Raft configuration change of the membership
+        group; the cluster map is not involved). AddReplica adds the named replica as a learner,
+        waits until it caught up, then makes it a voter; start the new replica first with
+        `--initial-cluster-state existing` and the current replicas in `--initial-cluster`.
+        Both are idempotent: repeat a call that failed halfway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveReplica(self, request, context):
+        """Removes a replica (leadership moves away first if it leads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MembershipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +173,16 @@ def add_MembershipServicer_to_server(servicer, server):
                     servicer.WatchClusterMap,
                     request_deserializer=dkv_dot_v1_dot_membership__pb2.WatchClusterMapRequest.FromString,
                     response_serializer=dkv_dot_v1_dot_membership__pb2.WatchClusterMapResponse.SerializeToString,
+            ),
+            'AddReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReplica,
+                    request_deserializer=dkv_dot_v1_dot_membership__pb2.AddReplicaRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_membership__pb2.AddReplicaResponse.SerializeToString,
+            ),
+            'RemoveReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveReplica,
+                    request_deserializer=dkv_dot_v1_dot_membership__pb2.RemoveReplicaRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_membership__pb2.RemoveReplicaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +347,60 @@ class Membership:
             '/dkv.v1.Membership/WatchClusterMap',
             dkv_dot_v1_dot_membership__pb2.WatchClusterMapRequest.SerializeToString,
             dkv_dot_v1_dot_membership__pb2.WatchClusterMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dkv.v1.Membership/AddReplica',
+            dkv_dot_v1_dot_membership__pb2.AddReplicaRequest.SerializeToString,
+            dkv_dot_v1_dot_membership__pb2.AddReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dkv.v1.Membership/RemoveReplica',
+            dkv_dot_v1_dot_membership__pb2.RemoveReplicaRequest.SerializeToString,
+            dkv_dot_v1_dot_membership__pb2.RemoveReplicaResponse.FromString,
             options,
             channel_credentials,
             insecure,
