@@ -123,9 +123,23 @@ class PlacementDriver:
             and (_replicas(st.shards[sid]) != set(plan[sid]) or st.shards[sid].learners)
         ]
         if moving:
+            # Shards already in motion (a learner, or an extra voter) finish first, so at most
+            # moves_max shards are ever between two configurations; within each group start
+            # where the last pass stopped, so a shard that cannot move now (its new node is
+            # down) does not hold up the others for good.
+            def rotated(sids: list[int]) -> list[int]:
+                k = self.passes % len(sids) if sids else 0
+                return sids[k:] + sids[:k]
+
+            started = [
+                sid
+                for sid in moving
+                if st.shards[sid].learners or len(st.shards[sid].voters) > len(plan[sid])
+            ]
+            rest = [sid for sid in moving if sid not in started]
+            moving = (rotated(started) + rotated(rest))[: self.cfg.moves_max]
             results = await asyncio.gather(
-                *(self._step(sid, plan[sid]) for sid in moving[: self.cfg.moves_max]),
-                return_exceptions=True,
+                *(self._step(sid, plan[sid]) for sid in moving), return_exceptions=True
             )
             for sid, r in zip(moving, results, strict=False):
                 if isinstance(r, BaseException):
