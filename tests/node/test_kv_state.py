@@ -182,6 +182,32 @@ def test_delete_range_emits_one_event_per_key_at_one_revision(
     ]
 
 
+def test_watch_batches_never_end_inside_a_revision(make_shard: Callable[..., Shard]) -> None:
+    """A range delete's events share one revision. A batch cut by the limit in the middle of
+    that revision would lose the rest (the watcher goes on from the next revision): a batch
+    holds whole revisions only, and one revision larger than the limit comes whole."""
+    s = make_shard()
+    for i in range(5):
+        s.put(b"d/%d" % i, b"v")
+    first = s.index - 4  # the revision of d/0
+    s.delete(b"d/", range_end=prefix_end(b"d/"))  # 5 events at one revision
+    delete_rev = s.index
+    seen: list[tuple[int, bytes]] = []
+    nxt = first
+    for _ in range(20):
+        events, last, compacted = s.sm.watch_events(nxt, b"", b"", 3)
+        assert not compacted
+        revs = {e.kv.mod_revision for e in events if e.type == kv_pb2.Event.EVENT_TYPE_PUT}
+        assert all(r <= last for r in revs)
+        seen += [(int(e.type), e.kv.key) for e in events]
+        if last < nxt:
+            break
+        nxt = last + 1
+    deletes = [k for t, k in seen if t == kv_pb2.Event.EVENT_TYPE_DELETE]
+    assert deletes == [b"d/%d" % i for i in range(5)], seen
+    assert len(seen) == 10 and nxt == delete_rev + 1
+
+
 def test_watch_history_is_bounded_and_reports_compaction(make_shard: Callable[..., Shard]) -> None:
     s = make_shard(watch_history_max_events=5)
     for i in range(10):

@@ -232,11 +232,29 @@ class KvStateMachine:
         self, start_revision: int, lo: bytes, hi: bytes, limit: int
     ) -> tuple[list[kv_pb2.Event], int, bool]:
         """Events at or after ``start_revision`` on keys in ``[lo, hi)``: (events, the last
-        revision looked at, compacted?). Compacted means the history no longer reaches back to
+        revision looked at, compacted?). About ``limit`` events, in whole revisions only (the
+        caller goes on from the revision after the last one): fewer when the limit would cut
+        a revision, more when a single revision holds more. Compacted means the history no longer reaches back to
         ``start_revision``; the watcher must restart from a snapshot of the range."""
         events, compact_rev = self.store.events_since(start_revision, limit)
         if start_revision <= compact_rev:
             return [], compact_rev, True
+        if len(events) >= limit:
+            # The limit may have cut the last revision (a range delete has many events at one
+            # revision), and the watcher goes on from the revision after ``last``: keep whole
+            # revisions only. A single revision that fills the batch is read whole.
+            last_rev = events[-1][0]
+            whole = [e for e in events if e[0] != last_rev]
+            if whole:
+                events = whole
+            else:
+                n = 2 * limit
+                while True:
+                    more, _ = self.store.events_since(last_rev, n)
+                    if len(more) < n or more[-1][0] != last_rev:
+                        break
+                    n *= 2
+                events = [e for e in more if e[0] == last_rev]
         out = []
         last = start_revision - 1
         for rev, ev in events:
