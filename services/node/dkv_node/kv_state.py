@@ -234,8 +234,9 @@ class KvStateMachine:
         """Events at or after ``start_revision`` on keys in ``[lo, hi)``: (events, the last
         revision looked at, compacted?). About ``limit`` events, in whole revisions only (the
         caller goes on from the revision after the last one): fewer when the limit would cut
-        a revision, more when a single revision holds more. Compacted means the history no longer reaches back to
-        ``start_revision``; the watcher must restart from a snapshot of the range."""
+        a revision, more when a single revision holds more. Compacted means the history no
+        longer reaches back to ``start_revision``; the watcher must restart from a snapshot of
+        the range."""
         events, compact_rev = self.store.events_since(start_revision, limit)
         if start_revision <= compact_rev:
             return [], compact_rev, True
