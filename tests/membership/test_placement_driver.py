@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
@@ -21,6 +23,7 @@ from dkv_node.node import Node, NodeConfig
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected
+from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as pb
 
 SHARDS = 4
@@ -39,6 +42,47 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"not reached within {timeout_s} s: {what} {on_fail()}")
         await asyncio.sleep(0.02)
+
+
+class Watches:
+    """One shard-scoped watch of the whole key space per (node, shard), each drained by a task
+    whose result says how its stream ended."""
+
+    def __init__(self) -> None:
+        self.channels: list[grpc.aio.Channel] = []
+        self.tasks: dict[tuple[str, int], asyncio.Task[str]] = {}
+
+    async def close(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for ch in self.channels:
+            await ch.close()
+
+
+async def open_watches(nodes: list[Node]) -> Watches:
+    w = Watches()
+    for n in nodes:
+        ch = grpc.aio.insecure_channel(n.advertise_client)
+        w.channels.append(ch)
+        watch = ch.unary_stream(
+            "/dkv.v1.KV/Watch",
+            request_serializer=kv_pb2.WatchRequest.SerializeToString,
+            response_deserializer=kv_pb2.WatchResponse.FromString,
+        )
+        for sid in sorted(n.shards):
+            call = watch(kv_pb2.WatchRequest(key=b"\x00", range_end=b"\x00", shard_id=sid))
+
+            async def drain(call: object = call) -> str:
+                try:
+                    async for _ in call:  # type: ignore[attr-defined]
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+                return "ended"
+
+            w.tasks[(n.cfg.name, sid)] = asyncio.get_running_loop().create_task(drain())
+    return w
 
 
 class Fixture:
@@ -173,12 +217,35 @@ def test_cluster_boots_from_membership_and_moves_replicas_onto_a_new_node(
                     resp = await client.put(key, b"v%d" % i)
                     written[key] = (b"v%d" % i, resp.header.revision)
 
+            # A watch of every shard at every node: when a shard moves away from a node, that
+            # node's watch of it must end (cleanly, so the client resumes elsewhere) instead
+            # of hanging on a group that no longer exists there.
+            watches = await open_watches(list(f.nodes.values()))
             d = await f.start_node("d")
             await eventually(
                 lambda: any(d.id in s.voters for s in f.shards().values()) and f.settled(),
                 "replicas moved onto d and placement settled",
                 on_fail=f.describe,
             )
+            try:
+                await eventually(
+                    lambda: all(
+                        w.done() == (sid not in f.nodes[name].shards)
+                        for (name, sid), w in watches.tasks.items()
+                    ),
+                    "watches of moved shards ended, the others still open",
+                    on_fail=lambda: str(
+                        {
+                            k: (w.done(), k[1] in f.nodes[k[0]].shards)
+                            for k, w in watches.tasks.items()
+                        }
+                    ),
+                )
+                for (name, sid), w in watches.tasks.items():
+                    if w.done():
+                        assert w.result() == "ended", (name, sid, w.result())
+            finally:
+                await watches.close()
             load = {n.cfg.name: len(n.shards) for n in f.nodes.values()}
             cap = math.ceil(1.25 * SHARDS * 3 / 4)
             assert all(1 <= c <= cap for c in load.values()), load

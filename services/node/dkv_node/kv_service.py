@@ -297,7 +297,9 @@ async def watch_stream(
     async def follow(gid: int) -> None:
         kv = svc.shards[gid].kv
         nxt = req.start_revision if req.start_revision > 0 else kv.store.revision() + 1
-        while svc.host.running:
+        # Until the node stops, or the shard moves away (Host.remove_group): the stream then
+        # ends cleanly and the client resumes at another replica, as after a shutdown.
+        while svc.host.running and gid in svc.host.groups:
             # The watch history is read from RocksDB itself: look only as far as what is
             # written (an apply batch may be staged but still on its way to disk).
             seen_applied = svc.host.written_applied(gid)
@@ -318,9 +320,11 @@ async def watch_stream(
                         e.ClearField("prev_kv")
                 await queue.put(resp)  # bounded: a slow watcher slows only itself
             nxt = max(nxt, last + 1)
+            if gid not in svc.host.groups:
+                break  # removed while we were handing over the batch
             # Sleep until this shard applies anything new (an event, not a poll).
             await svc.host.wait_applied(gid, seen_applied + 1)
-        await queue.put(None)  # the node is shutting down: end the stream
+        await queue.put(None)  # the node is stopping or the shard left: end the stream
 
     tasks = [asyncio.get_running_loop().create_task(follow(g)) for g in gids]
     try:

@@ -398,7 +398,10 @@ class Host:
             await self._wake.wait()
             self._wake.clear()
             await self._iteration()
-            self._drop_removed_groups()
+            if self._removals:
+                self._drop_removed_groups()
+                async with self._changed:
+                    self._changed.notify_all()  # waiters on a removed group wake up
             if self._snapshot_requested:
                 # Between iterations no batch is being applied: the snapshot is consistent.
                 due = [self.groups[gid] for gid in self._snapshot_requested if gid in self.groups]
@@ -532,10 +535,14 @@ class Host:
 
     async def wait_applied(self, group_id: int, index: int) -> None:
         """Wait (without a deadline) until group ``group_id`` applied ``index`` and wrote
-        the batch that did (or the host stops)."""
+        the batch that did (or the host stops, or the group is removed)."""
         g = self._group(group_id)
         async with self._changed:
-            await self._changed.wait_for(lambda: g.written_applied >= index or not self._running)
+            await self._changed.wait_for(
+                lambda: g.written_applied >= index
+                or not self._running
+                or self.groups.get(group_id) is not g  # removed (remove_group)
+            )
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
         """Wait until ``predicate()`` holds, re-checking after every loop iteration (an event,
