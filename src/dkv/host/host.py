@@ -538,10 +538,13 @@ class Host:
         the batch that did (or the host stops, or the group is removed)."""
         g = self._group(group_id)
         async with self._changed:
+            # Also wakes when the group is removed (remove_group): nothing will apply there.
             await self._changed.wait_for(
-                lambda: g.written_applied >= index
-                or not self._running
-                or self.groups.get(group_id) is not g  # removed (remove_group)
+                lambda: (
+                    g.written_applied >= index
+                    or not self._running
+                    or self.groups.get(group_id) is not g
+                )
             )
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
