@@ -354,12 +354,11 @@ def test_errors_pass_through_or_name_the_shard(tmp_path: Path) -> None:
             survivor = st.running()[0]
             h = host_of(survivor)
             await h.wait_for(lambda: h.leader(2) != survivor.id, WAIT_S)
-            loop = asyncio.get_running_loop()
             deadline_s = 2.0
-            started = loop.time()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await st.put(kv_pb2.PutRequest(key=key_in_shard(2), value=b"x"), deadline_s)
-            elapsed = loop.time() - started
+            # UNAVAILABLE, not DEADLINE_EXCEEDED: the gateway answered before the caller's
+            # deadline ran out (no wall-clock bound needed to show it).
             assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
             details = err.value.details() or ""
             assert details.startswith("shard 2 has no reachable leader (no quorum?): "), details
@@ -367,7 +366,6 @@ def test_errors_pass_through_or_name_the_shard(tmp_path: Path) -> None:
             assert trailers.get("grpc-retry-pushback-ms") == "500"
             # The id the gateway gave the write: a retry with it cannot apply twice.
             assert len(str(trailers.get("dkv-request-id", ""))) == 32
-            assert elapsed < deadline_s + 0.5
             assert st.router.retries > 0
 
     asyncio.run(scenario())
