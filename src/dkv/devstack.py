@@ -336,8 +336,22 @@ class DevStack:
 
     # -- run ------------------------------------------------------------------------------------
 
+    def check_existing(self) -> None:
+        """A root made with another number of membership replicas is refused: new replicas
+        bootstrapped beside an existing group would form a second group with an empty map."""
+        lay = self.layout
+        existing = sorted(
+            p.name for p in lay.root.glob("m[0-9]*") if p.is_dir() and (p / "CURRENT").is_file()
+        )
+        if existing and existing != lay.membership_names:
+            raise StackError(
+                f"{lay.root} holds membership replicas {', '.join(existing)}; run with "
+                f"--membership-replicas {len(existing)}, or use a new --root"
+            )
+
     def start(self) -> None:
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.check_existing()
         self.check_ports()
         self.make_certs()
         self.procs = self.plan()

@@ -274,3 +274,12 @@ def test_dev_stack_refuses_a_taken_port(tmp_path: Path) -> None:
         s.listen()
         with pytest.raises(StackError, match=rf"{layout.gateway} \(the gateway\)"):
             DevStack(layout).start()
+
+
+def test_dev_stack_refuses_another_membership_size_on_existing_data(tmp_path: Path) -> None:
+    layout = free_layout(tmp_path / ".dkv")
+    (layout.root / "m1").mkdir(parents=True)
+    (layout.root / "m1" / "CURRENT").write_text("MANIFEST-000001\n")
+    three = DevLayout(layout.root, port_base=layout.port_base, membership_replicas=3)
+    with pytest.raises(StackError, match="--membership-replicas 1"):
+        DevStack(three).start()

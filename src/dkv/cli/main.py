@@ -120,11 +120,25 @@ def dev(
     shards: Annotated[
         int, typer.Option(min=1, max=1024, help="Shards of a new cluster (fixed after).")
     ] = 8,
+    membership_replicas: Annotated[
+        int,
+        typer.Option(
+            min=1, max=3, help="Membership replicas of a new cluster: 1, or 3 to try failover."
+        ),
+    ] = 1,
 ) -> None:
     """Run the whole platform locally (membership, 3 nodes, gateway, Envoy) until Ctrl-C.
     Running it again with the same --root resumes the same cluster and data."""
     # Imported here: it pulls in the gateway package and Envoy's API protos.
     from dkv import devstack  # noqa: PLC0415
 
-    code = devstack.run(devstack.DevLayout(root.absolute(), port_base=port_base, shards=shards))
+    if membership_replicas == 2:
+        raise typer.BadParameter("1 or 3 (two replicas tolerate no failure)")
+    layout = devstack.DevLayout(
+        root.absolute(),
+        port_base=port_base,
+        shards=shards,
+        membership_replicas=membership_replicas,
+    )
+    code = devstack.run(layout)
     raise typer.Exit(code)
