@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -36,7 +36,7 @@ import grpc.aio
 
 from dkv.client.cluster_map import ClusterMapView
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as mpb
 
@@ -73,19 +73,6 @@ RETRY_PUSHBACK_MS = 500
 """``grpc-retry-pushback-ms`` sent with UNAVAILABLE: when a shard may have a leader again."""
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-
-# Keepalive notices a half-open connection to a node that vanished (no FIN). Our nodes keep
-# gRPC's server default (pings without data at most every 5 min count as strikes), and a
-# client sends at most 2 pings without data, so pinging is cheap and never gets us a GOAWAY.
-# Reconnect backoff is capped low: a node that restarts is reachable again within ~2 s
-# instead of gRPC's default of up to two minutes.
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
 
 R = TypeVar("R", bound="_WithHeader")
 
@@ -135,54 +122,6 @@ class Target:
 def text_trailers(exc: grpc.aio.AioRpcError) -> dict[str, str]:
     """The string-valued trailing metadata of a failed call."""
     return {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
-
-
-class ChannelPool:
-    """One ``grpc.aio`` channel per address, with the gateway's client TLS when configured."""
-
-    def __init__(
-        self,
-        tls: TlsFiles | None = None,
-        options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
-    ) -> None:
-        self._options = list(options)
-        self._creds: grpc.ChannelCredentials | None = None
-        if tls is not None:
-            cert, key, ca = tls.read()
-            self._creds = grpc.ssl_channel_credentials(
-                root_certificates=ca, private_key=key, certificate_chain=cert
-            )
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            if self._creds is None:
-                ch = grpc.aio.insecure_channel(address, options=self._options)
-            else:
-                ch = grpc.aio.secure_channel(address, self._creds, options=self._options)
-            self._channels[address] = ch
-        return ch
-
-    @property
-    def addresses(self) -> set[str]:
-        return set(self._channels)
-
-    def discard(self, address: str) -> None:
-        """Close the channel to ``address`` (in the background; calls on it are cancelled)."""
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            task = asyncio.get_running_loop().create_task(ch.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def close(self) -> None:
-        channels = list(self._channels.values())
-        self._channels.clear()
-        for ch in channels:
-            await ch.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 @dataclass(slots=True)

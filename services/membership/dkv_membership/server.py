@@ -36,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
+from dkv.host.channels import ChannelPool
 from dkv.host.grpc_transport import (
     GrpcTransport,
     TlsFiles,
@@ -144,7 +145,9 @@ class MembershipServer:
         self._down_task: asyncio.Task[None] | None = None
         self.driver: PlacementDriver | None = None
         self._driver_task: asyncio.Task[None] | None = None
-        self._node_channels: dict[str, grpc.aio.Channel] = {}
+        # The driver's Admin calls to storage nodes, with this replica's client certificate
+        # when clients use mTLS.
+        self._node_channels = ChannelPool(cfg.client_tls)
         self.peer_port = 0
         self.client_port = 0
 
@@ -234,28 +237,11 @@ class MembershipServer:
                 self.service.run_down_detector(cfg.down_after_ms, cfg.down_check_interval_ms / 1000)
             )
         if cfg.driver is not None:
-            self.driver = PlacementDriver(self.service, cfg.driver, self._node_channel)
+            self.driver = PlacementDriver(self.service, cfg.driver, self._node_channels.get)
             self._driver_task = asyncio.get_running_loop().create_task(
                 self.driver.run(self.service.closing)
             )
         log.info("%s: membership replica %d serving on %s", cfg.name, self.id, advertise_client)
-
-    def _node_channel(self, address: str) -> grpc.aio.Channel:
-        """A cached channel to a storage node's client port (the driver's Admin calls), with
-        this replica's client certificate when clients use mTLS."""
-        ch = self._node_channels.get(address)
-        if ch is None:
-            tls = self.cfg.client_tls
-            if tls is None:
-                ch = grpc.aio.insecure_channel(address)
-            else:
-                cert, key, ca = tls.read()
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=ca, private_key=key, certificate_chain=cert
-                )
-                ch = grpc.aio.secure_channel(address, creds)
-            self._node_channels[address] = ch
-        return ch
 
     def _on_conf_change(self, gid: int, cc: ConfChange, cs: ConfState, batch: Batch) -> None:
         """A replica added by AddReplica: remember where it is (the change carries it)."""
@@ -282,9 +268,7 @@ class MembershipServer:
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
         self._down_task = self._driver_task = None
-        for ch in self._node_channels.values():
-            await ch.close()
-        self._node_channels.clear()
+        await self._node_channels.close()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.host is not None:

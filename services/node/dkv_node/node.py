@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
+from dkv.host.channels import ChannelPool, client_channel
 from dkv.host.grpc_transport import (
     GrpcTransport,
     TlsFiles,
@@ -127,7 +128,7 @@ class Node:
         self.client_server: grpc.aio.Server | None = None
         self.registration: Registration | None = None
         self.hosting: ShardHosting | None = None
-        self._membership_channels: dict[str, grpc.aio.Channel] = {}
+        self._membership_channels = ChannelPool(cfg.client_tls)
         self.peer_port = 0
         self.client_port = 0
         self.advertise_peer = ""
@@ -190,7 +191,7 @@ class Node:
             for gid in hosted:
                 self.host_shard(gid, None)
             self.hosting = ShardHosting(
-                self, list(cfg.membership), self._membership_channel, shard_count
+                self, list(cfg.membership), self._membership_channels.get, shard_count
             )
         else:
             voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
@@ -260,13 +261,6 @@ class Node:
         self.host.add_group(gid, shard, bootstrap)
         self.shards[gid] = shard
 
-    def _membership_channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._membership_channels.get(address)
-        if ch is None:
-            ch = self.client_channel(address)
-            self._membership_channels[address] = ch
-        return ch
-
     def led_shards(self) -> list[tuple[int, int]]:
         """(shard id, term) of every shard this node leads now (what heartbeats report)."""
         host = self.host
@@ -297,14 +291,7 @@ class Node:
     def client_channel(self, address: str) -> grpc.aio.Channel:
         """A channel to another member's client port (admin forwarding), with this node's
         client TLS files when clients must use mTLS."""
-        tls = self.cfg.client_tls
-        if tls is None:
-            return grpc.aio.insecure_channel(address)
-        cert, key, ca = tls.read()
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=key, certificate_chain=cert
-        )
-        return grpc.aio.secure_channel(address, creds)
+        return client_channel(address, self.cfg.client_tls)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful: stop heartbeating, stop accepting clients, let in-flight requests finish,
@@ -314,9 +301,7 @@ class Node:
             self.registration = None
         if self.hosting is not None:
             await self.hosting.stop()
-        for ch in self._membership_channels.values():
-            await ch.close()
-        self._membership_channels.clear()
+        await self._membership_channels.close()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.router is not None:

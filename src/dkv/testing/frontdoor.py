@@ -18,6 +18,8 @@ import grpc
 import grpc.aio
 
 from dkv.client import ClientTls
+from dkv.host.channels import client_channel
+from dkv.host.grpc_transport import TlsFiles
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 
@@ -37,16 +39,8 @@ class FrontDoorClient:
     def __init__(self, address: str, shard_count: int, tls: ClientTls | None = None) -> None:
         self.address = address
         self.shard_count = shard_count
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        else:
-            with open(tls.cert_file, "rb") as c, open(tls.key_file, "rb") as k:
-                cert, key = c.read(), k.read()
-            with open(tls.trusted_ca_file, "rb") as ca:
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=ca.read(), private_key=key, certificate_chain=cert
-                )
-            self.channel = grpc.aio.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
+        files = None if tls is None else TlsFiles(tls.cert_file, tls.key_file, tls.trusted_ca_file)
+        self.channel = client_channel(address, files, _CHANNEL_OPTIONS)
         self.failures: Counter[str] = Counter()  # status code name -> failed calls
 
     async def __aenter__(self) -> FrontDoorClient:
