@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
+from dkv.host.rpc_server import new_server
 from dkv_gateway.envoy_config import FrontDoor, resources
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
@@ -124,11 +125,11 @@ class GatewayServer:
     async def _assemble(self) -> None:
         cfg = self.cfg
         # Bind first, so that port 0 works and what we announce is where we listen.
-        self.client_server = grpc.aio.server(
+        self.client_server = new_server(
             options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
-        self.xds_server = grpc.aio.server()
+        self.xds_server = new_server()
         self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
         self.advertise_client = cfg.advertise_client or with_port(
             cfg.listen_client, self.client_port

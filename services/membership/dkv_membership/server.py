@@ -52,6 +52,7 @@ from dkv.host.members import (
     member_from_hello,
     member_id,
 )
+from dkv.host.rpc_server import new_server
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
@@ -178,9 +179,9 @@ class MembershipServer:
         cfg = self.cfg
         assert self.engine is not None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = grpc.aio.server()
+        self.peer_server = new_server()
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = grpc.aio.server()
+        self.client_server = new_server()
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
         advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)

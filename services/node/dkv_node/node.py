@@ -34,6 +34,7 @@ from dkv.host.members import (
     member_from_hello,
     member_id,
 )
+from dkv.host.rpc_server import new_server
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv.v1 import membership_pb2
@@ -153,9 +154,9 @@ class Node:
             create=cfg.initial_cluster_state == "new" or joining or cfg.managed,
         )
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = grpc.aio.server()
+        self.peer_server = new_server()
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = grpc.aio.server(
+        self.client_server = new_server(
             options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)

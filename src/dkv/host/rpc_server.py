@@ -1,0 +1,259 @@
+"""Every gRPC server of every dkv process is made here (:func:`new_server`).
+
+One place decides what all of them share:
+
+- **Malformed requests are the caller's problem.** A request body that is not a valid
+  protobuf of the method's request type (one byte ``0xff``, a truncated varint, field number
+  0, invalid UTF-8 in a ``string`` field) makes gRPC's own deserializer raise, and gRPC
+  answers ``UNKNOWN: Unexpected <class DecodeError>`` after logging a traceback. UNKNOWN says
+  "the server is sick", and Envoy's outlier detection ejected the only gateway after a few of
+  them (issue 9). :class:`DecodeGuard` decodes every request of every method in one place:
+  a body that does not decode answers ``INVALID_ARGUMENT`` naming the request type and what
+  is wrong, and is logged in one line, rate-limited (:class:`RateLimitedLog`), never a
+  traceback. It wraps the method handlers the services registered (their own deserializers
+  stay the single source of the request types), so a new service is covered by being added
+  to a server made here.
+- the keepalive enforcement that matches our clients' pings
+  (:data:`dkv.host.channels.SERVER_KEEPALIVE_OPTIONS`), so no client gets ``GOAWAY
+  too_many_pings``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+try:  # TEMP until channels.SERVER_KEEPALIVE_OPTIONS lands
+    from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+except ImportError:
+    SERVER_KEEPALIVE_OPTIONS = ()
+
+__all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
+
+log = logging.getLogger("dkv.rpc")
+
+BAD_REQUEST_LOG_INTERVAL_S = 10.0
+"""At most one log line per this many seconds for malformed requests (per process); the
+line says how many were not logged since the last one."""
+DETAIL_CHARS_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """What the guarded deserializer returns instead of raising: why the bytes did not decode."""
+
+    type_name: str
+    reason: str
+
+
+class RateLimitedLog:
+    """Log at most one line per ``interval_s``; the next line counts the ones skipped.
+
+    ``clock`` is injected so tests need not wait."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = BAD_REQUEST_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next_at = float("-inf")
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless a line was logged less than ``interval_s`` ago.
+        Returns whether it was logged."""
+        now = self.clock()
+        if now < self._next_at:
+            self.suppressed += 1
+            return False
+        self._next_at = now + self.interval_s
+        if self.suppressed:
+            message += " (%d more like it not logged in the last %.0f s)"
+            args = (*args, self.suppressed, self.interval_s)
+            self.suppressed = 0
+        self.logger.warning(message, *args)
+        return True
+
+
+def _type_name(deserializer: Callable[[bytes], Any]) -> str:
+    """``dkv.v1.PutRequest`` for ``PutRequest.FromString`` (best effort, for messages)."""
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    full_name = getattr(descriptor, "full_name", None)
+    if isinstance(full_name, str):
+        return full_name
+    return getattr(deserializer, "__qualname__", "request")
+
+
+def _reason(exc: Exception) -> str:
+    """DecodeError's own words, without its "Error parsing message with type X:" preamble."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    _, sep, tail = text.partition("': ")
+    text = tail if sep and text.startswith("Error parsing message") else text
+    return text[:DETAIL_CHARS_MAX]
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """See the module docstring. Handlers are wrapped once per method and cached."""
+
+    def __init__(self, bad_requests: RateLimitedLog | None = None) -> None:
+        self.bad_requests = bad_requests or RateLimitedLog(log)
+        self.malformed_total = 0  # for tests and, later, metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],  # -> Awaitable[handler|None]
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            cached = self._wrapped[method]
+            if cached is not None:
+                return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # type: ignore[return-value]  # None: gRPC answers UNIMPLEMENTED
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    # -- wrapping -------------------------------------------------------------------------------
+
+    def _reject(self, method: str, bad: Malformed, context: Any) -> tuple[grpc.StatusCode, str]:
+        self.malformed_total += 1
+        peer = context.peer() if hasattr(context, "peer") else "?"
+        self.bad_requests.warning(
+            "malformed request to %s from %s: %s: %s", method, peer, bad.type_name, bad.reason
+        )
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body is not a valid {bad.type_name}: {bad.reason}",
+        )
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        deserializer = handler.request_deserializer
+        if deserializer is None:
+            return handler  # raw bytes: nothing can fail to decode
+        type_name = _type_name(deserializer)
+
+        def decode(data: bytes) -> Any:
+            try:
+                return deserializer(data)
+            except Exception as exc:  # every library error of decoding, by design
+                return Malformed(type_name, _reason(exc))
+
+        fields: dict[str, Any] = {"request_deserializer": decode}
+        if handler.request_streaming:
+            name = "stream_stream" if handler.response_streaming else "stream_unary"
+            fields[name] = self._stream_request(method, getattr(handler, name))
+        else:
+            name = "unary_stream" if handler.response_streaming else "unary_unary"
+            fields[name] = self._unary_request(method, getattr(handler, name))
+        replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
+        return replace(**fields)
+
+    def _unary_request(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        reject = self._reject
+        if inspect.isasyncgenfunction(behavior):
+
+            async def unary_async_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+                if isinstance(request, Malformed):
+                    await context.abort(*reject(method, request, context))
+                async for item in behavior(request, context):
+                    yield item
+
+            return unary_async_gen
+        if inspect.iscoroutinefunction(behavior):
+
+            async def unary_async(request: Any, context: Any) -> Any:
+                if isinstance(request, Malformed):
+                    await context.abort(*reject(method, request, context))
+                return await behavior(request, context)
+
+            return unary_async
+        if inspect.isgeneratorfunction(behavior):
+
+            def unary_gen(request: Any, context: Any) -> Iterator[Any]:
+                if isinstance(request, Malformed):
+                    context.abort(*reject(method, request, context))
+                yield from behavior(request, context)
+
+            return unary_gen
+
+        def unary_sync(request: Any, context: Any) -> Any:
+            if isinstance(request, Malformed):
+                context.abort(*reject(method, request, context))  # raises (sync handlers too)
+            return behavior(request, context)
+
+        return unary_sync
+
+    def _stream_request(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        reject = self._reject
+
+        async def checked_async(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await context.abort(*reject(method, request, context))
+                yield request
+
+        def checked_sync(requests: Iterator[Any], context: Any) -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, Malformed):
+                    context.abort(*reject(method, request, context))
+                yield request
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream_async_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for item in behavior(checked_async(requests, context), context):
+                    yield item
+
+            return stream_async_gen
+        if inspect.iscoroutinefunction(behavior):
+
+            async def stream_async(requests: Any, context: Any) -> Any:
+                return await behavior(checked_async(requests, context), context)
+
+            return stream_async
+        if inspect.isgeneratorfunction(behavior):
+
+            def stream_gen(requests: Any, context: Any) -> Iterator[Any]:
+                yield from behavior(checked_sync(requests, context), context)
+
+            return stream_gen
+
+        def stream_sync(requests: Any, context: Any) -> Any:
+            return behavior(checked_sync(requests, context), context)
+
+        return stream_sync
+
+
+def new_server(
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+    maximum_concurrent_rpcs: int | None = None,
+    guard: DecodeGuard | None = None,
+) -> grpc.aio.Server:
+    """A ``grpc.aio`` server with the shared policy of the module docstring. ``options`` are
+    added to (and override) the shared ones."""
+    merged = dict(SERVER_KEEPALIVE_OPTIONS)
+    merged.update(dict(options))
+    return grpc.aio.server(
+        interceptors=[guard or DecodeGuard()],
+        options=list(merged.items()),
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
