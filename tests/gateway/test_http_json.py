@@ -571,6 +571,7 @@ def test_http_json_is_on_by_default_and_can_be_turned_off() -> None:
     assert _http_filter_names(door) == [
         "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.router",
     ]
     off = envoy_config.FrontDoor(listen_port=1, gateways=[("127.0.0.1", 2)], http_json=False)

@@ -26,11 +26,33 @@ What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
   only when the request provably never reached the gateway (``connect-failure``,
   ``refused-stream``): a reset or ``UNAVAILABLE`` after sending may come after the write was
   proposed, and retrying it could apply it twice. ``Watch`` is a stream and is never retried.
-- the cluster ``dkv_gateway`` lists the gateway replicas as STATIC endpoints (no EDS warming),
-  speaks HTTP/2 upstream (Python gRPC servers need it), ejects failing hosts (outlier detection)
-  and has ``healthy_panic_threshold: 0`` so Envoy never sprays traffic to ejected hosts.
+- the cluster ``dkv_gateway`` lists the gateway replicas as STATIC endpoints (no EDS warming)
+  and speaks HTTP/2 upstream (Python gRPC servers need it). A caller's bad request must cost
+  only that caller (issue 9), so what takes a gateway out of rotation is only what says *the
+  gateway* is sick:
 
-Not done yet: TLS/mTLS and XFCC.
+  - active gRPC health checks of ``dkv.v1.KV`` (the gateway says NOT_SERVING before it has a
+    cluster map and while it shuts down);
+  - outlier detection on *local-origin* failures only (connect failures, resets, Envoy's own
+    timeouts): ``split_external_local_origin_errors`` with every external-status detector
+    (5xx, gateway failure, success rate, failure percentage) not enforced. A gRPC status is
+    the answer to one request -- INVALID_ARGUMENT for a bad body, UNAVAILABLE for a shard
+    without quorum -- and says nothing about the gateway;
+  - Envoy does not enforce the client's ``grpc-timeout`` itself (no ``max_stream_duration``):
+    the header still travels to the gateway, which answers DEADLINE_EXCEEDED in time, and a
+    client that gives up resets its own stream. Otherwise every short client deadline would
+    be an upstream timeout, a local-origin failure, and a few of them would eject the gateway;
+  - ``healthy_panic_threshold`` 1%: when every gateway is ejected or failing health checks,
+    Envoy sends to all of them rather than answer "no healthy upstream" to everybody; with a
+    single healthy gateway left it still gets all the traffic (gateways are interchangeable,
+    unlike leaders). ``max_ejection_percent`` leaves at least half in rotation.
+- anything else answers locally and cleanly, never a stream error: gRPC calls to a service
+  the front door does not route (``dkv.v1.Admin``, ``dkv.v1.Membership``, ...) answer
+  UNIMPLEMENTED saying where it is served (Envoy turns a local reply to a gRPC request into a
+  gRPC status); a KV path without a gRPC content type is a 415; an HTTP/JSON path with a
+  method it does not take is a 405 with ``Allow``, after its body was read (the buffer filter,
+  enabled on those routes only: answering while the client still uploads made curl report an
+  HTTP/2 stream error); any other path is a 404.
 """
 
 from __future__ import annotations
@@ -44,11 +66,18 @@ from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+)
 from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -58,6 +87,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 
@@ -100,6 +130,7 @@ _TLS_NAME = "envoy.transport_sockets.tls"
 _ROUTER_NAME = "envoy.filters.http.router"
 _LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
 _TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
+_BUFFER_NAME = "envoy.filters.http.buffer"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -138,7 +169,13 @@ class FrontDoor:
     outlier_consecutive_failures: int = 5
     outlier_interval_ms: int = 5000
     outlier_base_ejection_ms: int = 10_000
-    outlier_ejection_percent_max: int = 100
+    outlier_ejection_percent_max: int = 50
+    panic_threshold_percent: float = 1.0
+    health_check_interval_ms: int = 2000
+    health_check_timeout_ms: int = 1000
+    health_check_unhealthy_threshold: int = 3
+    # Bodies read (and dropped) before a local 405 answer.
+    rejected_body_bytes_max: int = 8 << 20
     extra_routes: Sequence[route_components_pb2.Route] = field(default_factory=tuple)
     # TLS on the listener (Envoy's certificate; ``ca_file`` verifies clients); None: plaintext.
     listener_tls: TlsFiles | None = None
@@ -221,26 +258,46 @@ def _static_cluster(
     )
 
 
+def _u32(value: int) -> wrappers_pb2.UInt32Value:
+    return wrappers_pb2.UInt32Value(value=value)
+
+
 def gateway_cluster(door: FrontDoor) -> cluster_pb2.Cluster:
-    """The cluster ``dkv_gateway``: the gateway replicas, HTTP/2, outlier detection, no panic."""
+    """The cluster ``dkv_gateway``: the gateway replicas, HTTP/2, health checks, outlier
+    detection on local-origin failures only, panic only when none is left (module docstring)."""
     if not door.gateways:
         raise ValueError("FrontDoor.gateways must name at least one gateway")
     cluster = _static_cluster(GATEWAY_CLUSTER_NAME, door.gateways, door.connect_timeout_ms)
     cluster.common_lb_config.CopyFrom(
-        cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0.0))
+        cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=door.panic_threshold_percent)
+        )
     )
+    never = _u32(0)
     cluster.outlier_detection.CopyFrom(
         outlier_detection_pb2.OutlierDetection(
-            # gRPC errors arrive as HTTP 200 with a grpc-status trailer: count gateway failures
-            # (UNAVAILABLE and friends map to 503) and local-origin (connect) failures.
-            consecutive_5xx=wrappers_pb2.UInt32Value(value=door.outlier_consecutive_failures),
-            consecutive_gateway_failure=wrappers_pb2.UInt32Value(
-                value=door.outlier_consecutive_failures
-            ),
-            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=_u32(door.outlier_consecutive_failures),
+            enforcing_consecutive_local_origin_failure=_u32(100),
+            # Statuses are answers to one caller, not signs of a sick gateway.
+            enforcing_consecutive_5xx=never,
+            enforcing_consecutive_gateway_failure=never,
+            enforcing_success_rate=never,
+            enforcing_local_origin_success_rate=never,
+            enforcing_failure_percentage=never,
+            enforcing_failure_percentage_local_origin=never,
             interval=_ms(door.outlier_interval_ms),
             base_ejection_time=_ms(door.outlier_base_ejection_ms),
-            max_ejection_percent=wrappers_pb2.UInt32Value(value=door.outlier_ejection_percent_max),
+            max_ejection_percent=_u32(door.outlier_ejection_percent_max),
+        )
+    )
+    cluster.health_checks.append(
+        health_check_pb2.HealthCheck(
+            timeout=_ms(door.health_check_timeout_ms),
+            interval=_ms(door.health_check_interval_ms),
+            unhealthy_threshold=_u32(door.health_check_unhealthy_threshold),
+            healthy_threshold=_u32(1),
+            grpc_health_check=health_check_pb2.HealthCheck.GrpcHealthCheck(service_name=KV_SERVICE),
         )
     )
     if door.upstream_tls is not None:
@@ -265,21 +322,29 @@ def _retry_policy(retry_on: str, retries_max: int) -> route_components_pb2.Retry
     )
 
 
+GRPC_CONTENT_TYPE = "application/grpc"
+
+
+def _grpc_only() -> route_components_pb2.HeaderMatcher:
+    """Matches gRPC requests (``application/grpc``, ``application/grpc+proto``)."""
+    return route_components_pb2.HeaderMatcher(
+        name="content-type", string_match=string_pb2.StringMatcher(prefix=GRPC_CONTENT_TYPE)
+    )
+
+
 def _route(
     door: FrontDoor, *, path: str | None = None, prefix: str | None = None, retry_on: str | None
 ) -> route_components_pb2.Route:
     match = (
-        route_components_pb2.RouteMatch(path=path)
+        route_components_pb2.RouteMatch(path=path, headers=[_grpc_only()])
         if path is not None
-        else route_components_pb2.RouteMatch(prefix=prefix or "/")
+        else route_components_pb2.RouteMatch(prefix=prefix or "/", headers=[_grpc_only()])
     )
     action = route_components_pb2.RouteAction(
         cluster=GATEWAY_CLUSTER_NAME,
+        # The bound for calls whose client set no deadline. A client's grpc-timeout is
+        # passed on to the gateway, not enforced here (module docstring).
         timeout=_ms(door.request_timeout_ms),
-        # Honour the client's grpc-timeout header (0 = no cap beyond the client's own deadline).
-        max_stream_duration=route_components_pb2.RouteAction.MaxStreamDuration(
-            grpc_timeout_header_max=_ms(0)
-        ),
     )
     if retry_on is not None and door.retries_max > 0:
         action.retry_policy.CopyFrom(_retry_policy(retry_on, door.retries_max))
@@ -300,7 +365,123 @@ def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
         *door.extra_routes,
         # Any other KV method: treat it as a write.
         _route(door, prefix=KV_SERVICE_PREFIX, retry_on=WRITE_RETRY_ON),
+        # The gateway's own health (SERVING once it has a cluster map): a client may ask.
+        _route(door, prefix=f"/{HEALTH_SERVICE}/", retry_on=READ_RETRY_ON),
+        *_refusals(door),
     ]
+
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+ELSEWHERE = {
+    "dkv.v1.Admin": "each node's client port (dkvctl --endpoints NODE_HOST:PORT status)",
+    "dkv.v1.Membership": "the membership service's client port "
+    "(dkvctl cluster --membership HOST:PORT ...)",
+    "dkv.v1.RaftPeer": "the nodes' peer ports, to other nodes only",
+}
+"""Services of dkv the front door does not route, and where they are served."""
+HTTP_JSON_METHODS = (
+    # (path match, as a user reads it, allowed methods), as kv.proto's google.api.http binds.
+    (("path", "/v1/kv"), "/v1/kv", ("GET",)),
+    (("prefix", "/v1/kv/"), "/v1/kv/{key}", ("GET", "PUT", "DELETE")),
+    (("path", "/v1/kv:range"), "/v1/kv:range", ("POST",)),
+    (("path", "/v1/kv:put"), "/v1/kv:put", ("POST",)),
+    (("path", "/v1/kv:delete"), "/v1/kv:delete", ("POST",)),
+    (("path", "/v1/kv:watch"), "/v1/kv:watch", ("GET", "POST")),
+)
+
+
+def _direct(
+    door: FrontDoor,
+    match: route_components_pb2.RouteMatch,
+    status: int,
+    body: str,
+    headers: Sequence[tuple[str, str]] = (),
+) -> route_components_pb2.Route:
+    """A route Envoy answers itself, after reading the request body (the buffer filter):
+    answering while a client still uploads ends in an HTTP/2 stream error at the client.
+    To a gRPC request Envoy's local reply is a gRPC status (404 -> UNIMPLEMENTED, 415 ->
+    INTERNAL) whose message is ``body``."""
+    route = route_components_pb2.Route(
+        match=match,
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=status, body=base_pb2.DataSource(inline_string=body + "\n")
+        ),
+        response_headers_to_add=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+            for k, v in headers
+        ],
+    )
+    route.typed_per_filter_config[_BUFFER_NAME].CopyFrom(
+        _pack(
+            buffer_pb2.BufferPerRoute(
+                buffer=buffer_pb2.Buffer(max_request_bytes=_u32(door.rejected_body_bytes_max))
+            )
+        )
+    )
+    return route
+
+
+def _refusals(door: FrontDoor) -> list[route_components_pb2.Route]:
+    """Local answers for everything the routes above do not take (module docstring)."""
+    routes = [
+        _direct(
+            door,
+            route_components_pb2.RouteMatch(prefix=f"/{service}/"),
+            404,
+            f"{service} is not served by the front door: it is served by {where}",
+        )
+        for service, where in ELSEWHERE.items()
+    ]
+    routes.append(
+        _direct(
+            door,
+            route_components_pb2.RouteMatch(prefix=KV_SERVICE_PREFIX),
+            415,
+            f"{KV_SERVICE} methods take content-type {GRPC_CONTENT_TYPE}; HTTP/JSON clients "
+            "use /v1/kv (docs/http.md)",
+        )
+    )
+    if door.http_json:
+        for (kind, value), shown, methods in HTTP_JSON_METHODS:
+            # Only the methods it does not take: a matching method the transcoder could not
+            # map (e.g. an empty key) falls through to the 404 below.
+            not_allowed = route_components_pb2.HeaderMatcher(
+                name=":method",
+                string_match=string_pb2.StringMatcher(
+                    safe_regex=regex_pb2.RegexMatcher(regex="|".join(methods))
+                ),
+                invert_match=True,
+            )
+            match = route_components_pb2.RouteMatch(headers=[not_allowed], **{kind: value})
+            allow = ", ".join(methods)
+            routes.append(
+                _direct(
+                    door,
+                    match,
+                    405,
+                    f"{shown} takes {allow}",
+                    headers=[("allow", allow)],
+                )
+            )
+    routes.append(
+        _direct(
+            door,
+            route_components_pb2.RouteMatch(prefix="/", headers=[_grpc_only()]),
+            404,
+            f"unknown service: the front door serves {KV_SERVICE} and {HEALTH_SERVICE}",
+        )
+    )
+    routes.append(
+        _direct(
+            door,
+            route_components_pb2.RouteMatch(prefix="/"),
+            404,
+            "not found: the HTTP/JSON API is under /v1/kv (docs/http.md)"
+            if door.http_json
+            else "not found: this front door serves gRPC only",
+        )
+    )
+    return routes
 
 
 def _full_percent() -> base_pb2.RuntimeFractionalPercent:
@@ -369,10 +550,20 @@ def grpc_json_transcoder(door: FrontDoor) -> hcm_pb2.HttpFilter:
 
 
 def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
-    """Rate limit first (HTTP/JSON and gRPC share the budget), transcoder, router last."""
+    """Rate limit first (HTTP/JSON and gRPC share the budget), transcoder, the buffer (off
+    except on the routes Envoy answers itself: streams must not be buffered), router last."""
     filters = [_local_rate_limit(door)]
     if door.http_json:
         filters.append(grpc_json_transcoder(door))
+    filters.append(
+        hcm_pb2.HttpFilter(
+            name=_BUFFER_NAME,
+            typed_config=_pack(
+                buffer_pb2.Buffer(max_request_bytes=_u32(door.rejected_body_bytes_max))
+            ),
+            disabled=True,
+        )
+    )
     filters.append(hcm_pb2.HttpFilter(name=_ROUTER_NAME, typed_config=_pack(router_pb2.Router())))
     return filters
 
