@@ -20,12 +20,12 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 
 from dkv.errors import InvalidArgument
+from dkv.host.channels import TlsFiles, client_channel
 from dkv.host.transport import Delivery
 from dkv.raft import Message, codec
 from dkv.v1 import raft_pb2 as pb
@@ -42,21 +42,6 @@ __all__ = [
 log = logging.getLogger("dkv.host.transport")
 
 _METHOD = "/dkv.v1.RaftPeer/Stream"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for mTLS: our certificate and key, and the CA that signs our peers."""
-
-    cert_file: str
-    key_file: str
-    trusted_ca_file: str
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        with open(self.cert_file, "rb") as c, open(self.key_file, "rb") as k:
-            cert, key = c.read(), k.read()
-        with open(self.trusted_ca_file, "rb") as ca:
-            return cert, key, ca.read()
 
 
 def encode(
@@ -221,14 +206,10 @@ class GrpcTransport:
             self.dropped_batches += 1
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
-        if self.tls is None:
-            return grpc.aio.insecure_channel(address, options=options)
-        cert, key, ca = self.tls.read()
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=key, certificate_chain=cert
-        )
-        return grpc.aio.secure_channel(address, creds, options=options)
+        # Built like every client channel of ours (dkv.host.channels.CHANNEL_OPTIONS): its
+        # keepalive is the one the peer server's SERVER_KEEPALIVE_OPTIONS accept. The
+        # certificate files are read again per connection (rotated files take effect).
+        return client_channel(address, self.tls)
 
     async def _run_peer(self, peer: _Peer) -> None:
         backoff_s = 0.05
