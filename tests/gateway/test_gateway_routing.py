@@ -333,12 +333,12 @@ def test_errors_pass_through_or_name_the_shard(tmp_path: Path) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await method(req)  # type: ignore[operator]
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-                assert err.value.details() == "key must not be empty"
+                assert (err.value.details() or "").startswith("key must not be empty")
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in st.watch(kv_pb2.WatchRequest(key=b"")):
                     pass
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert err.value.details() == "key must not be empty"
+            assert (err.value.details() or "").startswith("key must not be empty")
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await st.range(kv_pb2.RangeRequest(prefix=b"a", shard_id=SHARDS + 1))
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT

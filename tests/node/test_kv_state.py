@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from dkv_node.kv_state import (
     RANGE_LIMIT_DEFAULT,
+    KeyRecord,
     KvStateMachine,
     MemoryKvStore,
     prefix_end,
@@ -17,6 +18,7 @@ from dkv_node.kv_store import RocksKvStore
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dkv.paging import PAGE_BYTES_MAX, kv_bytes
 from dkv.storage import Engine, Identity
 from dkv.v1 import kv_pb2
 
@@ -164,6 +166,60 @@ def test_range_prefix_limit_and_continuation(make_shard: Callable[..., Shard]) -
     ]
     everything = s.sm.range(kv_pb2.RangeRequest(key=b"\x00", range_end=b"\x00"))
     assert len(everything.kvs) == 26 and RANGE_LIMIT_DEFAULT > 26
+
+
+def test_a_range_of_big_values_pages_by_bytes(make_shard: Callable[..., Shard]) -> None:
+    """Nine 1-MiB values: pages stay within PAGE_BYTES_MAX (a single bigger key still comes
+    alone), every key comes once; keys_only pages are not shrunk by values they do not carry."""
+    s = make_shard()
+    mib = 1 << 20
+    for i in range(9):
+        s.put(b"big/%d" % i, bytes([i]) * mib)
+    s.put(b"big/9", b"z" * (PAGE_BYTES_MAX + 10))  # larger than a page on its own
+    seen: list[bytes] = []
+    cont = b""
+    while True:
+        resp = s.sm.range(kv_pb2.RangeRequest(prefix=b"big/", continuation=cont))
+        assert resp.kvs and resp.count == len(resp.kvs)
+        if len(resp.kvs) > 1:
+            assert sum(kv_bytes(kv) for kv in resp.kvs) <= PAGE_BYTES_MAX
+        assert resp.ByteSize() < 4 * mib  # gRPC's default message limit
+        seen += [kv.key for kv in resp.kvs]
+        if not resp.more:
+            break
+        cont = resp.continuation
+    assert seen == [b"big/%d" % i for i in range(10)]
+    keys = s.sm.range(kv_pb2.RangeRequest(prefix=b"big/", keys_only=True))
+    assert len(keys.kvs) == 10 and not keys.more
+
+
+def test_a_page_is_exact_with_writes_staged_in_the_batch(tmp_path: Path) -> None:
+    """RocksKvStore.scan_page stops reading by bytes while a batch holds staged puts and
+    deletes: what it returns is exactly the store's view, up to its last key."""
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        store = RocksKvStore(engine, group_id=3)
+        batch = engine.batch()
+        store.begin(batch)
+        for i in range(0, 20, 2):
+            store.put(b"k%02d" % i, KeyRecord(1, 1, 1, b"x" * 100))
+        engine.write(batch, sync=False)
+        store.end()
+        batch = engine.batch()
+        store.begin(batch)  # staged, not written: odd keys appear, some even ones go
+        for i in range(1, 20, 2):
+            store.put(b"k%02d" % i, KeyRecord(2, 2, 1, b"y" * 100))
+        for i in (0, 4, 6):
+            store.delete(b"k%02d" % i)
+        view = [b"k%02d" % i for i in range(20) if i not in (0, 4, 6)]
+        for bytes_max in (1, 150, 450, 10_000):
+            found, complete = store.scan_page(b"k", b"l", 100, bytes_max=bytes_max)
+            got = [k for k, _ in found]
+            assert got and got == view[: len(got)], bytes_max
+            assert complete == (got == view)
+        store.end()
+    finally:
+        engine.close()
 
 
 def test_delete_range_emits_one_event_per_key_at_one_revision(

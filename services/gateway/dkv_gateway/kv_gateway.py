@@ -7,10 +7,12 @@
   every retry carries the same id and the shard applies the write at most once. When the
   write fails with UNAVAILABLE its outcome is unknown: the trailer ``dkv-request-id`` names
   the id, and retrying with it is safe.
-- A Range over a key range or prefix asks every shard for its first ``limit`` keys after the
-  continuation (``RangeRequest.shard_id = N``, in parallel), merges them in key order and cuts
-  at ``limit``: the first ``limit`` keys of the merge are the first ``limit`` keys overall,
-  since each shard sent its own first ``limit``. ``more``, ``continuation`` (last key +
+- Every request is checked first (:mod:`dkv.validation`): a request that makes no sense is
+  INVALID_ARGUMENT naming the field, before anything is routed.
+- A Range over a key range or prefix asks every shard for its first page after the
+  continuation (``RangeRequest.shard_id = N``, in parallel) and merges the pages in key order
+  (:func:`dkv.paging.merge_pages`: exact up to the smallest last key of a shard that has
+  more, then cut by ``limit`` and by bytes). ``more``, ``continuation`` (last key +
   ``\\0``) and ``count`` (keys in this page, as a node answers) follow the node's rules, so a
   caller pages the same way through a node or the gateway. The header has ``shard_id`` 0 and
   the largest shard revision. It is *not* one snapshot across shards: each shard is read on
@@ -40,7 +42,9 @@ import grpc.aio
 
 from dkv.host.grpc_errors import Ctx, call
 from dkv.keys import range_limit
+from dkv.paging import merge_pages
 from dkv.v1 import kv_pb2
+from dkv.validation import check_delete, check_put, check_range, check_watch
 from dkv_gateway.router import NodeStatus, NotInitialized, Router, ShardUnreachable
 from dkv_gateway.watch import merged_watch
 
@@ -129,6 +133,7 @@ class KvGateway:
 
     async def put(self, req: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:
         async def run() -> kv_pb2.PutResponse:
+            check_put(req)
             deadline = self._deadline(context)
             if not req.request_id:
                 req.request_id = uuid.uuid4().hex  # before the first attempt: retries share it
@@ -141,6 +146,7 @@ class KvGateway:
 
     async def delete(self, req: kv_pb2.DeleteRequest, context: Ctx) -> kv_pb2.DeleteResponse:
         async def run() -> kv_pb2.DeleteResponse:
+            check_delete(req)
             deadline = self._deadline(context)
             if not req.request_id:
                 req.request_id = uuid.uuid4().hex
@@ -180,6 +186,7 @@ class KvGateway:
 
     async def range(self, req: kv_pb2.RangeRequest, context: Ctx) -> kv_pb2.RangeResponse:
         async def run() -> kv_pb2.RangeResponse:
+            check_range(req)
             deadline = self._deadline(context)
             if req.shard_id:
                 shard = self.router.check_shard(req.shard_id)
@@ -212,21 +219,15 @@ class KvGateway:
             )
 
         parts = await _all([part(s) for s in self.router.shards()])
-        merged = list(heapq.merge(*(p.kvs for p in parts), key=lambda kv: kv.key))
-        more = len(merged) > limit or any(p.more for p in parts)
-        page = merged[:limit]
-        resp = kv_pb2.RangeResponse(more=more, count=len(page))
+        resp = kv_pb2.RangeResponse()
         resp.header.revision = max(p.header.revision for p in parts)
-        if not req.count_only:
-            resp.kvs.extend(page)
-        if more and page:
-            resp.continuation = page[-1].key + b"\x00"
-        return resp
+        return merge_pages(parts, limit).fill(resp, req.count_only)
 
     async def watch(
         self, req: kv_pb2.WatchRequest, context: Ctx
     ) -> AsyncIterator[kv_pb2.WatchResponse]:
         async def shards() -> list[int]:
+            check_watch(req)
             if req.shard_id:
                 return [self.router.check_shard(req.shard_id)]
             if req.prefix or req.range_end:

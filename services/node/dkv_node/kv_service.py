@@ -17,7 +17,6 @@ UNAVAILABLE (NOT_LEADER with no leader hint), so a router tries another node.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,8 +28,10 @@ from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv.keys import range_limit
+from dkv.paging import merge_pages
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
+from dkv.validation import check_delete, check_put, check_range, check_watch
 from dkv_node.kv_state import (
     DELETE_RANGE_KEYS_MAX,
     prefix_end,
@@ -115,6 +116,7 @@ class KvService:
 
     async def put(self, req: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:
         async def run() -> kv_pb2.PutResponse:
+            check_put(req)
             self.limits.check_key(req.key)
             self.limits.check_value(req.value)
             self.limits.check_request_id(req.request_id)
@@ -129,6 +131,7 @@ class KvService:
 
     async def delete(self, req: kv_pb2.DeleteRequest, context: Ctx) -> kv_pb2.DeleteResponse:
         async def run() -> kv_pb2.DeleteResponse:
+            check_delete(req)
             self.limits.check_key(req.key)
             self.limits.check_request_id(req.request_id)
             if req.range_end:
@@ -149,10 +152,6 @@ class KvService:
         at most DELETE_RANGE_KEYS_MAX keys, each step one Raft entry (atomic within it); the
         whole range is not one atomic operation across shards or steps. Retrying with the
         same request id is safe: every step has its own id derived from it."""
-        if req.HasField("precondition"):
-            raise InvalidArgument("a precondition applies to one key; drop range_end or it")
-        if req.range_end != b"\x00" and req.range_end <= req.key:
-            raise InvalidArgument("range_end must be greater than key (or \\x00 for 'to the end')")
         if req.shard_id and req.shard_id not in self.shards:
             raise InvalidArgument(f"shard {req.shard_id} does not exist")
         loop = asyncio.get_running_loop()
@@ -223,6 +222,7 @@ class KvService:
 
     async def range(self, req: kv_pb2.RangeRequest, context: Ctx) -> kv_pb2.RangeResponse:
         async def run() -> kv_pb2.RangeResponse:
+            check_range(req)
             timeout = self._timeout(context)
             if not req.prefix and not req.range_end:
                 self.limits.check_key(req.key)
@@ -242,19 +242,16 @@ class KvService:
             sub = kv_pb2.RangeRequest()
             sub.CopyFrom(req)
             sub.limit = limit
-            sub.count_only = False
+            if req.count_only:
+                # Each shard's page must carry keys for the merge; values would only shrink
+                # the pages (their bytes count), as at the gateway.
+                sub.count_only = False
+                sub.keys_only = True
             parts = [self.shards[gid].kv.range(sub) for gid in gids]
-            merged = list(heapq.merge(*(p.kvs for p in parts), key=lambda kv: kv.key))
-            more = len(merged) > limit or any(p.more for p in parts)
-            merged = merged[:limit]
-            resp = kv_pb2.RangeResponse(more=more, count=len(merged))
+            resp = kv_pb2.RangeResponse()
             resp.header.CopyFrom(parts[0].header)
             resp.header.revision = max(p.header.revision for p in parts)
-            if not req.count_only:
-                resp.kvs.extend(merged)
-            if more and merged:
-                resp.continuation = merged[-1].key + b"\x00"
-            return resp
+            return merge_pages(parts, limit).fill(resp, req.count_only)
 
         return await self._call(context, run)
 
@@ -272,6 +269,7 @@ async def watch_stream(
     shard and each response names its shard in ``header.shard_id`` (``start_revision``
     then applies to every shard's revision space). ``shard_id`` N watches shard N only."""
     try:
+        check_watch(req)
         if req.prefix:
             svc.limits.check_key(req.prefix, "prefix")
             lo, hi = req.prefix, prefix_end(req.prefix)

@@ -25,11 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dkv.errors import InvalidArgument, InvariantViolation
+from dkv.errors import InvariantViolation
 
 # Defined in dkv.keys (the gateway pages the same way); re-exported for the node's modules.
 from dkv.keys import RANGE_LIMIT_DEFAULT, RANGE_LIMIT_MAX, prefix_end, range_limit
+from dkv.paging import PAGE_BYTES_MAX, cut
 from dkv.v1 import kv_pb2
+from dkv.validation import range_bounds
 
 __all__ = [
     "RANGE_LIMIT_DEFAULT",
@@ -70,6 +72,13 @@ class KvStore(Protocol):
     def get(self, key: bytes) -> KeyRecord | None: ...
 
     def scan(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, KeyRecord]]: ...
+
+    def scan_page(
+        self, lo: bytes, hi: bytes, limit: int, bytes_max: int = 0, count_values: bool = True
+    ) -> tuple[list[tuple[bytes, KeyRecord]], bool]:
+        """At most ``limit`` keys of ``[lo, hi)``, reading stops after ``bytes_max`` bytes
+        (0: no bound); (keys, whether the range ended within them)."""
+        ...
 
     def put(self, key: bytes, rec: KeyRecord) -> None: ...
 
@@ -200,33 +209,27 @@ class KvStateMachine:
     # -- reads ----------------------------------------------------------------------------------
 
     def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
-        """Serve a read from the local state (the caller decided it is fresh enough)."""
-        if req.prefix:
-            lo, hi = req.prefix, prefix_end(req.prefix)
-        elif req.range_end:
-            lo, hi = req.key, (b"" if req.range_end == b"\x00" else req.range_end)
-        else:
+        """Serve a read from the local state (the caller decided it is fresh enough and the
+        request makes sense: :func:`dkv.validation.check_range`). A range is one page by
+        count and bytes (:mod:`dkv.paging`)."""
+        if not req.prefix and not req.range_end:
             rec = self.store.get(req.key)
             kvs = [rec.to_proto(req.key, req.keys_only)] if rec is not None else []
             resp = kv_pb2.RangeResponse(header=self.header(), count=len(kvs))
             if not req.count_only:
                 resp.kvs.extend(kvs)
             return resp
+        lo, hi = range_bounds(req)
         if req.continuation:
-            if req.continuation < lo or (hi and req.continuation >= hi):
-                raise InvalidArgument("continuation token does not belong to this range")
             lo = req.continuation
         limit = range_limit(req.limit)
         # One extra key tells whether more remain.
-        found = self.store.scan(lo, hi, limit + 1)
-        more = len(found) > limit
-        found = found[:limit]
-        resp = kv_pb2.RangeResponse(header=self.header(), more=more, count=len(found))
-        if not req.count_only:
-            resp.kvs.extend(rec.to_proto(k, req.keys_only) for k, rec in found)
-        if more:
-            resp.continuation = found[-1][0] + b"\x00"
-        return resp
+        found, complete = self.store.scan_page(
+            lo, hi, limit + 1, bytes_max=PAGE_BYTES_MAX, count_values=not req.keys_only
+        )
+        kvs = [rec.to_proto(k, req.keys_only) for k, rec in found]
+        page = cut(kvs, limit, PAGE_BYTES_MAX, more=not complete)
+        return page.fill(kv_pb2.RangeResponse(header=self.header()), req.count_only)
 
     def watch_events(
         self, start_revision: int, lo: bytes, hi: bytes, limit: int
@@ -294,6 +297,21 @@ class MemoryKvStore:
         i = bisect.bisect_left(self._keys, lo)
         j = bisect.bisect_left(self._keys, hi) if hi else len(self._keys)
         return [(k, self._data[k]) for k in self._keys[i : min(j, i + limit)]]
+
+    def scan_page(
+        self, lo: bytes, hi: bytes, limit: int, bytes_max: int = 0, count_values: bool = True
+    ) -> tuple[list[tuple[bytes, KeyRecord]], bool]:
+        i = bisect.bisect_left(self._keys, lo)
+        j = bisect.bisect_left(self._keys, hi) if hi else len(self._keys)
+        out: list[tuple[bytes, KeyRecord]] = []
+        size = 0
+        for k in self._keys[i:j]:
+            if len(out) >= limit or (bytes_max and out and size >= bytes_max):
+                return out, False
+            rec = self._data[k]
+            out.append((k, rec))
+            size += len(k) + (len(rec.value) if count_values else 0)
+        return out, True
 
     def put(self, key: bytes, rec: KeyRecord) -> None:
         if key not in self._data:

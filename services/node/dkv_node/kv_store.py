@@ -151,6 +151,16 @@ class RocksKvStore:
         return _decode_record(blob) if blob is not None else None
 
     def scan(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, KeyRecord]]:
+        """The first ``limit`` keys of ``[lo, hi)`` (``hi`` empty: to the end)."""
+        return self.scan_page(lo, hi, limit)[0]
+
+    def scan_page(
+        self, lo: bytes, hi: bytes, limit: int, bytes_max: int = 0, count_values: bool = True
+    ) -> tuple[list[tuple[bytes, KeyRecord]], bool]:
+        """The first keys of ``[lo, hi)``: at most ``limit``, and (``bytes_max`` > 0) stop
+        reading once ``bytes_max`` bytes of keys (and values, with ``count_values``) were
+        read, past at least one key that is not hidden. Returns (keys in order, whether the
+        range ended within them); what is returned is exact up to its last key."""
         start = self._k(lo)
         end = self._k(hi) if hi else self._p + b"l"  # b"l" is the tag after b"k"
         # Staged deletes may hide stored keys: read enough to still fill ``limit``.
@@ -158,17 +168,21 @@ class RocksKvStore:
         found: dict[bytes, KeyRecord] = {}
         skip = len(self._p) + 1
         stored = () if self._restored else self.engine.scan(CF_DATA, start, end)
-        for i, (k, v) in enumerate(stored):
-            if i >= limit + hidden:
+        size = 0
+        last: bytes | None = None  # the first stored key not read, when reading stopped early
+        for read, (k, v) in enumerate(stored):
+            if read >= limit + hidden or (bytes_max and size >= bytes_max and read > hidden):
+                last = k[skip:]
                 break
             found[k[skip:]] = _decode_record(v)
+            size += len(k) - skip + (len(v) if count_values else 0)
         for key, rec in self._overlay.items():
-            if key >= lo and (not hi or key < hi):
+            if key >= lo and (not hi or key < hi) and (last is None or key < last):
                 if rec is None:
                     found.pop(key, None)
                 else:
                     found[key] = rec
-        return sorted(found.items())[:limit]
+        return sorted(found.items())[:limit], last is None
 
     def put(self, key: bytes, rec: KeyRecord) -> None:
         self._b().put(
