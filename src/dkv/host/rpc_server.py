@@ -30,10 +30,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-try:  # TEMP until channels.SERVER_KEEPALIVE_OPTIONS lands
-    from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
-except ImportError:
-    SERVER_KEEPALIVE_OPTIONS = ()
+from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
 
 __all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
 
