@@ -8,12 +8,14 @@ raw channel where a test needs the exact status, details or trailers.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+from dkv_gateway.router import CallerDeadline
 from gateway_stack import (
     SHARDS,
     WAIT_S,
@@ -367,6 +369,38 @@ def test_errors_pass_through_or_name_the_shard(tmp_path: Path) -> None:
             # The id the gateway gave the write: a retry with it cannot apply twice.
             assert len(str(trailers.get("dkv-request-id", ""))) == 32
             assert st.router.retries > 0
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_too_short_to_try_a_replica_is_deadline_exceeded(tmp_path: Path) -> None:
+    """Nothing is wrong with the shard: "no quorum" would send the caller chasing a fault."""
+
+    async def scenario() -> None:
+        async with running_stack(tmp_path) as st:
+            key = key_in_shard(1)
+            await st.put(kv_pb2.PutRequest(key=key, value=b"v"))  # the shard is healthy
+            loop = asyncio.get_running_loop()
+            with pytest.raises(CallerDeadline) as info:
+                await st.router.unary(
+                    1,
+                    "Put",
+                    kv_pb2.PutRequest(key=key),
+                    kv_pb2.PutResponse.FromString,
+                    loop.time() + 0.0001,
+                    write=True,
+                )
+            assert "deadline" in str(info.value) and "shard 1" in str(info.value)
+            # Through the gateway's port, with deadlines around the time an attempt takes:
+            # each call succeeds or is DEADLINE_EXCEEDED, never UNAVAILABLE.
+            codes: Counter[str] = Counter()
+            for i in range(120):
+                try:
+                    await st.put(kv_pb2.PutRequest(key=key, value=b"x"), 0.0005 + i % 6 * 0.0005)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+            assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
 
     asyncio.run(scenario())
 

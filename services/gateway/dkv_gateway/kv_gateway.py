@@ -25,7 +25,9 @@
 
 Errors become statuses in one place (:func:`_answer`): a node's final status passes through
 unchanged; a shard that has no reachable leader before the deadline is UNAVAILABLE naming the
-shard, with ``grpc-retry-pushback-ms`` (gRPC's standard server pushback); a cluster whose map
+shard, with ``grpc-retry-pushback-ms`` (gRPC's standard server pushback); a deadline too short
+for any replica to answer is DEADLINE_EXCEEDED (with ``dkv-request-id`` for a write, whose
+outcome is then unknown); a cluster whose map
 has no shards yet is UNAVAILABLE saying so; the rest is :mod:`dkv.host.grpc_errors`.
 """
 
@@ -45,7 +47,13 @@ from dkv.keys import range_limit
 from dkv.paging import merge_pages
 from dkv.v1 import kv_pb2
 from dkv.validation import check_delete, check_put, check_range, check_watch
-from dkv_gateway.router import NodeStatus, NotInitialized, Router, ShardUnreachable
+from dkv_gateway.router import (
+    CallerDeadline,
+    NodeStatus,
+    NotInitialized,
+    Router,
+    ShardUnreachable,
+)
 from dkv_gateway.watch import merged_watch
 
 __all__ = ["KvGateway", "add_kv_gateway"]
@@ -75,6 +83,10 @@ async def _answer(context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
                 trailers.append(("dkv-request-id", exc.request_id))
             context.set_trailing_metadata(tuple(trailers))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except CallerDeadline as exc:
+            if exc.request_id:
+                context.set_trailing_metadata((("dkv-request-id", exc.request_id),))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except NotInitialized as exc:
             context.set_trailing_metadata(
                 (("grpc-retry-pushback-ms", str(NOT_INITIALIZED_PUSHBACK_MS)),)
@@ -112,7 +124,7 @@ def _naming_request_id(
     async def run() -> T:
         try:
             return await fn()
-        except ShardUnreachable as exc:
+        except (ShardUnreachable, CallerDeadline) as exc:
             exc.request_id = req.request_id
             raise
 

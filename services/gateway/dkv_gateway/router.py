@@ -14,8 +14,10 @@ away with the call in flight) are retried: at the leader the answer names, when 
 another node, else at the next replica. Writes are safe to retry because every write carries
 a request id the shard deduplicates (the gateway sets one before the first attempt). After
 each full round without an answer it backs off with jitter, and it gives up shortly before
-the caller's deadline so that the caller hears why (UNAVAILABLE naming the shard, with a
-``grpc-retry-pushback-ms`` hint) instead of a bare DEADLINE_EXCEEDED. Any other status is the
+the caller's deadline so that the caller hears why: UNAVAILABLE naming the shard, with a
+``grpc-retry-pushback-ms`` hint, when replicas were tried and said they could not serve;
+DEADLINE_EXCEEDED (:class:`CallerDeadline`) when nothing but the caller's own deadline went
+wrong -- too short to try a replica, or every attempt ran out of it. Any other status is the
 node's final word and is passed through unchanged (:class:`NodeStatus`).
 
 Channels: one pooled ``grpc.aio`` channel per node client address, created on first use and
@@ -35,7 +37,7 @@ import grpc
 import grpc.aio
 
 from dkv.client.cluster_map import ClusterMapView
-from dkv.errors import DkvError, InvalidArgument
+from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as mpb
@@ -44,6 +46,7 @@ __all__ = [
     "ATTEMPT_TIMEOUT_MIN_S",
     "BACKOFF_BASE_MS",
     "BACKOFF_MAX_MS",
+    "CallerDeadline",
     "CHANNEL_OPTIONS",
     "DEFAULT_TIMEOUT_S",
     "RETRY_PUSHBACK_MS",
@@ -99,6 +102,19 @@ class ShardUnreachable(DkvError):
         # since the write may or may not have happened.
         self.request_id = ""
         super().__init__(message)
+
+
+class CallerDeadline(DeadlineExceeded):
+    """The caller's deadline ran out before any replica answered, and none said it was in
+    trouble: DEADLINE_EXCEEDED, not "no quorum" (nothing may be wrong with the shard)."""
+
+    def __init__(self, shard_id: int, budget_s: float) -> None:
+        self.shard_id = shard_id
+        self.request_id = ""  # a write's id: it may have happened, retrying with it is safe
+        super().__init__(
+            f"the call's deadline ({max(0.0, budget_s) * 1000:.0f} ms) ran out before a "
+            f"replica of shard {shard_id} answered"
+        )
 
 
 class NodeStatus(DkvError):
@@ -298,10 +314,14 @@ class Router:
         tried: set[str] = set()
         follow: Target | None = None
         rounds = 0
-        last_error = "no replica was tried"
+        last_error = ""
         while True:
             remaining = stop_at - loop.time()
             if remaining <= 0:
+                if not last_error:
+                    # Nothing but the caller's own (short) deadline went wrong: no replica
+                    # could be tried, or every attempt ran out of the caller's time.
+                    raise CallerDeadline(shard_id, budget)
                 raise ShardUnreachable(
                     shard_id,
                     f"shard {shard_id} has no reachable leader (no quorum?): {last_error}",
@@ -336,13 +356,13 @@ class Router:
                 trailers = text_trailers(exc)
                 # DEADLINE_EXCEEDED of one attempt while time is left: the node could not
                 # finish (a leader without quorum); a retry elsewhere is safe (request ids).
-                retry = code in RETRYABLE or (
-                    code is grpc.StatusCode.DEADLINE_EXCEEDED and stop_at > loop.time()
-                )
+                # Without time left, the loop's top answers for the caller's deadline.
+                retry = code in RETRYABLE or code is grpc.StatusCode.DEADLINE_EXCEEDED
                 if not retry:
                     raise NodeStatus(code, details, _passthrough(trailers)) from exc
                 self.retries += 1
-                last_error = f"{target.address}: {code.name}: {details}"
+                if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    last_error = f"{target.address}: {code.name}: {details}"
                 log.debug("shard %d %s at %s: %s", shard_id, method, target.address, last_error)
                 follow = self._hint_from(shard_id, target, trailers)
                 continue
