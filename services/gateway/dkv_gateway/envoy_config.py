@@ -295,6 +295,11 @@ def gateway_cluster(door: FrontDoor) -> cluster_pb2.Cluster:
         health_check_pb2.HealthCheck(
             timeout=_ms(door.health_check_timeout_ms),
             interval=_ms(door.health_check_interval_ms),
+            # Envoy checks a cluster that has had no traffic yet only every 60 s by default,
+            # and keeps that timer after traffic starts: a gateway checked before it had its
+            # cluster map (NOT_SERVING) stayed "failed" for a minute.
+            no_traffic_interval=_ms(door.health_check_interval_ms),
+            no_traffic_healthy_interval=_ms(door.health_check_interval_ms),
             unhealthy_threshold=_u32(door.health_check_unhealthy_threshold),
             healthy_threshold=_u32(1),
             grpc_health_check=health_check_pb2.HealthCheck.GrpcHealthCheck(service_name=KV_SERVICE),

@@ -13,6 +13,8 @@ One place decides what all of them share:
   traceback. It wraps the method handlers the services registered (their own deserializers
   stay the single source of the request types), so a new service is covered by being added
   to a server made here.
+- no ``SO_REUSEPORT`` (gRPC's default): a port already taken is a refusal at start, never a
+  second process sharing it;
 - the keepalive enforcement that matches our clients' pings
   (:data:`dkv.host.channels.SERVER_KEEPALIVE_OPTIONS`), so no client gets ``GOAWAY
   too_many_pings``.
@@ -247,7 +249,10 @@ def new_server(
 ) -> grpc.aio.Server:
     """A ``grpc.aio`` server with the shared policy of the module docstring. ``options`` are
     added to (and override) the shared ones."""
-    merged = dict(SERVER_KEEPALIVE_OPTIONS)
+    # gRPC sets SO_REUSEPORT by default: a second process could bind a port we hold and
+    # share its connections silently. Off: a port in use is an error at start.
+    merged: dict[str, Any] = {"grpc.so_reuseport": 0}
+    merged.update(SERVER_KEEPALIVE_OPTIONS)
     merged.update(dict(options))
     return grpc.aio.server(
         interceptors=[guard or DecodeGuard()],
