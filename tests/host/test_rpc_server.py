@@ -177,3 +177,23 @@ def test_bad_requests_are_logged_in_one_line_rate_limited(caplog: pytest.LogCapt
     assert "19 more like it not logged" in lines[1].getMessage()
     # gRPC's own traceback logger said nothing.
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_port_another_server_holds_is_refused_not_shared() -> None:
+    """gRPC's default SO_REUSEPORT would let a second process share a port we listen on."""
+    from dkv.errors import InvalidArgument
+    from dkv.host.grpc_transport import bind
+
+    async def main() -> None:
+        first = new_server()
+        port = bind(first, "127.0.0.1:0", None)
+        await first.start()
+        second = new_server()
+        try:
+            with pytest.raises(InvalidArgument, match="cannot listen"):
+                bind(second, f"127.0.0.1:{port}", None)
+        finally:
+            await second.stop(None)
+            await first.stop(None)
+
+    asyncio.run(main())
