@@ -378,7 +378,8 @@ def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 ELSEWHERE = {
-    "dkv.v1.Admin": "each node's client port (dkvctl --endpoints NODE_HOST:PORT status)",
+    "dkv.v1.Admin": "each node's client port (dkvctl --endpoints NODE_HOST:PORT status, "
+    "member, leader, snapshot)",
     "dkv.v1.Membership": "the membership service's client port "
     "(dkvctl cluster --membership HOST:PORT ...)",
     "dkv.v1.RaftPeer": "the nodes' peer ports, to other nodes only",
