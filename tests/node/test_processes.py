@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ class Proc:
         self.args = args
         self.log = log
         self.p: subprocess.Popen[str] | None = None
+        self.banner = ""
 
     def start(self) -> None:
         with self.log.open("a") as err:
@@ -40,6 +42,7 @@ class Proc:
         assert self.p.stdout is not None
         line = self.p.stdout.readline()  # the process announces when it serves: an event
         assert "serving clients" in line, (line, self.log.read_text()[-2000:])
+        self.banner = line.strip()
 
     def _reap(self) -> int:
         assert self.p is not None and self.p.stdout is not None
@@ -56,6 +59,19 @@ class Proc:
         assert self.p is not None
         self.p.send_signal(signal.SIGTERM)
         return self._reap()
+
+
+def _alarming(log: str) -> list[str]:
+    """Lines of a node's log that an operator would take for trouble: tracebacks, ERROR and
+    WARNING records, gRPC core's own error lines (E1204 12:00:00.000 ...)."""
+    return [
+        line
+        for line in log.splitlines()
+        if "Traceback" in line
+        or " ERROR " in line
+        or " WARNING " in line
+        or re.match(r"E\d{4} ", line)
+    ]
 
 
 async def _call(
@@ -164,3 +180,44 @@ def test_kill9_restart_and_catch_up(tmp_path: Path) -> None:
         f"dkv-node: cannot listen on 127.0.0.1:{port} (in use or not an address)"
     )
     assert "Traceback" not in busy.stderr
+
+
+def test_a_graceful_stop_is_quiet(tmp_path: Path) -> None:
+    """Three nodes stopped together with SIGTERM, twice (new, then restarted): exit 0 and not
+    one alarming line in any log (a CancelledError traceback from /dkv.v1.RaftPeer/Stream
+    used to come with most stops)."""
+    peer = {n: free_port() for n in NAMES}
+    client = {n: free_port() for n in NAMES}
+    cluster = ",".join(f"{n}=127.0.0.1:{peer[n]}" for n in NAMES)
+
+    def args(n: str, state: str) -> list[str]:
+        return [
+            "--name", n, "--data-dir", str(tmp_path / n),
+            "--listen-peer", f"127.0.0.1:{peer[n]}", "--listen-client", f"127.0.0.1:{client[n]}",
+            "--initial-cluster", cluster, "--initial-cluster-state", state, "--shards", "3",
+            "--tick-interval-ms", "20",
+        ]  # fmt: skip
+
+    for round_, state in enumerate(("new", "existing")):
+        procs = {n: Proc(n, args(n, state), tmp_path / f"{n}.log") for n in NAMES}
+        try:
+            for p in procs.values():
+                p.start()
+
+            async def traffic(round_: int = round_) -> None:
+                # Every shard gets a leader and entries: streams are open between all nodes.
+                for i in range(12):
+                    req = kv_pb2.PutRequest(key=b"k%d-%d" % (round_, i), value=b"v")
+                    resp = await _call(client, list(NAMES), "Put", req, kv_pb2.PutResponse)
+                    assert resp.succeeded
+
+            asyncio.run(traffic())
+        finally:
+            for p in procs.values():  # all at once: each sees its peers go while it stops
+                if p.p is not None and p.p.poll() is None:
+                    p.p.send_signal(signal.SIGTERM)
+            codes = {n: p._reap() for n, p in procs.items() if p.p is not None}
+        assert codes == {n: 0 for n in NAMES}, codes
+        for n in NAMES:
+            log = (tmp_path / f"{n}.log").read_text()
+            assert _alarming(log) == [], (round_, n, log[-3000:])

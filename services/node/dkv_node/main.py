@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError
-from dkv.host.grpc_transport import with_port
+from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 
@@ -144,6 +144,13 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
 
 
 async def _serve(cfg: NodeConfig) -> None:
+    # Before anything is announced: a supervisor may signal as soon as it reads the start
+    # line, and a signal during start stops the node right after it (not the default action,
+    # which kills it without a graceful stop).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     node = Node(cfg)
     await node.start()
     print(
@@ -152,13 +159,14 @@ async def _serve(cfg: NodeConfig) -> None:
         f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {cfg.shards} shard(s)",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print(f"dkv-node {cfg.name}: shutting down", flush=True)
     await node.stop()
+    # grpc's per-call tasks end a few loop iterations after the servers stopped; cancelled by
+    # asyncio.run instead, each would log a CancelledError traceback (see the function).
+    left = await finish_pending_tasks()
+    if left:
+        log.debug("%d task(s) still running at exit: %s", len(left), left)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

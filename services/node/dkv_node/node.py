@@ -310,6 +310,9 @@ class Node:
         if self.host is not None:
             await self.host.stop()
         if self.peer_server is not None:
-            await self.peer_server.stop(None)
+            # host.stop() closed the transport, which ended the streams peers had open: a
+            # grace lets a stream that opened meanwhile end the same way instead of being
+            # cancelled (grpc logs those; see RaftPeerService.close). Free when none is left.
+            await self.peer_server.stop(1.0)
         if self.engine is not None:
             self.engine.close()

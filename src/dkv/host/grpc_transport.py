@@ -36,6 +36,7 @@ __all__ = [
     "TlsFiles",
     "add_raft_peer_service",
     "bind",
+    "finish_pending_tasks",
     "with_port",
 ]
 
@@ -74,12 +75,17 @@ class RaftPeerService:
         self.on_hello: Callable[[dict[str, str]], None] | None = None
         # Told the member id of every peer that opens a stream (so we reconnect to it now).
         self.on_peer_stream: Callable[[int], None] | None = None
+        # The task serving each open stream, so that close() can end them (see there).
+        self._streams: set[asyncio.Task[object]] = set()
+        self._closing = False
 
     async def stream(
         self,
         requests: AsyncIterator[pb.MessageBatch],
         context: grpc.aio.ServicerContext[pb.MessageBatch, pb.StreamAck],
     ) -> AsyncIterator[pb.StreamAck]:
+        if self.closing():
+            return  # stopping: end at once (OK), the peer retries elsewhere or later
         received = 0
         hello = {
             k: v
@@ -90,25 +96,56 @@ class RaftPeerService:
             self.on_hello(hello)
         if self.on_peer_stream is not None and hello.get("dkv-member-id", "").isdigit():
             self.on_peer_stream(int(hello["dkv-member-id"]))
-        async for req in requests:
-            received += 1
-            if req.cluster_id != self.cluster_id:
-                self.refused_batches += 1
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"peer from cluster {req.cluster_id!r} talked to cluster {self.cluster_id!r}",
-                )
-            try:
-                pairs = decode(req)
-            except InvalidArgument as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            deliver = self._deliver()
-            if deliver is not None:
-                deliver(req.from_node, pairs)
-            # Cumulative acks let a sender bound what it has in flight; one every 16 batches
-            # keeps the reverse direction cheap.
-            if received % 16 == 0:
-                yield pb.StreamAck(batches=received)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            async for req in requests:
+                received += 1
+                if req.cluster_id != self.cluster_id:
+                    self.refused_batches += 1
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"peer from cluster {req.cluster_id!r} talked to cluster "
+                        f"{self.cluster_id!r}",
+                    )
+                try:
+                    pairs = decode(req)
+                except InvalidArgument as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                deliver = self._deliver()
+                if deliver is not None:
+                    deliver(req.from_node, pairs)
+                # Cumulative acks let a sender bound what it has in flight; one every 16
+                # batches keeps the reverse direction cheap.
+                if received % 16 == 0:
+                    yield pb.StreamAck(batches=received)
+        except asyncio.CancelledError:
+            if not self.closing():
+                raise  # the peer went away (grpc cancels the call): nothing to answer
+            task.uncancel()  # close() ended it: a normal end of stream, not an error
+        finally:
+            self._streams.discard(task)
+
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called (streams are ended, new ones refused)."""
+        return self._closing
+
+    async def close(self) -> None:
+        """End every open stream (OK) and refuse new ones; call before the server stops.
+
+        A stream still open when ``grpc.aio.Server.stop()`` runs is cancelled by it, and grpc
+        logs what it finds of that call after the server stopped: "Aborting method
+        [/dkv.v1.RaftPeer/Stream] due to server stop" (WARNING) or a CancelledError traceback
+        (ERROR), on every graceful stop. Ended here, the handlers are done while the server
+        still runs."""
+        self._closing = True
+        streams = list(self._streams)
+        for t in streams:
+            t.cancel()
+        if streams:
+            # Bounded: a handler that does not end (never seen) is left to Server.stop().
+            await asyncio.wait(streams, timeout=5.0)
 
 
 def add_raft_peer_service(server: grpc.aio.Server, service: RaftPeerService) -> None:
@@ -156,6 +193,7 @@ class GrpcTransport:
         self.hello = tuple(hello)
         self._peers: dict[int, _Peer] = {}
         self._deliver: Delivery | None = None
+        self._closed = False
         self.dropped_batches = 0
         self.service = RaftPeerService(cluster_id, lambda: self._deliver)
         self.service.on_peer_stream = self._peer_stream_opened
@@ -194,7 +232,7 @@ class GrpcTransport:
 
     def send(self, to: int, batch: Sequence[tuple[int, Message]]) -> None:
         peer = self._peers.get(to)
-        if peer is None:
+        if peer is None or self._closed:  # closed: no new stream may outlive close()
             self.dropped_batches += 1
             return
         if peer.task is None or peer.task.done():
@@ -258,10 +296,34 @@ class GrpcTransport:
             pass
 
     async def close(self) -> None:
+        """Stop sending, and end the streams peers opened to us (:meth:`RaftPeerService.close`):
+        then the peer server stops with no call left to cancel."""
+        self._closed = True
         tasks = [p.task for p in self._peers.values() if p.task is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.service.close()
+
+
+async def finish_pending_tasks(timeout_s: float = 1.0) -> set[asyncio.Task[object]]:
+    """Wait, at most ``timeout_s``, until every other task of the running loop has finished;
+    returns those still pending. For the end of a process's main coroutine, after its servers
+    stopped and its clients closed.
+
+    ``grpc.aio.Server.stop()`` returns when gRPC core has no live call, but the asyncio task
+    grpc runs for each call (``_schedule_rpc_coro``) still needs a few loop iterations to see
+    its call end. If ``asyncio.run`` returns meanwhile it cancels that task, and grpc logs the
+    cancellation at ERROR with a traceback ("Exception not handled by _handle_exceptions in
+    servicer method [/dkv.v1.RaftPeer/Stream]") on every graceful stop that had a stream
+    open. Letting the tasks finish is the graceful stop; the bound keeps a stuck task from
+    holding the process (asyncio.run cancels what is left)."""
+    me = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not me}
+    if not others:
+        return set()
+    _, pending = await asyncio.wait(others, timeout=timeout_s)
+    return pending
 
 
 def with_port(address: str, port: int) -> str:
