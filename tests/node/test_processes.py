@@ -24,17 +24,20 @@ NAMES = ("a", "b", "c")
 class Proc:
     """One dkv-node process; its log goes to a file (a pipe nobody drains would block it)."""
 
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], log: Path, module: str = "dkv_node.main"
+    ) -> None:
         self.name = name
         self.args = args
         self.log = log
+        self.module = module
         self.p: subprocess.Popen[str] | None = None
         self.banner = ""
 
     def start(self) -> None:
         with self.log.open("a") as err:
             self.p = subprocess.Popen(
-                [sys.executable, "-m", "dkv_node.main", *self.args],
+                [sys.executable, "-m", self.module, *self.args],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -182,10 +185,10 @@ def test_kill9_restart_and_catch_up(tmp_path: Path) -> None:
     assert "Traceback" not in busy.stderr
 
 
-def test_a_graceful_stop_is_quiet(tmp_path: Path) -> None:
+def test_start_line_counts_shards_and_a_graceful_stop_is_quiet(tmp_path: Path) -> None:
     """Three nodes stopped together with SIGTERM, twice (new, then restarted): exit 0 and not
     one alarming line in any log (a CancelledError traceback from /dkv.v1.RaftPeer/Stream
-    used to come with most stops)."""
+    used to come with most stops). The start line gives the shard count."""
     peer = {n: free_port() for n in NAMES}
     client = {n: free_port() for n in NAMES}
     cluster = ",".join(f"{n}=127.0.0.1:{peer[n]}" for n in NAMES)
@@ -203,6 +206,7 @@ def test_a_graceful_stop_is_quiet(tmp_path: Path) -> None:
         try:
             for p in procs.values():
                 p.start()
+                assert p.banner.endswith(", 3 shard(s)"), p.banner
 
             async def traffic(round_: int = round_) -> None:
                 # Every shard gets a leader and entries: streams are open between all nodes.
@@ -221,3 +225,79 @@ def test_a_graceful_stop_is_quiet(tmp_path: Path) -> None:
         for n in NAMES:
             log = (tmp_path / f"{n}.log").read_text()
             assert _alarming(log) == [], (round_, n, log[-3000:])
+
+    # Under membership the node cannot know the count at start: it says so (it used to print
+    # "1 shard(s)", the --shards default, while membership placed 8 on it).
+    managed = Proc(
+        "m",
+        [
+            "--name", "m", "--data-dir", str(tmp_path / "m"),
+            "--listen-peer", f"127.0.0.1:{free_port()}",
+            "--listen-client", f"127.0.0.1:{free_port()}",
+            "--membership", f"127.0.0.1:{free_port()}",  # nobody there: nothing placed yet
+        ],
+        tmp_path / "m.log",
+    )  # fmt: skip
+    managed.start()
+    try:
+        assert managed.banner.endswith(
+            ", shards placed by membership (none yet: waiting for the cluster map)"
+        ), managed.banner
+    finally:
+        assert managed.term() == 0
+
+
+def test_start_line_of_a_node_placed_by_membership(tmp_path: Path) -> None:
+    """A node placed by membership learns its shards from the map after it starts: its start
+    line says so, and one line says what it hosts once the map came; restarted, it hosts them
+    from disk and its start line counts them."""
+    m_client = free_port()
+    membership = Proc(
+        "m1",
+        [
+            "--name", "m1", "--data-dir", str(tmp_path / "m1"),
+            "--initial-cluster", f"m1=127.0.0.1:{free_port()}",
+            "--listen-client", f"127.0.0.1:{m_client}",
+            "--shards", "4", "--replication-factor", "1", "--min-nodes", "1",
+        ],
+        tmp_path / "m1.log",
+        module="dkv_membership.main",
+    )  # fmt: skip
+    client = {"n1": free_port()}
+    args = [
+        "--name", "n1", "--data-dir", str(tmp_path / "n1"),
+        "--listen-peer", f"127.0.0.1:{free_port()}", "--listen-client", f"127.0.0.1:{client['n1']}",
+        "--membership", f"127.0.0.1:{m_client}",
+    ]  # fmt: skip
+    membership.start()
+    try:
+        node = Proc("n1", args, tmp_path / "n1.log")
+        node.start()
+        try:
+            assert node.banner.endswith(
+                ", shards placed by membership (none yet: waiting for the cluster map)"
+            ), node.banner
+
+            async def put_everywhere() -> None:
+                # Until the map placed the shards, writes are refused (retried); a write to
+                # every shard succeeds once all 4 are hosted.
+                for i in range(16):
+                    req = kv_pb2.PutRequest(key=b"k%d" % i, value=b"v")
+                    resp = await _call(client, ["n1"], "Put", req, kv_pb2.PutResponse)
+                    assert resp.succeeded
+
+            asyncio.run(put_everywhere())
+        finally:
+            assert node.term() == 0
+        assert "n1: hosting 4 of 4 shard(s) (cluster map v" in (tmp_path / "n1.log").read_text()
+
+        restarted = Proc("n1", args, tmp_path / "n1.log")
+        restarted.start()
+        try:
+            assert restarted.banner.endswith(", 4 of 4 shard(s) hosted, placed by membership"), (
+                restarted.banner
+            )
+        finally:
+            assert restarted.term() == 0
+    finally:
+        assert membership.term() == 0

@@ -122,6 +122,7 @@ class ShardHosting:
         node, view = self.node, self.view
         assert node.host is not None and node.registry is not None and node.engine is not None
         version = view.version
+        before = set(node.shards)
         for n in view.nodes.values():
             if n.id != node.id:
                 node.registry.learn(Member(n.id, n.name, n.peer_address, n.client_address))
@@ -148,6 +149,15 @@ class ShardHosting:
                     node.shards.pop(sid, None)
                     await node.host.remove_group(sid)
                     self._persist_hosted(sid, False)
+            if set(node.shards) != before:
+                # The start line could not say it (the map comes later): one summary line.
+                log.info(
+                    "%s: hosting %d of %d shard(s) (cluster map v%d)",
+                    node.cfg.name,
+                    len(node.shards),
+                    view.shard_count,
+                    version,
+                )
         async with self._reconciled:
             self.reconciled_version = version
             self._reconciled.notify_all()

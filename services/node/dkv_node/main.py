@@ -26,7 +26,7 @@ from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "parse_args", "shards_banner"]
 
 log = logging.getLogger("dkv.node")
 
@@ -143,6 +143,18 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     return cfg, level
 
 
+def shards_banner(node: Node) -> str:
+    """What the start line says about shards: with --initial-cluster every member hosts all
+    of them; under membership, what is hosted now (from disk on a restart) and of how many,
+    or that membership has not placed any yet (a new node learns it from the cluster map)."""
+    if not node.cfg.managed:
+        return f"{node.cfg.shards} shard(s)"
+    hosted, count = len(node.shards), node.shard_count()
+    if count == 0:
+        return "shards placed by membership (none yet: waiting for the cluster map)"
+    return f"{hosted} of {count} shard(s) hosted, placed by membership"
+
+
 async def _serve(cfg: NodeConfig) -> None:
     # Before anything is announced: a supervisor may signal as soon as it reads the start
     # line, and a signal during start stops the node right after it (not the default action,
@@ -156,7 +168,7 @@ async def _serve(cfg: NodeConfig) -> None:
     print(
         f"dkv-node {cfg.name} (id {node.id:x}) serving clients on "
         f"{with_port(cfg.listen_client, node.client_port)}, "
-        f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {cfg.shards} shard(s)",
+        f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {shards_banner(node)}",
         flush=True,
     )
     await stop.wait()
