@@ -263,8 +263,19 @@ def test_a_range_of_big_values_pages_over_grpc_and_http(door: Door) -> None:
                 assert all(kv.value == bytes([keys.index(kv.key)]) * mib for kv in page.kvs)
                 seen += [kv.key for kv in page.kvs]
                 if not page.more:
-                    return seen
+                    break
                 req = kv_pb2.RangeRequest(prefix=b"big/", continuation=page.continuation)
+            # A watch of the same history comes in messages small enough to receive.
+            watched: list[bytes] = []
+            watch = c.watch(kv_pb2.WatchRequest(prefix=b"big/", start_revision=1))
+            try:
+                while len(watched) < len(keys):
+                    resp = await asyncio.wait_for(anext(watch), 30)
+                    watched += [e.kv.key for e in resp.events]
+            finally:
+                await watch.aclose()  # type: ignore[attr-defined]
+            assert sorted(watched) == keys
+            return seen
 
     assert asyncio.run(write_and_page()) == keys
     seen: list[bytes] = []

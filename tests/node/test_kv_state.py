@@ -193,6 +193,24 @@ def test_a_range_of_big_values_pages_by_bytes(make_shard: Callable[..., Shard]) 
     assert len(keys.kvs) == 10 and not keys.more
 
 
+def test_watch_batches_of_big_values_are_bounded_by_bytes(make_shard: Callable[..., Shard]) -> None:
+    s = make_shard()
+    mib = 1 << 20
+    for i in range(9):
+        s.put(b"w/%d" % i, bytes([i]) * mib)
+    seen: list[bytes] = []
+    nxt = 1
+    while True:
+        events, last, compacted = s.sm.watch_events(nxt, b"w/", b"w0", 1000, 2 * mib)
+        assert not compacted
+        if not events:
+            break
+        assert len(events) == 1 or sum(e.ByteSize() for e in events) <= 2 * mib
+        seen += [e.kv.key for e in events]
+        nxt = last + 1
+    assert seen == [b"w/%d" % i for i in range(9)]
+
+
 def test_a_page_is_exact_with_writes_staged_in_the_batch(tmp_path: Path) -> None:
     """RocksKvStore.scan_page stops reading by bytes while a batch holds staged puts and
     deletes: what it returns is exactly the store's view, up to its last key."""

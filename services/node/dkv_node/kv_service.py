@@ -28,7 +28,7 @@ from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv.keys import range_limit
-from dkv.paging import merge_pages
+from dkv.paging import PAGE_BYTES_MAX, merge_pages
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 from dkv.validation import check_delete, check_put, check_range, check_watch
@@ -257,6 +257,10 @@ class KvService:
 
 
 WATCH_BATCH_EVENTS_MAX = 1000
+WATCH_BATCH_BYTES_MAX = PAGE_BYTES_MAX
+"""A watch message carries about this many bytes of events (whole revisions; one revision
+alone may be bigger), so big values do not exceed a receiver's message limit (4 MiB by
+default in gRPC)."""
 
 
 async def watch_stream(
@@ -301,7 +305,9 @@ async def watch_stream(
             # The watch history is read from RocksDB itself: look only as far as what is
             # written (an apply batch may be staged but still on its way to disk).
             seen_applied = svc.host.written_applied(gid)
-            events, last, compacted = kv.watch_events(nxt, lo, hi, WATCH_BATCH_EVENTS_MAX)
+            events, last, compacted = kv.watch_events(
+                nxt, lo, hi, WATCH_BATCH_EVENTS_MAX, WATCH_BATCH_BYTES_MAX
+            )
             if compacted:
                 resp = kv_pb2.WatchResponse(compacted=True, compact_revision=last)
                 resp.header.CopyFrom(kv.header())
@@ -317,10 +323,15 @@ async def watch_stream(
                     if not req.prev_kv:
                         e.ClearField("prev_kv")
                 await queue.put(resp)  # bounded: a slow watcher slows only itself
+            advanced = last + 1 > nxt
             nxt = max(nxt, last + 1)
             if gid not in svc.host.groups:
                 break  # removed while we were handing over the batch
-            # Sleep until this shard applies anything new (an event, not a poll).
+            if advanced:
+                # The batch may have stopped at a bound (count or bytes) with more history
+                # written after it: read on before waiting.
+                continue
+            # Caught up: sleep until this shard applies anything new (an event, not a poll).
             await svc.host.wait_applied(gid, seen_applied + 1)
         await queue.put(None)  # the node is stopping or the shard left: end the stream
 

@@ -90,8 +90,11 @@ class KvStore(Protocol):
 
     def append_events(self, revision: int, events: Sequence[kv_pb2.Event]) -> None: ...
 
-    def events_since(self, revision: int, limit: int) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
-        """Events with revision >= ``revision`` (at most ``limit``), and the compact revision:
+    def events_since(
+        self, revision: int, limit: int, bytes_max: int = 0
+    ) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
+        """Events with revision >= ``revision`` (at most ``limit``; reading stops once
+        ``bytes_max`` bytes of events were read, 0: no bound), and the compact revision:
         events at or below it are gone."""
         ...
 
@@ -232,19 +235,20 @@ class KvStateMachine:
         return page.fill(kv_pb2.RangeResponse(header=self.header()), req.count_only)
 
     def watch_events(
-        self, start_revision: int, lo: bytes, hi: bytes, limit: int
+        self, start_revision: int, lo: bytes, hi: bytes, limit: int, bytes_max: int = 0
     ) -> tuple[list[kv_pb2.Event], int, bool]:
         """Events at or after ``start_revision`` on keys in ``[lo, hi)``: (events, the last
-        revision looked at, compacted?). About ``limit`` events, in whole revisions only (the
-        caller goes on from the revision after the last one): fewer when the limit would cut
-        a revision, more when a single revision holds more. Compacted means the history no
-        longer reaches back to ``start_revision``; the watcher must restart from a snapshot of
-        the range."""
-        events, compact_rev = self.store.events_since(start_revision, limit)
+        revision looked at, compacted?). About ``limit`` events and (``bytes_max`` > 0) about
+        ``bytes_max`` bytes of them, in whole revisions only (the caller goes on from the
+        revision after the last one): fewer when a bound would cut a revision, more when a
+        single revision holds more. Compacted means the history no longer reaches back to
+        ``start_revision``; the watcher must restart from a snapshot of the range."""
+        events, compact_rev = self.store.events_since(start_revision, limit, bytes_max)
         if start_revision <= compact_rev:
             return [], compact_rev, True
-        if len(events) >= limit:
-            # The limit may have cut the last revision (a range delete has many events at one
+        read_bytes = sum(ev.ByteSize() for _, ev in events) if bytes_max else 0
+        if len(events) >= limit or (bytes_max and read_bytes >= bytes_max):
+            # A bound may have cut the last revision (a range delete has many events at one
             # revision), and the watcher goes on from the revision after ``last``: keep whole
             # revisions only. A single revision that fills the batch is read whole.
             last_rev = events[-1][0]
@@ -338,9 +342,19 @@ class MemoryKvStore:
                 self._events.popleft()
             self._compact_rev = rev
 
-    def events_since(self, revision: int, limit: int) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
-        out = [(r, e) for r, e in self._events if r >= revision]
-        return out[:limit], self._compact_rev
+    def events_since(
+        self, revision: int, limit: int, bytes_max: int = 0
+    ) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
+        out: list[tuple[int, kv_pb2.Event]] = []
+        size = 0
+        for r, e in self._events:
+            if r < revision:
+                continue
+            if len(out) >= limit or (bytes_max and size >= bytes_max):
+                break
+            out.append((r, e))
+            size += e.ByteSize()
+        return out, self._compact_rev
 
     def recall_request(self, request_id: str) -> bytes | None:
         return self._requests.get(request_id)

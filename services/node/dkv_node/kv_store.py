@@ -243,13 +243,17 @@ class RocksKvStore:
             yield current, count
         yield from self._staged_events
 
-    def events_since(self, revision: int, limit: int) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
+    def events_since(
+        self, revision: int, limit: int, bytes_max: int = 0
+    ) -> tuple[list[tuple[int, kv_pb2.Event]], int]:
         out: list[tuple[int, kv_pb2.Event]] = []
+        size = 0
         lo = self._p + _EV.pack(max(revision, 0), 0)
         for key, value in self.engine.scan(CF_WATCH, lo, self._p + b"\xff" * 12):
-            if len(out) >= limit:
+            if len(out) >= limit or (bytes_max and size >= bytes_max):
                 break
             out.append((_EV.unpack(key[len(self._p) :])[0], kv_pb2.Event.FromString(value)))
+            size += len(value)
         return out, self._compact_rev
 
     # -- request ids ----------------------------------------------------------------------------
