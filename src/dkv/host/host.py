@@ -24,7 +24,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dkv.errors import (
     DeadlineExceeded,
@@ -51,6 +51,8 @@ from dkv.storage import COLUMN_FAMILIES, Batch, Engine, RocksRaftStorage, group_
 __all__ = ["ConfChangeHook", "Host", "HostConfig", "StateMachine"]
 
 log = logging.getLogger("dkv.host")
+
+_T = TypeVar("_T")
 
 
 class StateMachine(Protocol):
@@ -290,7 +292,7 @@ class Host:
         g.proposals[index] = (term, fut)
         self._wake.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            return await _answer(fut, timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"write not confirmed within {timeout_s:.3f} s; it may or may not have happened"
@@ -312,7 +314,7 @@ class Host:
             raise
         self._wake.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            return await _answer(fut, timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"read not confirmed within {timeout_s:.3f} s") from exc
         finally:
@@ -331,7 +333,7 @@ class Host:
         g.proposals[index] = (term, fut)
         self._wake.set()
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            result = await _answer(fut, timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"membership change not confirmed within {timeout_s:.3f} s; "
@@ -559,6 +561,15 @@ class Host:
             await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"condition not reached within {timeout_s} s") from exc
+
+
+async def _answer(fut: asyncio.Future[_T], timeout_s: float) -> _T:
+    """Wait for the loop to answer ``fut``. A caller that gives up (timeout, or cancelled
+    because its client went away) cancels ``fut``: the loop skips futures that are done, so
+    it never fails one that nobody awaits any more. (With ``fut`` shielded, a proposal
+    overwritten by another leader's entry later was failed with ProposalDropped, and asyncio
+    logged "Future exception was never retrieved" for each.) Raises TimeoutError."""
+    return await asyncio.wait_for(fut, timeout_s)  # cancels fut on timeout and cancellation
 
 
 def _fail_pending(g: _Group, proposal_error: Exception) -> None:
