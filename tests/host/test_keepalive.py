@@ -148,33 +148,37 @@ def test_production_options_come_from_one_function() -> None:
     assert opts["grpc.keepalive_permit_without_calls"] == 1
 
 
-def test_an_idle_channel_keeps_its_connection() -> None:
-    """Ours and gRPC's default server policy side by side, the same client for both."""
+def test_idle_channels_and_streams_keep_their_connection() -> None:
+    """An idle channel, and a stream open and silent (a watch with no events), under our
+    policy and, side by side with the same client, under gRPC's default one (all four at
+    once: the test lasts INTERVALS periods, not four times that)."""
     _, ours = keepalive_options(TIME_MS)
 
-    async def both() -> tuple[tuple[bool, list[str]], tuple[bool, list[str]]]:
-        return await asyncio.gather(_idle_channel(ours), _idle_channel(()))
+    async def all_four() -> tuple[
+        tuple[bool, list[str]],
+        tuple[bool, list[str]],
+        tuple[bool, str, list[str]],
+        tuple[bool, str, list[str]],
+    ]:
+        return await asyncio.gather(
+            _idle_channel(ours), _idle_channel(()), _idle_stream(ours), _idle_stream(())
+        )
 
-    (dropped, peers), (default_dropped, default_peers) = asyncio.run(both())
+    channel, default_channel, stream, default_stream = asyncio.run(all_four())
+
+    dropped, peers = channel
     assert not dropped
     assert len(peers) == 2 and peers[0] == peers[1], peers  # the same connection
     # gRPC's default: GOAWAY too_many_pings, and the next call needed a new connection.
-    assert default_dropped
-    assert len(default_peers) == 2 and default_peers[0] != default_peers[1], default_peers
+    dropped, peers = default_channel
+    assert dropped
+    assert len(peers) == 2 and peers[0] != peers[1], peers
 
-
-def test_an_idle_stream_keeps_its_connection() -> None:
-    """A stream open and silent (a watch with no events): it goes on under our policy; under
-    gRPC's default one the GOAWAY fails it."""
-    _, ours = keepalive_options(TIME_MS)
-
-    async def both() -> tuple[tuple[bool, str, list[str]], tuple[bool, str, list[str]]]:
-        return await asyncio.gather(_idle_stream(ours), _idle_stream(()))
-
-    (dropped, ended, peers), (default_dropped, default_ended, default_peers) = asyncio.run(both())
+    dropped, ended, peers = stream
     assert not dropped
-    assert ended == repr(b"second")
+    assert ended == repr(b"second")  # the stream went on
     assert len(peers) == 2 and peers[0] == peers[1], peers
-    assert default_dropped
-    assert default_ended.startswith("UNAVAILABLE"), default_ended
-    assert len(default_peers) == 2 and default_peers[0] != default_peers[1], default_peers
+    dropped, ended, peers = default_stream
+    assert dropped
+    assert ended.startswith("UNAVAILABLE"), ended  # the GOAWAY failed it
+    assert len(peers) == 2 and peers[0] != peers[1], peers
