@@ -282,7 +282,9 @@ class Node:
             self.registry.learn(m, batch)
         if cc.type is ConfChangeType.REMOVE_NODE:
             if cc.node_id == self.id:
-                log.warning("%s: removed from shard %d", self.cfg.name, gid)
+                # INFO: placement moves replicas as nodes join and drain (hosting then logs
+                # that the shard moved away), and a member removed by an operator expects it.
+                log.info("%s: removed from shard %d", self.cfg.name, gid)
                 return
             others = [g.storage.conf_state for i, g in self.host.groups.items() if i != gid]
             if not any(cc.node_id in (*c.voters, *c.learners) for c in others):
