@@ -10,15 +10,43 @@ does not have are the router's to refuse.
 
 proto3 enums are open: a ``consistency`` of 2 or 99 arrives as that number and would
 otherwise be served as some default. Unknown fields cannot be seen here (JSON drops them).
+
+The other public services are checked here too, by the server that answers them (the node for
+``dkv.v1.Admin``, a membership replica for ``dkv.v1.Membership``), before anything else: ids
+that must be >= 1, enums against their values, names, ``host:port`` addresses (a port in
+1-65535; IPv6 in brackets), fields that exclude each other. Requests with nothing to check
+have no function: Status, MemberList, TransferLeadership and Snapshot (shard 0 and target 0
+mean "every shard" and "the best voter"; which shards and voters exist is the node's state),
+ListNodes, GetClusterMap and WatchClusterMap (every ``from_version`` has a meaning). What
+needs the cluster's state (is that a member, a hosted shard, a known node) stays with the
+handler.
 """
 
 from __future__ import annotations
 
+import re
+
 from dkv.errors import InvalidArgument
 from dkv.keys import prefix_end
-from dkv.v1 import kv_pb2
+from dkv.v1 import admin_pb2, kv_pb2
+from dkv.v1 import membership_pb2 as mpb
 
-__all__ = ["check_delete", "check_put", "check_range", "check_watch", "range_bounds"]
+__all__ = [
+    "check_add_replica",
+    "check_change_shard_membership",
+    "check_delete",
+    "check_heartbeat",
+    "check_join_node",
+    "check_leave_node",
+    "check_member_add",
+    "check_member_promote",
+    "check_member_remove",
+    "check_put",
+    "check_range",
+    "check_remove_replica",
+    "check_watch",
+    "range_bounds",
+]
 
 _CONSISTENCY = {
     value.number: value.name
@@ -94,3 +122,105 @@ def check_delete(req: kv_pb2.DeleteRequest) -> None:
 def check_watch(req: kv_pb2.WatchRequest) -> None:
     _key_range(req.key, req.range_end, req.prefix)
     _at_least_zero("start_revision", req.start_revision, " (0: changes from now on)")
+
+
+# -- dkv.v1.Admin and dkv.v1.Membership ---------------------------------------------------------
+
+_MEMBERSHIP_CHANGE = {
+    value.number: value.name
+    for value in admin_pb2.DESCRIPTOR.enum_types_by_name["MembershipChange"].values
+}
+# A member's or replica's name: what `dkvctl member add` and `cluster replica-add` accept.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,62}")
+# host:port: a DNS name or IPv4 address, or an IPv6 address in brackets (zone allowed).
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]*|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._\-]+)?\]")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _at_least_one(field: str, value: int) -> None:
+    if value < 1:
+        raise InvalidArgument(f"{field} must be >= 1; got {value}")
+
+
+def _name(field: str, value: str) -> None:
+    if not _NAME.fullmatch(value):
+        raise InvalidArgument(
+            f"{field} {value!r} must be 1-63 letters, digits, '.', '_' or '-' (starting with a "
+            "letter or digit)"
+        )
+
+
+def _host_port(field: str, value: str, what: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not (sep and _HOST.fullmatch(host) and _PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise InvalidArgument(f"{field} {value!r} is not host:port ({what}; port 1-65535)")
+
+
+def check_member_add(req: admin_pb2.MemberAddRequest) -> None:
+    _name("name", req.name)
+    _host_port("peer_address", req.peer_address, "the peer address the other members dial")
+
+
+def check_member_promote(req: admin_pb2.MemberPromoteRequest) -> None:
+    _at_least_one("id", req.id)
+
+
+def check_member_remove(req: admin_pb2.MemberRemoveRequest) -> None:
+    _at_least_one("id", req.id)
+
+
+def check_change_shard_membership(req: admin_pb2.ChangeShardMembershipRequest) -> None:
+    """One shard's change, as a node (``dkvctl member ...``) or the membership driver sends it
+    to that shard's leader. An added learner comes with its name and peer address, which every
+    replica learns so that it can reach it; a promotion or removal may carry them too (both
+    senders fill them in when they know them). The name is the one the node registered
+    (``dkv-node --name`` has no format rule), so only an empty one is refused here."""
+    _at_least_one("shard_id", req.shard_id)
+    _enum("change", req.change, _MEMBERSHIP_CHANGE)
+    _at_least_one("member_id", req.member_id)
+    if req.change == admin_pb2.MEMBERSHIP_CHANGE_ADD_LEARNER:
+        if not req.name:
+            raise InvalidArgument("name must not be empty when adding a learner")
+        _host_port("peer_address", req.peer_address, "the peer address the other members dial")
+
+
+def check_join_node(req: mpb.JoinNodeRequest) -> None:
+    """``node.state`` and ``node.last_heartbeat_unix_ms`` are documented as ignored."""
+    if not req.HasField("node"):
+        raise InvalidArgument("node is required (id, name, peer_address, client_address)")
+    n = req.node
+    _at_least_one("node.id", n.id)
+    if not n.name:
+        raise InvalidArgument("node.name must not be empty")
+    _host_port("node.peer_address", n.peer_address, "the node's Raft peer address")
+    _host_port("node.client_address", n.client_address, "the client address the gateway dials")
+
+
+def check_leave_node(req: mpb.LeaveNodeRequest) -> None:
+    _at_least_one("node_id", req.node_id)
+
+
+def check_heartbeat(req: mpb.HeartbeatRequest) -> None:
+    _at_least_one("node_id", req.node_id)
+    seen: set[int] = set()
+    for i, e in enumerate(req.leaders):
+        _at_least_one(f"leaders[{i}].shard_id", e.shard_id)
+        _at_least_one(f"leaders[{i}].term", e.term)
+        if e.leader_id not in (0, req.node_id):
+            raise InvalidArgument(
+                f"leaders[{i}].leader_id must be 0 or node_id ({req.node_id}); got {e.leader_id}: "
+                "a node reports only the shards it leads"
+            )
+        if e.shard_id in seen:
+            raise InvalidArgument(f"leaders[{i}].shard_id {e.shard_id} is listed twice")
+        seen.add(e.shard_id)
+
+
+def check_add_replica(req: mpb.AddReplicaRequest) -> None:
+    _name("name", req.name)
+    _host_port("peer_address", req.peer_address, "the peer address the other replicas dial")
+
+
+def check_remove_replica(req: mpb.RemoveReplicaRequest) -> None:
+    if not req.name:
+        raise InvalidArgument("name must not be empty (the replica to remove)")

@@ -243,12 +243,12 @@ def test_three_replicas_serve_membership(tmp_path: Path) -> None:
             bad = node(1)
             bad.name = ""
             err = await expect_status(leader.join(bad), grpc.StatusCode.INVALID_ARGUMENT)
-            assert "name is required" in (err.details() or "")
+            assert "node.name must not be empty" in (err.details() or "")
             err = await expect_status(
                 leader.join(pb.Node(name="x", peer_address="a:1", client_address="a:2")),
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
-            assert "node id must be >= 1" in (err.details() or "")
+            assert "node.id must be >= 1; got 0" in (err.details() or "")
             err = await expect_status(
                 leader.unary(
                     "Heartbeat",
@@ -462,5 +462,75 @@ def test_refuses_a_data_dir_it_does_not_own(tmp_path: Path) -> None:
         # Its own data dir still opens (the refusals closed what they opened).
         await c.start("m1", state="existing")
         await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_nonsense_membership_requests_are_invalid_argument_naming_the_field(
+    tmp_path: Path,
+) -> None:
+    """dkv.validation at the top of every Membership handler, on one real replica: each refusal
+    is INVALID_ARGUMENT naming the field, and nothing was proposed. Before, a node registered
+    with addresses nobody can dial ('nowhere', port 0), a heartbeat could report one shard
+    twice, AddReplica with port 0 added a learner and then timed out, and RemoveReplica of ''
+    answered OK."""
+
+    async def scenario() -> None:
+        peer = f"127.0.0.1:{free_port()}"
+        cfg = MembershipConfig(
+            name="m1",
+            data_dir=tmp_path / "m1",
+            listen_peer=peer,
+            listen_client="127.0.0.1:0",
+            initial_cluster={"m1": peer},
+            tick_interval_ms=10,
+        )
+        server = MembershipServer(cfg)
+        await server.start()
+        stub = Stub(server)
+        host = Cluster.host(server)
+        try:
+            await host.wait_for(lambda: host.leader(GID) == server.id, WAIT_S)
+
+            async def refused(method: str, req: Any, resp: Any, words: str) -> None:
+                err = await expect_status(
+                    stub.unary(method, req, resp), grpc.StatusCode.INVALID_ARGUMENT
+                )
+                assert words in (err.details() or ""), err
+
+            join, join_resp = pb.JoinNodeRequest, pb.JoinNodeResponse
+            bad = node(1)
+            bad.peer_address = "nowhere"
+            await refused("JoinNode", join(node=bad), join_resp, "node.peer_address 'nowhere'")
+            bad = node(1)
+            bad.client_address = "10.0.0.1:0"
+            await refused("JoinNode", join(node=bad), join_resp, "node.client_address")
+            await refused("JoinNode", join(), join_resp, "node is required")
+            await refused(
+                "LeaveNode", pb.LeaveNodeRequest(), pb.LeaveNodeResponse, "node_id must be >= 1"
+            )
+            twice = pb.HeartbeatRequest(
+                node_id=1,
+                leaders=[pb.LeaderEntry(shard_id=1, term=2), pb.LeaderEntry(shard_id=1, term=3)],
+            )
+            await refused("Heartbeat", twice, pb.HeartbeatResponse, "leaders[1].shard_id 1")
+            zero_term = pb.HeartbeatRequest(node_id=1, leaders=[pb.LeaderEntry(shard_id=1)])
+            await refused("Heartbeat", zero_term, pb.HeartbeatResponse, "leaders[0].term")
+            add = pb.AddReplicaRequest(name="m2", peer_address="127.0.0.1:0")
+            await refused("AddReplica", add, pb.AddReplicaResponse, "peer_address '127.0.0.1:0'")
+            await refused(
+                "RemoveReplica", pb.RemoveReplicaRequest(), pb.RemoveReplicaResponse, "name must"
+            )
+            assert server.sm is not None and server.sm.version == 0
+            conf = host.groups[GID].storage.conf_state
+            assert list(conf.voters) == [server.id] and not conf.learners
+
+            # What a node registers and reports is still accepted.
+            assert (await stub.join(node(1))).version == 1
+            beat = pb.HeartbeatRequest(node_id=1, leaders=[pb.LeaderEntry(shard_id=1, term=2)])
+            assert (await stub.unary("Heartbeat", beat, pb.HeartbeatResponse)).version == 1
+        finally:
+            await stub.close()
+            await server.stop()
 
     asyncio.run(scenario())

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from dkv_node.admin_service import PROMOTE_LAG_MAX_ENTRIES
 from dkv_node.node import Node, NodeConfig
@@ -228,6 +231,71 @@ def test_member_list_and_status_on_a_single_node(tmp_path: Path) -> None:
             assert got.kvs[0].value == b"v"
         finally:
             await client.close()
+            await node.stop()
+
+    asyncio.run(scenario())
+
+
+def test_nonsense_admin_requests_are_invalid_argument_naming_the_field(tmp_path: Path) -> None:
+    """dkv.validation at the top of every Admin handler, on a real node: each refusal is
+    INVALID_ARGUMENT naming the field, and nothing changed. Before, a peer port of 0 added a
+    learner nobody can reach, ChangeShardMembership of member 0 was FAILED_PRECONDITION
+    ('invalid node id 0') or, as a removal, OK."""
+    C = admin_pb2.ChangeShardMembershipRequest
+    ADD, REMOVE = admin_pb2.MEMBERSHIP_CHANGE_ADD_LEARNER, admin_pb2.MEMBERSHIP_CHANGE_REMOVE
+
+    async def scenario() -> None:
+        node = Node(solo_config(tmp_path / "solo", shards=SHARDS))
+        await node.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{node.client_port}")
+        client = Client([f"127.0.0.1:{node.client_port}"], timeout_s=20)
+
+        async def admin(method: str, req: Any) -> Any:
+            fn = channel.unary_unary(
+                f"/dkv.v1.Admin/{method}",
+                request_serializer=type(req).SerializeToString,
+                response_deserializer=getattr(admin_pb2, f"{method}Response").FromString,
+            )
+            return await fn(req, timeout=10)
+
+        async def refused(method: str, req: Any, words: str) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin(method, req)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert words in (info.value.details() or ""), info.value
+
+        try:
+            await client.member_list()  # every shard has its leader
+            add = admin_pb2.MemberAddRequest
+            await refused("MemberAdd", add(name="x", peer_address="h:0"), "peer_address 'h:0'")
+            await refused("MemberAdd", add(name="x", peer_address="h:99999"), "port 1-65535")
+            await refused("MemberAdd", add(peer_address="h:1"), "name ''")
+            await refused("MemberPromote", admin_pb2.MemberPromoteRequest(), "id must be >= 1")
+            await refused("MemberRemove", admin_pb2.MemberRemoveRequest(), "id must be >= 1")
+
+            e = node.member_id_of("e")
+            csm = "ChangeShardMembership"
+            await refused(csm, C(member_id=e, change=REMOVE), "shard_id must be >= 1; got 0")
+            bad_change = C(shard_id=1, change=99, member_id=e)  # type: ignore[arg-type]
+            await refused(csm, bad_change, "change must be one of")
+            await refused(csm, C(shard_id=1, change=REMOVE), "member_id must be >= 1")
+            zero = C(shard_id=1, change=ADD, name="e", peer_address="127.0.0.1:1")
+            await refused(csm, zero, "member_id must be >= 1; got 0")
+            await refused(csm, C(shard_id=1, change=ADD, member_id=e, name="e"), "peer_address")
+            await refused(csm, C(shard_id=1, change=ADD, member_id=e), "name must not be empty")
+            wrong_id = C(shard_id=1, change=ADD, member_id=e + 1, name="e", peer_address="h:1")
+            await refused(csm, wrong_id, f"not member_id {e + 1:x}")
+            assert [m.name for m in await client.member_list()] == ["solo"]
+
+            # What the node itself forwards still works: e in, e out (shard 1 only).
+            good = C(shard_id=1, change=ADD, member_id=e, name="e", peer_address="h:1")
+            assert list((await admin(csm, good)).learners) == [e]
+            named = C(shard_id=1, change=REMOVE, member_id=e, name="e", peer_address="h:1")
+            removed = await admin(csm, named)  # as the membership driver sends it
+            assert list(removed.voters) == [node.id] and not removed.learners
+        finally:
+            await client.close()
+            await channel.close()
             await node.stop()
 
     asyncio.run(scenario())

@@ -14,27 +14,25 @@ learns where to reach it when the change applies.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from dkv.errors import ConfChangeRejected, DeadlineExceeded, InvalidArgument, NotLeader
+from dkv.errors import ConfChangeRejected, DeadlineExceeded, NotLeader
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call
 from dkv.host.members import MemberRegistry, encode_context
 from dkv.raft import ConfChange, ConfChangeType, ConfState, Role
 from dkv.v1 import membership_pb2 as pb
+from dkv.validation import check_add_replica, check_remove_replica
 
 __all__ = ["CATCH_UP_LAG_MAX_ENTRIES", "ReplicaAdmin", "add_replica_admin"]
 
 CATCH_UP_LAG_MAX_ENTRIES = 100
 """A learner this close to the leader's log is promoted."""
 DEFAULT_TIMEOUT_S = 30.0
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class ReplicaAdmin:
@@ -96,13 +94,7 @@ class ReplicaAdmin:
 
     async def add(self, req: pb.AddReplicaRequest, context: Ctx) -> pb.AddReplicaResponse:
         async def run() -> pb.AddReplicaResponse:
-            if not _NAME.match(req.name):
-                raise InvalidArgument(
-                    f"replica name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-'"
-                )
-            host, sep, port = req.peer_address.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise InvalidArgument(f"peer address {req.peer_address!r} is not host:port")
+            check_add_replica(req)
             mid = self.replica_id(req.name)
             timeout = _timeout(context)
             cs = self._conf()
@@ -130,6 +122,7 @@ class ReplicaAdmin:
 
     async def remove(self, req: pb.RemoveReplicaRequest, context: Ctx) -> pb.RemoveReplicaResponse:
         async def run() -> pb.RemoveReplicaResponse:
+            check_remove_replica(req)
             mid = self.replica_id(req.name)
             timeout = _timeout(context)
             cs = self._conf()

@@ -3,8 +3,9 @@
 Writes (JoinNode, LeaveNode, Heartbeat) become ``MembershipCommand`` entries of the
 membership group:
 
-1. the request is turned into commands and checked with :func:`validate_command`; bad input is
-   INVALID_ARGUMENT naming the problem, and nothing is proposed;
+1. the request is checked (:mod:`dkv.validation`: ids, addresses, leader reports), turned into
+   commands and checked again with :func:`validate_command`; bad input is INVALID_ARGUMENT
+   naming the field, and nothing is proposed;
 2. the values that need a clock (heartbeat times) are read from the injected ``clock`` here,
    at proposal time: the only clock read of the replicated path (``apply`` never reads one);
 3. the commands are proposed through :meth:`Host.propose`. Only the leader proposes: a
@@ -46,6 +47,7 @@ from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call
 from dkv.v1 import membership_pb2 as pb
+from dkv.validation import check_heartbeat, check_join_node, check_leave_node
 from dkv_membership.state import MembershipStateMachine, Outcome, validate_command
 
 __all__ = [
@@ -152,6 +154,7 @@ class MembershipService:
 
     async def join_node(self, req: pb.JoinNodeRequest, context: Ctx) -> pb.JoinNodeResponse:
         async def run() -> pb.JoinNodeResponse:
+            check_join_node(req)
             node = pb.Node()
             node.CopyFrom(req.node)
             node.ClearField("state")  # ignored: the state machine decides
@@ -164,6 +167,7 @@ class MembershipService:
 
     async def leave_node(self, req: pb.LeaveNodeRequest, context: Ctx) -> pb.LeaveNodeResponse:
         async def run() -> pb.LeaveNodeResponse:
+            check_leave_node(req)
             cmd = pb.MembershipCommand(leave=pb.LeaveCommand(node_id=req.node_id))
             out = await self._propose_accepted(cmd, self._timeout(context))
             return pb.LeaveNodeResponse(node=out.node, version=out.version)
@@ -176,17 +180,13 @@ class MembershipService:
         a shard not created yet) is not an error of the heartbeat: a newer report won."""
 
         async def run() -> pb.HeartbeatResponse:
+            check_heartbeat(req)
             beat = pb.MembershipCommand(
                 heartbeat=pb.HeartbeatCommand(node_id=req.node_id, unix_ms=self.clock())
             )
             validate_command(beat)
             reports: list[pb.MembershipCommand] = []
             for e in req.leaders:
-                if e.leader_id not in (0, req.node_id):
-                    raise InvalidArgument(
-                        f"node {req.node_id} reports node {e.leader_id} as leader of shard "
-                        f"{e.shard_id}: a node reports only the shards it leads"
-                    )
                 cmd = pb.MembershipCommand(
                     report_leader=pb.ReportLeaderCommand(
                         shard_id=e.shard_id, leader_id=req.node_id, term=e.term

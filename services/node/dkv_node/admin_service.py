@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,6 +24,12 @@ from dkv.host.grpc_errors import Ctx, call
 from dkv.host.members import Member, encode_context
 from dkv.raft import ConfChange, ConfChangeType, ConfState, Role
 from dkv.v1 import admin_pb2
+from dkv.validation import (
+    check_change_shard_membership,
+    check_member_add,
+    check_member_promote,
+    check_member_remove,
+)
 
 if TYPE_CHECKING:
     from dkv_node.node import Node
@@ -36,8 +41,6 @@ DEFAULT_TIMEOUT_S = 10.0
 # A learner is promoted only when it is this close to the leader's log: a voter that must
 # first catch up lowers the group's fault tolerance until it has (etcd refuses likewise).
 PROMOTE_LAG_MAX_ENTRIES = 1000
-_ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,62}$")
 
 _ROLE = {
     Role.FOLLOWER: admin_pb2.ROLE_FOLLOWER,
@@ -190,13 +193,8 @@ class AdminService:
         self, req: admin_pb2.MemberAddRequest, context: Ctx
     ) -> admin_pb2.MemberAddResponse:
         async def run() -> admin_pb2.MemberAddResponse:
+            check_member_add(req)
             self._static_placement_only()
-            if not _NAME.match(req.name):
-                raise InvalidArgument(
-                    f"member name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-'"
-                )
-            if not _ADDRESS.match(req.peer_address):
-                raise InvalidArgument(f"peer address {req.peer_address!r} is not host:port")
             mid = self.node.member_id_of(req.name)
             known = self.node.registry.get(mid) if self.node.registry else None
             in_conf = any(m.id == mid for m in self.members())
@@ -219,6 +217,7 @@ class AdminService:
         self, req: admin_pb2.MemberPromoteRequest, context: Ctx
     ) -> admin_pb2.MemberPromoteResponse:
         async def run() -> admin_pb2.MemberPromoteResponse:
+            check_member_promote(req)
             self._static_placement_only()
             m = self._known_member(req.id)
             await self._every_shard(
@@ -232,6 +231,7 @@ class AdminService:
         self, req: admin_pb2.MemberRemoveRequest, context: Ctx
     ) -> admin_pb2.MemberRemoveResponse:
         async def run() -> admin_pb2.MemberRemoveResponse:
+            check_member_remove(req)
             self._static_placement_only()
             self._known_member(req.id)
             await self._every_shard(context, admin_pb2.MEMBERSHIP_CHANGE_REMOVE, req.id, "", "")
@@ -379,10 +379,16 @@ class AdminService:
         self, req: admin_pb2.ChangeShardMembershipRequest, context: Ctx
     ) -> admin_pb2.ChangeShardMembershipResponse:
         async def run() -> admin_pb2.ChangeShardMembershipResponse:
+            check_change_shard_membership(req)
             if req.shard_id not in self.node.shards:
                 raise InvalidArgument(f"shard {req.shard_id} is not hosted here")
-            if req.change not in _CHANGE:
-                raise InvalidArgument(f"unknown membership change {req.change}")
+            # Every node derives a member's id from its name (dkv.host.members.member_id):
+            # a name under another id would teach every replica a wrong address for it.
+            if req.name and self.node.member_id_of(req.name) != req.member_id:
+                raise InvalidArgument(
+                    f"name {req.name!r} is member {self.node.member_id_of(req.name):x} in this "
+                    f"cluster, not member_id {req.member_id:x}"
+                )
             cs = await self.change_local(
                 req.shard_id,
                 req.change,
