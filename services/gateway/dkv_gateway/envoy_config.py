@@ -76,6 +76,7 @@ from envoy.config.core.v3 import (
 from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.overload.v3 import overload_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
@@ -83,6 +84,9 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    downstream_connections_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
@@ -616,6 +620,11 @@ def resources(door: FrontDoor) -> tuple[list[cluster_pb2.Cluster], list[listener
     return [gateway_cluster(door)], [listener(door)]
 
 
+DOWNSTREAM_CONNECTIONS_MAX = 10_000
+"""Client connections one Envoy accepts at once (beyond them, new ones are refused): a bound
+on what a flood of connections can cost, and Envoy warns at start without one."""
+
+
 def bootstrap(
     *,
     ads_host: str,
@@ -625,11 +634,21 @@ def bootstrap(
     node_cluster: str = "dkv",
     admin_host: str = "127.0.0.1",
     connect_timeout_ms: int = 1000,
+    downstream_connections_max: int = DOWNSTREAM_CONNECTIONS_MAX,
 ) -> bootstrap_pb2.Bootstrap:
-    """Envoy's bootstrap: the admin endpoint and the ADS server, nothing else.
+    """Envoy's bootstrap: the admin endpoint, the ADS server and the limit on client
+    connections, nothing else.
 
     ``ads_config`` alone does nothing: CDS and LDS must also say ``ads: {}`` (FIELD-NOTES).
     """
+    connections = overload_pb2.ResourceMonitor(
+        name="envoy.resource_monitors.global_downstream_max_connections",
+        typed_config=_pack(
+            downstream_connections_pb2.DownstreamConnectionsConfig(
+                max_active_downstream_connections=downstream_connections_max
+            )
+        ),
+    )
     ads_source = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
@@ -656,6 +675,7 @@ def bootstrap(
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
             clusters=[_static_cluster(ADS_CLUSTER_NAME, [(ads_host, ads_port)], connect_timeout_ms)]
         ),
+        overload_manager=overload_pb2.OverloadManager(resource_monitors=[connections]),
     )
 
 

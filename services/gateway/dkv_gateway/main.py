@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from dkv.cli.flags import int_flag, tls_files
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import with_port
+from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
 
 __all__ = ["ENV_PREFIX", "main", "parse_args"]
@@ -149,6 +149,9 @@ async def _serve(cfg: GatewayConfig) -> None:
     await stop.wait()
     print(f"{PROG}: shutting down", flush=True)
     await server.stop()
+    # As dkv-node: let grpc's per-call tasks (map watch, KV watch, xDS streams) end, or
+    # asyncio.run cancels each with a CancelledError traceback in the log.
+    await finish_pending_tasks()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

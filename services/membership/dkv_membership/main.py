@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dkv.cli.flags import int_flag, membership_flags, tls_files
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import with_port
+from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.state import CHANGE_LOG_MAX
@@ -203,6 +203,9 @@ async def _serve(cfg: MembershipConfig) -> None:
     await stop.wait()
     print(f"{PROG} {cfg.name}: shutting down", flush=True)
     await server.stop()
+    # As dkv-node: let grpc's per-call tasks (map watch, KV watch, xDS streams) end, or
+    # asyncio.run cancels each with a CancelledError traceback in the log.
+    await finish_pending_tasks()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

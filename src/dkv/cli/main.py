@@ -85,9 +85,9 @@ def envoy_bootstrap(
         Path | None, typer.Option(help="Write the bootstrap here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write Envoy's bootstrap (JSON, also valid YAML): the admin endpoint and the ADS server,
-    nothing else: listeners and clusters come from the gateway over xDS. Start Envoy with
-    `envoy -c FILE`."""
+    """Write Envoy's bootstrap (JSON, also valid YAML): the admin endpoint, the ADS server
+    and a limit on client connections; listeners and clusters come from the gateway over
+    xDS. Start Envoy with `envoy -c FILE`."""
     # Imported here: the gateway package (and Envoy's API protos) only matters to this command.
     from dkv_gateway import envoy_config  # noqa: PLC0415
 
