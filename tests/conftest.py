@@ -11,6 +11,12 @@ import os
 
 import pytest
 
+# Every dkv process a test starts serves /metrics; the default ports (2381, 2481, 2375) would
+# collide between the processes of one test and between tests run in parallel. Tests that
+# check the metrics pass their own --listen-metrics.
+for _var in ("DKV_LISTEN_METRICS", "DKV_MEMBERSHIP_LISTEN_METRICS", "DKV_GATEWAY_LISTEN_METRICS"):
+    os.environ.setdefault(_var, "127.0.0.1:0")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -119,19 +119,44 @@ class DevLayout:
     def node_peer(self, i: int) -> int:
         return self.port_base + 21 + 2 * i
 
+    # /metrics, /livez, /readyz (plain HTTP on 127.0.0.1, as etcd's --listen-metrics-urls).
+    def node_metrics(self, i: int) -> int:
+        return self.port_base + 40 + i  # n1: 2411
+
+    def membership_metrics(self, i: int = 1) -> int:
+        return self.port_base + 140 + i  # m1: 2511
+
+    @property
+    def gateway_metrics(self) -> int:
+        return self.port_base + 5  # 2375
+
+    def metrics_targets(self) -> list[tuple[str, int]]:
+        """(job, port) of every process's /metrics (Envoy's is /stats/prometheus on its
+        admin port), for Prometheus' scrape configuration."""
+        out = [
+            ("dkv-membership", self.membership_metrics(i))
+            for i in range(1, self.membership_replicas + 1)
+        ]
+        out += [("dkv-node", self.node_metrics(i)) for i in range(1, len(NODE_NAMES) + 1)]
+        out += [("dkv-gateway", self.gateway_metrics)]
+        return out
+
     def ports(self) -> list[tuple[int, str]]:
         out = [
             (self.front_door, "the front door (Envoy)"),
             (self.gateway, "the gateway"),
             (self.xds, "the gateway's xDS server"),
             (self.envoy_admin, "Envoy's admin interface"),
+            (self.gateway_metrics, "the gateway (metrics)"),
         ]
         for i, name in enumerate(self.membership_names, start=1):
             out += [(self.membership_client(i), f"membership {name} (clients)")]
             out += [(self.membership_peer(i), f"membership {name} (peers)")]
+            out += [(self.membership_metrics(i), f"membership {name} (metrics)")]
         for i, name in enumerate(NODE_NAMES, start=1):
             out += [(self.node_client(i), f"node {name} (clients)")]
             out += [(self.node_peer(i), f"node {name} (peers)")]
+            out += [(self.node_metrics(i), f"node {name} (metrics)")]
         return out
 
     @property
@@ -281,6 +306,8 @@ class DevStack:
                     str(lay.shards),
                     "--down-after-ms",
                     "5000",
+                    "--listen-metrics",
+                    f"{host}:{lay.membership_metrics(i)}",
                     *lay.client_tls_flags(m),
                     *lay.tls_flags(m, "peer-"),
                 ],
@@ -288,6 +315,7 @@ class DevStack:
                 ports=[
                     (lay.membership_client(i), f"membership {m} (clients)"),
                     (lay.membership_peer(i), f"membership {m} (peers)"),
+                    (lay.membership_metrics(i), f"membership {m} (metrics)"),
                 ],
             )
             for i, m in enumerate(lay.membership_names, start=1)
@@ -306,13 +334,19 @@ class DevStack:
                     f"{host}:{lay.xds}",
                     "--envoy-port",
                     str(lay.front_door),
+                    "--listen-metrics",
+                    f"{host}:{lay.gateway_metrics}",
                     "--membership",
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
                     *(lay.tls_flags(ENVOY_NAME, "envoy-") if lay.client_tls else []),
                 ],
                 lay.logs / "gateway.log",
-                ports=[(lay.gateway, "the gateway"), (lay.xds, "the gateway's xDS server")],
+                ports=[
+                    (lay.gateway, "the gateway"),
+                    (lay.xds, "the gateway's xDS server"),
+                    (lay.gateway_metrics, "the gateway (metrics)"),
+                ],
             )
         )
         procs.append(
@@ -355,6 +389,8 @@ class DevStack:
                 f"{host}:{lay.node_client(i)}",
                 "--listen-peer",
                 f"{host}:{lay.node_peer(i)}",
+                "--listen-metrics",
+                f"{host}:{lay.node_metrics(i)}",
                 "--membership",
                 lay.membership_endpoints,
                 *lay.client_tls_flags(name),
@@ -364,6 +400,7 @@ class DevStack:
             ports=[
                 (lay.node_client(i), f"node {name} (clients)"),
                 (lay.node_peer(i), f"node {name} (peers)"),
+                (lay.node_metrics(i), f"node {name} (metrics)"),
             ],
         )
 

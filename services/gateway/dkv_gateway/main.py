@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from dkv.cli.flags import int_flag, tls_files
+from dkv.cli.flags import int_flag, metrics_address, tls_files
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     add("advertise-client", "address Envoy dials (default: --listen-client)")
     add("listen-xds", "address of the xDS (ADS) server for Envoy", _DEFAULTS.listen_xds)
     add("envoy-port", "the port Envoy's front door listens on", _DEFAULTS.envoy_port)
+    add(
+        "listen-metrics",
+        "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
+        "127.0.0.1:2375",
+    )
     add("membership", "host:port,... of the membership service's client addresses (required)")
     add(
         "default-timeout-ms",
@@ -119,6 +124,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         tls=tls,
         envoy_tls=envoy_tls,
         default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
+        listen_metrics=metrics_address(p, args.listen_metrics),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags
@@ -139,7 +145,12 @@ async def _serve(cfg: GatewayConfig) -> None:
         f"{PROG} serving clients on {server.advertise_client}, "
         f"xDS on {with_port(cfg.listen_xds, server.xds_port)} "
         f"(Envoy front door on port {cfg.envoy_port}), "
-        f"membership {','.join(cfg.membership)}",
+        f"membership {','.join(cfg.membership)}"
+        + (
+            f", metrics on http://{with_port(cfg.listen_metrics, server.metrics_port)}/metrics"
+            if cfg.listen_metrics
+            else ""
+        ),
         flush=True,
     )
     stop = asyncio.Event()

@@ -31,6 +31,8 @@ from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
+from dkv.telemetry import ProcessMetrics
+from dkv.telemetry.http import MetricsServer
 from dkv_gateway.envoy_config import FrontDoor, resources
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
@@ -79,6 +81,8 @@ class GatewayConfig:
     envoy_tls: TlsFiles | None = None
     # The deadline of a call that carries none.
     default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
+    # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
+    listen_metrics: str = ""
 
     def validate(self) -> None:
         if not self.membership:
@@ -111,8 +115,11 @@ class GatewayServer:
         self._membership_channels: ChannelPool | None = None
         self._follow: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self.metrics = ProcessMetrics.create()  # one registry per gateway instance
+        self.metrics_server: MetricsServer | None = None
         self.client_port = 0
         self.xds_port = 0
+        self.metrics_port = 0
         self.advertise_client = ""
 
     async def start(self) -> None:
@@ -126,11 +133,18 @@ class GatewayServer:
         cfg = self.cfg
         # Bind first, so that port 0 works and what we announce is where we listen.
         self.client_server = new_server(
-            options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
+            options=CLIENT_SERVER_OPTIONS,
+            maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
+            metrics=self.metrics.grpc_server,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
-        self.xds_server = new_server()
+        self.xds_server = new_server(metrics=self.metrics.grpc_server)
         self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
+        if cfg.listen_metrics:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, cfg.listen_metrics, self.readiness
+            )
+            self.metrics_port = await self.metrics_server.start()
         self.advertise_client = cfg.advertise_client or with_port(
             cfg.listen_client, self.client_port
         )
@@ -182,6 +196,14 @@ class GatewayServer:
             with_port(cfg.listen_xds, self.xds_port),
         )
 
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: the gateway can route once it has a cluster map with shards."""
+        if self._closing.is_set():
+            return False, "shutting down"
+        if not self.initialized.is_set():
+            return False, "no cluster map yet (membership not reached, or not initialized)"
+        return True, f"ok: cluster map version {self.view.version}"
+
     def _on_map_change(self, view: ClusterMapView) -> None:
         assert self.router is not None
         self.router.on_map_change(view)
@@ -217,3 +239,6 @@ class GatewayServer:
         for pool in (self._node_channels, self._membership_channels):
             if pool is not None:
                 await pool.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None

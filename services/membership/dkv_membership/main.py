@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dkv.cli.flags import int_flag, membership_flags, tls_files
+from dkv.cli.flags import int_flag, membership_flags, metrics_address, tls_files
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_membership.driver import DriverConfig
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     add("data-dir", "directory for this replica's RocksDB (default: <name>.dkv-membership)")
     add("listen-peer", "address for Raft traffic from the other replicas", "127.0.0.1:2480")
     add("listen-client", "address for clients (nodes, gateways, dkvctl)", "127.0.0.1:2479")
+    add(
+        "listen-metrics",
+        "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
+        "127.0.0.1:2481",
+    )
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add("initial-cluster", "name=peer-address,... of the membership replicas")
@@ -174,6 +179,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
             p, "down-check-interval-ms", args.down_check_interval_ms, 1
         ),
         driver=_driver(args, p),
+        listen_metrics=metrics_address(p, args.listen_metrics),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags
@@ -193,7 +199,12 @@ async def _serve(cfg: MembershipConfig) -> None:
     print(
         f"{PROG} {cfg.name} (id {server.id:x}) serving clients on "
         f"{with_port(cfg.listen_client, server.client_port)}, "
-        f"peers on {with_port(cfg.listen_peer, server.peer_port)}",
+        f"peers on {with_port(cfg.listen_peer, server.peer_port)}"
+        + (
+            f", metrics on http://{with_port(cfg.listen_metrics, server.metrics_port)}/metrics"
+            if cfg.listen_metrics
+            else ""
+        ),
         flush=True,
     )
     stop = asyncio.Event()

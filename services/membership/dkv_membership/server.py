@@ -56,6 +56,8 @@ from dkv.host.rpc_server import new_server
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
+from dkv.telemetry import ProcessMetrics
+from dkv.telemetry.http import MetricsServer
 from dkv_membership.driver import DriverConfig, PlacementDriver
 from dkv_membership.replicas import ReplicaAdmin, add_replica_admin
 from dkv_membership.service import (
@@ -97,6 +99,8 @@ class MembershipConfig:
     # The leader's placement driver (dkv_membership.driver): initializes the cluster with
     # ``shard_count`` shards once ``min_nodes`` nodes are UP and moves replicas; None: off.
     driver: DriverConfig | None = None
+    # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
+    listen_metrics: str = ""
 
     def validate(self) -> None:
         if self.name not in self.initial_cluster:
@@ -149,8 +153,11 @@ class MembershipServer:
         # The driver's Admin calls to storage nodes, with this replica's client certificate
         # when clients use mTLS.
         self._node_channels = ChannelPool(cfg.client_tls)
+        self.metrics = ProcessMetrics.create()  # one registry per replica instance
+        self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0
+        self.metrics_port = 0
 
     def member_id_of(self, name: str) -> int:
         return member_id(self.cfg.cluster_token, name)
@@ -179,10 +186,15 @@ class MembershipServer:
         cfg = self.cfg
         assert self.engine is not None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server()
+        self.peer_server = new_server(metrics=self.metrics.grpc_server)
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = new_server()
+        self.client_server = new_server(metrics=self.metrics.grpc_server)
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        if cfg.listen_metrics:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, cfg.listen_metrics, self.readiness
+            )
+            self.metrics_port = await self.metrics_server.start()
         advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
         advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)
 
@@ -244,6 +256,17 @@ class MembershipServer:
             )
         log.info("%s: membership replica %d serving on %s", cfg.name, self.id, advertise_client)
 
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: the replica can serve when its group has a leader (reads and writes
+        reach it; a follower forwards or names it)."""
+        host = self.host
+        if host is None or not host.running:
+            return False, "starting"
+        leader = host.leader(MEMBERSHIP_GROUP_ID)
+        if leader == 0:
+            return False, "the membership group has no known leader"
+        return True, f"ok: leader {leader:x}"
+
     def _on_conf_change(self, gid: int, cc: ConfChange, cs: ConfState, batch: Batch) -> None:
         """A replica added by AddReplica: remember where it is (the change carries it)."""
         m = decode_context(cc.node_id, cc.context)
@@ -276,5 +299,8 @@ class MembershipServer:
             await self.host.stop()
         if self.peer_server is not None:
             await self.peer_server.stop(None)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         if self.engine is not None:
             self.engine.close()

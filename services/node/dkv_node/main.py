@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dkv.cli.flags import int_flag, membership_flags, tls_files
+from dkv.cli.flags import int_flag, membership_flags, metrics_address, tls_files
 from dkv.errors import DkvError
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     add("data-dir", "directory for this member's RocksDB (default: <name>.dkv)")
     add("listen-peer", "address for Raft traffic from peers", "127.0.0.1:2380")
     add("listen-client", "address for clients", "127.0.0.1:2379")
+    add(
+        "listen-metrics",
+        "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
+        "127.0.0.1:2381",
+    )
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add(
@@ -139,8 +144,15 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         heartbeat_interval_ms=int_flag(
             p, "heartbeat-interval-ms", args.heartbeat_interval_ms, minimum=1
         ),
+        listen_metrics=metrics_address(p, args.listen_metrics),
     )
     return cfg, level
+
+
+def metrics_banner(node: Node) -> str:
+    if not node.cfg.listen_metrics:
+        return ""
+    return f"metrics on http://{with_port(node.cfg.listen_metrics, node.metrics_port)}/metrics, "
 
 
 def shards_banner(node: Node) -> str:
@@ -168,7 +180,8 @@ async def _serve(cfg: NodeConfig) -> None:
     print(
         f"dkv-node {cfg.name} (id {node.id:x}) serving clients on "
         f"{with_port(cfg.listen_client, node.client_port)}, "
-        f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {shards_banner(node)}",
+        f"peers on {with_port(cfg.listen_peer, node.peer_port)}, {metrics_banner(node)}"
+        f"{shards_banner(node)}",
         flush=True,
     )
     await stop.wait()

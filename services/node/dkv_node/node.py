@@ -37,6 +37,8 @@ from dkv.host.members import (
 from dkv.host.rpc_server import new_server
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
+from dkv.telemetry import ProcessMetrics
+from dkv.telemetry.http import MetricsServer
 from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.hosting import ShardHosting, hosted_shards
@@ -84,6 +86,8 @@ class NodeConfig:
     # Client addresses (host:port) of the membership service; empty: no registration.
     membership: tuple[str, ...] = ()
     heartbeat_interval_ms: int = 1000
+    # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
+    listen_metrics: str = ""
 
     @property
     def managed(self) -> bool:
@@ -130,8 +134,12 @@ class Node:
         self.registration: Registration | None = None
         self.hosting: ShardHosting | None = None
         self._membership_channels = ChannelPool(cfg.client_tls)
+        # One registry per node instance (tests run many in one interpreter).
+        self.metrics = ProcessMetrics.create()
+        self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0
+        self.metrics_port = 0
         self.advertise_peer = ""
         self.advertise_client = ""
 
@@ -154,12 +162,19 @@ class Node:
             create=cfg.initial_cluster_state == "new" or joining or cfg.managed,
         )
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server()
+        self.peer_server = new_server(metrics=self.metrics.grpc_server)
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = new_server(
-            options=CLIENT_SERVER_OPTIONS, maximum_concurrent_rpcs=CLIENT_RPCS_MAX
+            options=CLIENT_SERVER_OPTIONS,
+            maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
+            metrics=self.metrics.grpc_server,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        if cfg.listen_metrics:
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, cfg.listen_metrics, self.readiness
+            )
+            self.metrics_port = await self.metrics_server.start()
         advertise_peer = cfg.advertise_peer or with_port(cfg.listen_peer, self.peer_port)
         advertise_client = cfg.advertise_client or with_port(cfg.listen_client, self.client_port)
         self.advertise_peer, self.advertise_client = advertise_peer, advertise_client
@@ -248,6 +263,22 @@ class Node:
         if self.hosting is not None:
             self.hosting.start()
 
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: the node can serve when every shard it hosts knows its leader (a read
+        or write reaches it, here or forwarded). A managed node that has not seen the
+        cluster map yet cannot route anything."""
+        host = self.host
+        if host is None or not host.running:
+            return False, "starting"
+        if self.cfg.managed and self.shard_count() == 0:
+            return False, "waiting for the cluster map"
+        leaderless = sorted(gid for gid in self.shards if host.leader(gid) == 0)
+        if leaderless:
+            shown = ", ".join(str(g) for g in leaderless[:10])
+            more = f" and {len(leaderless) - 10} more" if len(leaderless) > 10 else ""
+            return False, f"no known leader for shard(s) {shown}{more}"
+        return True, f"ok: {len(self.shards)} shard(s), each with a leader"
+
     def shard_count(self) -> int:
         """How many shards the cluster has (keys map to shards by it); 0: not known yet."""
         if self.hosting is not None:
@@ -316,5 +347,8 @@ class Node:
             # grace lets a stream that opened meanwhile end the same way instead of being
             # cancelled (grpc logs those; see RaftPeerService.close). Free when none is left.
             await self.peer_server.stop(1.0)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         if self.engine is not None:
             self.engine.close()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles
+from dkv.telemetry.http import parse_listen
 
 __all__ = ["int_flag", "membership_flags", "tls_files"]
 
@@ -58,3 +60,12 @@ def membership_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> di
     if args.initial_cluster_state not in ("new", "existing"):
         p.error("--initial-cluster-state must be 'new' or 'existing'")
     return cluster
+
+
+def metrics_address(p: argparse.ArgumentParser, value: str | None) -> str:
+    """``--listen-metrics`` checked (``host:port``, or ``off``); "" when off."""
+    try:
+        listen = parse_listen(value or "")
+    except InvalidArgument as exc:
+        p.error(str(exc))
+    return "" if listen is None else str(value).strip()

@@ -15,6 +15,10 @@ One place decides what all of them share:
   to a server made here.
 - no ``SO_REUSEPORT`` (gRPC's default): a port already taken is a refusal at start, never a
   second process sharing it;
+- **gRPC metrics** (``grpc_server_started_total``, ``grpc_server_handled_total``,
+  ``grpc_server_handling_seconds``; :mod:`dkv.telemetry.metrics`) when the process passes its
+  :class:`~dkv.telemetry.GrpcServerMetrics`: recorded by the same wrapper, outside the decode
+  check, so a malformed request counts as ``InvalidArgument``;
 - the keepalive enforcement that matches our clients' pings
   (:data:`dkv.host.channels.SERVER_KEEPALIVE_OPTIONS`), so no client gets ``GOAWAY
   too_many_pings``.
@@ -22,6 +26,7 @@ One place decides what all of them share:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -33,6 +38,7 @@ import grpc
 import grpc.aio
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 
 __all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
 
@@ -106,8 +112,13 @@ def _reason(exc: Exception) -> str:
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """See the module docstring. Handlers are wrapped once per method and cached."""
 
-    def __init__(self, bad_requests: RateLimitedLog | None = None) -> None:
+    def __init__(
+        self,
+        bad_requests: RateLimitedLog | None = None,
+        metrics: GrpcServerMetrics | None = None,
+    ) -> None:
         self.bad_requests = bad_requests or RateLimitedLog(log)
+        self.metrics = metrics
         self.malformed_total = 0  # for tests and, later, metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
@@ -145,8 +156,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         deserializer = handler.request_deserializer
-        if deserializer is None:
-            return handler  # raw bytes: nothing can fail to decode
+        if deserializer is None:  # raw bytes: nothing can fail to decode
+            return self._observe(method, handler) if self.metrics else handler
         type_name = _type_name(deserializer)
 
         def decode(data: bytes) -> Any:
@@ -163,7 +174,24 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             name = "unary_stream" if handler.response_streaming else "unary_unary"
             fields[name] = self._unary_request(method, getattr(handler, name))
         replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
-        return replace(**fields)
+        guarded = replace(**fields)
+        return self._observe(method, guarded) if self.metrics else guarded
+
+    def _observe(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` with its calls counted and timed (go-grpc-prometheus's metrics)."""
+        assert self.metrics is not None
+        kind = grpc_type(handler.request_streaming, handler.response_streaming)
+        name = {
+            "unary": "unary_unary",
+            "server_stream": "unary_stream",
+            "client_stream": "stream_unary",
+            "bidi_stream": "stream_stream",
+        }[kind]
+        observed = _observed(getattr(handler, name), self.metrics.method(method, kind))
+        replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
+        return replace(**{name: observed})
 
     def _unary_request(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         reject = self._reject
@@ -241,21 +269,122 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return stream_sync
 
 
+def _code(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else default
+
+
+def _cancelled_code(context: Any) -> grpc.StatusCode:
+    """A cancelled handler: DeadlineExceeded when the caller's deadline has passed (as Go's
+    servers report it), Canceled when the caller went away before it."""
+    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _observed(behavior: Callable[..., Any], mm: MethodMetrics) -> Callable[..., Any]:
+    """``behavior`` counted in ``mm``: started, then handled with the call's final code.
+
+    The code is what the handler set (``context.abort`` / ``set_code``), OK when it returned
+    without one, Canceled when the call was cancelled (the client went away) or DeadlineExceeded
+    (its deadline passed), Unknown for an exception gRPC turns into UNKNOWN."""
+    ok, unknown = grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN
+    started = mm.started
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
+            started.inc()
+            t0 = time.perf_counter()
+            code = ok
+            try:
+                async for item in behavior(request, context):
+                    yield item
+                code = _code(context, ok)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _cancelled_code(context)
+                raise
+            except BaseException:
+                code = _code(context, unknown)
+                raise
+            finally:
+                mm.done(code, t0)
+
+        return stream_out
+    if inspect.iscoroutinefunction(behavior):
+
+        async def unary_out(request: Any, context: Any) -> Any:
+            started.inc()
+            t0 = time.perf_counter()
+            code = ok
+            try:
+                result = await behavior(request, context)
+                code = _code(context, ok)
+                return result
+            except asyncio.CancelledError:
+                code = _cancelled_code(context)
+                raise
+            except BaseException:
+                code = _code(context, unknown)
+                raise
+            finally:
+                mm.done(code, t0)
+
+        return unary_out
+    if inspect.isgeneratorfunction(behavior):
+
+        def sync_stream_out(request: Any, context: Any) -> Iterator[Any]:
+            started.inc()
+            t0 = time.perf_counter()
+            code = ok
+            try:
+                yield from behavior(request, context)
+                code = _code(context, ok)
+            except GeneratorExit:
+                code = _cancelled_code(context)
+                raise
+            except BaseException:
+                code = _code(context, unknown)
+                raise
+            finally:
+                mm.done(code, t0)
+
+        return sync_stream_out
+
+    def sync_unary_out(request: Any, context: Any) -> Any:
+        started.inc()
+        t0 = time.perf_counter()
+        code = ok
+        try:
+            result = behavior(request, context)
+            code = _code(context, ok)
+            return result
+        except BaseException:
+            code = _code(context, unknown)
+            raise
+        finally:
+            mm.done(code, t0)
+
+    return sync_unary_out
+
+
 def new_server(
     *,
     options: Sequence[tuple[str, Any]] = (),
     maximum_concurrent_rpcs: int | None = None,
     guard: DecodeGuard | None = None,
+    metrics: GrpcServerMetrics | None = None,
 ) -> grpc.aio.Server:
     """A ``grpc.aio`` server with the shared policy of the module docstring. ``options`` are
-    added to (and override) the shared ones."""
+    added to (and override) the shared ones; ``metrics``: where its calls are counted."""
     # gRPC sets SO_REUSEPORT by default: a second process could bind a port we hold and
     # share its connections silently. Off: a port in use is an error at start.
     merged: dict[str, Any] = {"grpc.so_reuseport": 0}
     merged.update(SERVER_KEEPALIVE_OPTIONS)
     merged.update(dict(options))
     return grpc.aio.server(
-        interceptors=[guard or DecodeGuard()],
+        interceptors=[guard or DecodeGuard(metrics=metrics)],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )

@@ -497,6 +497,8 @@ def start_dkv(procs: Procs, root: Path) -> Cluster:
             initial,
             "--initial-cluster-state",
             "new",
+            "--listen-metrics",
+            "127.0.0.1:0",
         ]
         members.append(procs.start(f"dkv-{n}", cmd, root, clients[n]))
     # Ready when each prints "... (id <hex>) serving clients ..." on stdout.

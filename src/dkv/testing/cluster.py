@@ -479,6 +479,7 @@ class Cluster:
             "--tick-interval-ms", str(self.tick_interval_ms),
             "--election-timeout-ticks", str(self.election_timeout_ticks),
             "--log-level", self.log_level,
+            "--listen-metrics", "127.0.0.1:0",  # many nodes on one host: any free port
         ]  # fmt: skip
         if self.snapshot_count is not None:
             args += ["--snapshot-count", str(self.snapshot_count)]
