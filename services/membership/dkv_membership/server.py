@@ -58,6 +58,7 @@ from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
 from dkv_membership.driver import DriverConfig, PlacementDriver
 from dkv_membership.replicas import ReplicaAdmin, add_replica_admin
 from dkv_membership.service import (
@@ -221,6 +222,8 @@ class MembershipServer:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
+        self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+        RaftCollector(self.host, self.metrics.registry)
         self.sm = MembershipStateMachine(cfg.change_log_max)
         voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
         self.host.add_group(

@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dkv.errors import (
     DeadlineExceeded,
@@ -47,6 +48,9 @@ from dkv.raft import (
     SnapshotMetadata,
 )
 from dkv.storage import COLUMN_FAMILIES, Batch, Engine, RocksRaftStorage, group_prefix
+
+if TYPE_CHECKING:
+    from dkv.telemetry.raft_metrics import DiskMetrics
 
 __all__ = ["ConfChangeHook", "Host", "HostConfig", "StateMachine"]
 
@@ -117,6 +121,13 @@ class _Group:
     # is staged, before the batch reaches RocksDB; readers of RocksDB directly (the watch
     # history) must not look past this one.
     written_applied: int = 0
+    # Counters exported at scrape time (dkv.telemetry.raft_metrics): plain ints, so the hot
+    # path pays an addition, not a metrics call.
+    leader_changes: int = 0
+    entries_committed: int = 0
+    entries_applied: int = 0
+    proposals_failed: int = 0
+    read_indexes: int = 0
 
 
 class Host:
@@ -148,6 +159,8 @@ class Host:
         self.entries_persisted = 0
         self.snapshots_taken = 0
         self.snapshots_installed = 0
+        # Per group-commit histograms (fsync, batch sizes); None: not measured.
+        self.disk_metrics: DiskMetrics | None = None
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -294,9 +307,13 @@ class Host:
         try:
             return await _answer(fut, timeout_s)
         except TimeoutError as exc:
+            g.proposals_failed += 1
             raise DeadlineExceeded(
                 f"write not confirmed within {timeout_s:.3f} s; it may or may not have happened"
             ) from exc
+        except ProposalDropped:
+            g.proposals_failed += 1
+            raise
 
     async def read_index(self, group_id: int, timeout_s: float) -> int:
         """Wait until a linearizable read may be served locally (ReadIndex, thesis §6.4).
@@ -305,6 +322,7 @@ class Host:
         g = self._group(group_id)
         self._read_seq += 1
         ctx = self._read_seq.to_bytes(8, "big")
+        g.read_indexes += 1
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         g.reads[ctx] = fut
         try:
@@ -419,6 +437,8 @@ class Host:
         self.iterations += 1
         batch = self.engine.batch()
         sync = False
+        appended = 0
+        appended_bytes = 0
         answers: list[tuple[_Group, int, int, Any]] = []
         for g, rd in readies:
             st = g.storage
@@ -432,6 +452,11 @@ class Host:
                 st.stage_hard_state(batch, rd.hard_state)
             sync = sync or rd.must_sync
             self.entries_persisted += len(rd.entries)
+            appended += len(rd.entries)
+            if self.disk_metrics is not None:
+                appended_bytes += sum(len(e.data) for e in rd.entries)
+            g.entries_committed += len(rd.committed_entries)
+            g.entries_applied += len(rd.committed_entries)
             conf = st.conf_state
             for e in rd.committed_entries:
                 result: Any = None
@@ -450,10 +475,20 @@ class Host:
         # goes to a thread, so peers' messages and clients' calls are taken in meanwhile (and
         # batched into the next iteration); an unsynced one (applies only) is a memtable
         # insert, cheaper than the two thread hand-offs (measured: `make bench-node`).
+        started = time.perf_counter()
         if sync:
             await asyncio.to_thread(self.engine.write, batch, sync=True)
         else:
             self.engine.write(batch, sync=False)
+        disk = self.disk_metrics
+        if disk is not None:
+            took = time.perf_counter() - started
+            disk.backend_commit.observe(took)
+            if sync:
+                disk.wal_fsync.observe(took)
+            if appended:
+                disk.batch_entries.observe(appended)
+                disk.batch_bytes.observe(appended_bytes)
         for g, _ in readies:
             g.sm.end()
             g.written_applied = g.storage.applied_index
@@ -475,6 +510,8 @@ class Host:
         for g, rd in readies:
             g.node.advance()
             if rd.soft_state is not None and rd.soft_state.leader_id != g.known_leader:
+                if rd.soft_state.leader_id:
+                    g.leader_changes += 1  # as etcd counts: a new leader known, not its loss
                 g.known_leader = rd.soft_state.leader_id
                 # Reads waiting for a leader's confirmation will not get it from a leader
                 # that is gone: fail them now (safe to retry) instead of at their deadline.

@@ -110,6 +110,18 @@ class Engine:
         self.sync_writes = 0
         self._closed = False
 
+    def size_bytes(self) -> int | None:
+        """RocksDB's own size of every column family: SST files plus memtables (for
+        ``dkv_storage_db_size_bytes``); None once closed."""
+        if self._closed:
+            return None
+        total = 0
+        for view in (self._db, *self._views.values()):
+            for prop in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
+                value = view.property_int_value(prop)
+                total += int(value or 0)
+        return total
+
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
