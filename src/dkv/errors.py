@@ -16,6 +16,8 @@ translated at one boundary per adapter with ``raise ... from exc``::
     │   ├── Unavailable              the requested index is above the last index
     │   └── SnapshotTemporarilyUnavailable  the snapshot is being produced; retry later
     ├── InvalidArgument(reason)      the request is malformed (bad size, bad id, bad config)
+    ├── Unimplemented(reason)        the endpoint does not serve that method (e.g. a node's Admin
+    │                                API asked at the front door); the reason says where it is
     └── DataDirError(reason)         the data directory cannot be used (belongs to another node
                                      or cluster, missing, unreadable); the process refuses to start
 
@@ -41,6 +43,7 @@ __all__ = [
     "SnapshotTemporarilyUnavailable",
     "StorageError",
     "Unavailable",
+    "Unimplemented",
 ]
 
 
@@ -91,6 +94,10 @@ class SnapshotTemporarilyUnavailable(StorageError):
 
 class InvalidArgument(DkvError):
     """A request or configuration is malformed; the message names the problem."""
+
+
+class Unimplemented(DkvError):
+    """The endpoint does not serve the method; the message says where it is served."""
 
 
 class DataDirError(DkvError):

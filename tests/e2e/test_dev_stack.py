@@ -27,7 +27,7 @@ import grpc
 import pytest
 
 from dkv.client import Client
-from dkv.devstack import DevLayout, DevStack, StackError
+from dkv.devstack import NODE_NAMES, DevLayout, DevStack, StackError
 from dkv.errors import InvalidArgument
 from dkv.v1 import kv_pb2
 
@@ -238,6 +238,25 @@ async def exercise_front_door(layout: DevLayout) -> None:
     assert out.returncode == 0 and "cli-value" in out.stdout, out.stdout + out.stderr
     plain = await asyncio.to_thread(dkvctl, layout, "--timeout", "3", "get", "cli/key", tls=False)
     assert plain.returncode == 1 and "may require mTLS" in plain.stderr, plain.stderr
+
+    # dkvctl status through the front door: the gateway's map plus every node's own status.
+    out = await asyncio.to_thread(dkvctl, layout, "-o", "json", "status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    st = json.loads(out.stdout)
+    assert st["errors"] == [] and st["map_version"] > 0
+    assert [n["state"] for n in st["nodes"]] == ["up"] * len(NODE_NAMES)
+    assert st["summary"]["shards"] == {
+        "healthy": layout.shards,
+        "under_replicated": 0,
+        "no_leader": 0,
+    }
+    # Every shard has exactly one leader, and the node that leads it reports it.
+    assert sum(n["leads"] for n in st["nodes"]) == layout.shards
+    assert all(s["commit"] != "-" and s["applied"] != "-" for s in st["shards"])
+    table = await asyncio.to_thread(dkvctl, layout, "status")
+    assert (
+        table.returncode == 0 and f"{len(NODE_NAMES)} nodes ({len(NODE_NAMES)} up" in table.stdout
+    )
 
 
 def test_dev_stack_serves_through_envoy_and_resumes_after_restart(tmp_path: Path) -> None:

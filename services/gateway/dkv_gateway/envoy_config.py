@@ -376,14 +376,17 @@ def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
         _route(door, prefix=KV_SERVICE_PREFIX, retry_on=WRITE_RETRY_ON),
         # The gateway's own health (SERVING once it has a cluster map): a client may ask.
         _route(door, prefix=f"/{HEALTH_SERVICE}/", retry_on=READ_RETRY_ON),
+        # The whole cluster's health (dkvctl status), answered by the gateway.
+        _route(door, prefix=f"/{CLUSTER_SERVICE}/", retry_on=READ_RETRY_ON),
         *_refusals(door),
     ]
 
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+CLUSTER_SERVICE = "dkv.v1.Cluster"
 ELSEWHERE = {
-    "dkv.v1.Admin": "each node's client port (dkvctl --endpoints NODE_HOST:PORT status, "
-    "member, leader, snapshot)",
+    "dkv.v1.Admin": "each node's client port (dkvctl --endpoints NODE_HOST:PORT member, "
+    "leader, snapshot; dkvctl status works through the front door)",
     "dkv.v1.Membership": "the membership service's client port "
     "(dkvctl cluster --membership HOST:PORT ...)",
     "dkv.v1.RaftPeer": "the nodes' peer ports, to other nodes only",

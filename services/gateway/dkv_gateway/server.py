@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -33,6 +34,7 @@ from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
 from dkv_gateway.envoy_config import FrontDoor, resources
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
@@ -121,6 +123,7 @@ class GatewayServer:
         self.xds_port = 0
         self.metrics_port = 0
         self.advertise_client = ""
+        self.map_changed_at = time.monotonic()
 
     async def start(self) -> None:
         try:
@@ -175,6 +178,10 @@ class GatewayServer:
             rng=self.rng,
         )
         add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
+        add_cluster_status(
+            self.client_server,
+            ClusterStatusService(self.view, self._node_channels, lambda: self.map_changed_at),
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
         for service in ("", KV_SERVICE):
@@ -206,6 +213,7 @@ class GatewayServer:
 
     def _on_map_change(self, view: ClusterMapView) -> None:
         assert self.router is not None
+        self.map_changed_at = time.monotonic()
         self.router.on_map_change(view)
         if view.initialized and not self.initialized.is_set():
             self.initialized.set()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,9 +18,10 @@ import typer
 
 from dkv.client import Client, ClientTls
 from dkv.client.membership import MembershipClient
-from dkv.errors import DkvError, InvalidArgument
+from dkv.cluster_health import ShardHealth, shard_health
+from dkv.errors import DkvError, InvalidArgument, Unimplemented
 from dkv.keys import prefix_end
-from dkv.v1 import admin_pb2, kv_pb2
+from dkv.v1 import admin_pb2, cluster_pb2, kv_pb2
 from dkv.v1 import membership_pb2 as mpb
 
 app = typer.Typer(help="dkvctl: talk to a dkv cluster.", no_args_is_help=True)
@@ -414,10 +416,129 @@ def leader_transfer(
             typer.echo(f"shard {sid}: leader is now {lid:x}")
 
 
+_STATES = {
+    mpb.NODE_STATE_UP: "up",
+    mpb.NODE_STATE_DOWN: "down",
+    mpb.NODE_STATE_LEAVING: "leaving",
+}
+
+
+def _cluster_rows(
+    resp: cluster_pb2.ClusterStatusResponse,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Node rows, shard rows (health as the dashboards classify it) and problems."""
+    m = resp.map
+    nodes = {n.id: n for n in m.nodes}
+    leaders = {e.shard_id: e for e in m.leaders}
+    reports = {r.node_id: r for r in resp.nodes}
+    problems: list[str] = []
+    node_rows = []
+    for n in m.nodes:
+        r = reports.get(n.id)
+        leads = 0
+        if r is not None and r.HasField("status"):
+            leads = sum(1 for sh in r.status.shards if sh.role == admin_pb2.ROLE_LEADER)
+        error = r.error if r is not None else "no report"
+        if error:
+            problems.append(f"node {n.name} ({n.id:x}): {error}")
+        node_rows.append(
+            {
+                "id": f"{n.id:x}",
+                "name": n.name,
+                "state": _STATES.get(n.state, str(n.state)),
+                "address": n.client_address,
+                "leads": leads,
+                "db_size": r.status.db_size_bytes
+                if r is not None and r.HasField("status")
+                else "-",
+                "error": error or "-",
+            }
+        )
+    shard_rows = []
+    for sh in m.shards:
+        health = shard_health(sh, nodes, leaders)
+        entry = leaders.get(sh.id)
+        leader = entry.leader_id if entry is not None else 0
+        seen: admin_pb2.ShardStatus | None = None
+        lr = reports.get(leader)
+        if lr is not None and lr.HasField("status"):
+            seen = next((x for x in lr.status.shards if x.shard_id == sh.id), None)
+        if health is not ShardHealth.HEALTHY:
+            problems.append(f"shard {sh.id}: {health.value.replace('_', ' ')}")
+        shard_rows.append(
+            {
+                "shard": sh.id,
+                "health": health.value,
+                "leader": f"{leader:x}" if leader else "-",
+                "term": entry.term if entry is not None else "-",
+                "voters": ",".join(f"{v:x}" for v in sh.voters) or "-",
+                "learners": ",".join(f"{v:x}" for v in sh.learners) or "-",
+                "commit": seen.commit_index if seen is not None else "-",
+                "applied": seen.applied_index if seen is not None else "-",
+            }
+        )
+    return node_rows, shard_rows, problems
+
+
+def _print_cluster_status(opts: Opts, resp: cluster_pb2.ClusterStatusResponse) -> None:
+    node_rows, shard_rows, problems = _cluster_rows(resp)
+    states = Counter(r["state"] for r in node_rows)
+    health = Counter(r["health"] for r in shard_rows)
+    if opts.output == "json":
+        typer.echo(
+            json.dumps(
+                {
+                    "map_version": resp.map.version,
+                    "map_age_ms": resp.map_age_ms,
+                    "nodes": node_rows,
+                    "shards": shard_rows,
+                    "summary": {
+                        "nodes": {s: states.get(s, 0) for s in _STATES.values()},
+                        "shards": {h.value: health.get(h.value, 0) for h in ShardHealth},
+                    },
+                    "errors": problems,
+                }
+            )
+        )
+    else:
+        typer.echo(
+            f"cluster map version {resp.map.version} (last changed {resp.map_age_ms / 1000:.1f} s "
+            f"ago): {len(node_rows)} nodes ("
+            + ", ".join(f"{states.get(s, 0)} {s}" for s in _STATES.values())
+            + f"), {len(shard_rows)} shards ("
+            + ", ".join(
+                f"{health.get(h.value, 0)} {h.value.replace('_', ' ')}" for h in ShardHealth
+            )
+            + ")"
+        )
+        typer.echo("")
+        _table(node_rows, list(node_rows[0]) if node_rows else [])
+        typer.echo("")
+        _table(shard_rows, list(shard_rows[0]) if shard_rows else [])
+    for p in problems:
+        typer.echo(f"Error: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """Every endpoint's view of itself: role, term, leader, indexes, log and DB size per shard."""
+    """The cluster's health: through the front door (a gateway), every node and shard as the
+    dashboards show them; at storage nodes, each endpoint's view of itself (role, term, leader,
+    indexes, log and DB size per shard). Exit code 1 when a node does not answer or a shard has
+    no leader or is under-replicated."""
     opts: Opts = ctx.obj
+
+    async def cluster(c: Client) -> cluster_pb2.ClusterStatusResponse | None:
+        try:
+            return await c.cluster_status(opts.endpoints[0])
+        except Unimplemented:
+            return None  # a storage node: ask each endpoint about itself
+
+    resp = _run(ctx, cluster)
+    if resp is not None:
+        _print_cluster_status(opts, resp)
+        return
 
     async def work(c: Client) -> list[tuple[str, admin_pb2.StatusResponse | str]]:
         async def one(ep: str) -> tuple[str, admin_pb2.StatusResponse | str]:

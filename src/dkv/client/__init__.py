@@ -27,8 +27,9 @@ from dkv.errors import (
     InvalidArgument,
     NotLeader,
     ProposalDropped,
+    Unimplemented,
 )
-from dkv.v1 import admin_pb2, kv_pb2
+from dkv.v1 import admin_pb2, cluster_pb2, kv_pb2
 
 __all__ = ["Client", "ClientTls"]
 
@@ -113,6 +114,10 @@ class Client:
                     raise DeadlineExceeded(exc.details() or "deadline exceeded") from exc
                 if code is grpc.StatusCode.FAILED_PRECONDITION:
                     raise ConfChangeRejected(exc.details() or "failed precondition") from exc
+                if code is grpc.StatusCode.UNIMPLEMENTED:
+                    raise Unimplemented(
+                        exc.details() or f"{service}/{method} is not served here"
+                    ) from exc
                 # CANCELLED: the node shut down with our call in flight. Like UNAVAILABLE it
                 # is retried elsewhere (a write carries its request id, so it applies once).
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -257,6 +262,17 @@ class Client:
         """One node's own status (no leader following)."""
         return await self._call(
             "Status", admin_pb2.StatusRequest(), admin_pb2.StatusResponse, _ADMIN, at=endpoint
+        )
+
+    async def cluster_status(self, endpoint: str) -> cluster_pb2.ClusterStatusResponse:
+        """The whole cluster's health from a gateway (the front door); a node answers
+        :class:`Unimplemented`."""
+        return await self._call(
+            "Status",
+            cluster_pb2.ClusterStatusRequest(),
+            cluster_pb2.ClusterStatusResponse,
+            "dkv.v1.Cluster",
+            at=endpoint,
         )
 
     async def member_list(self, serializable: bool = False) -> list[admin_pb2.Member]:

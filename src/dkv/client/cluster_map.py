@@ -108,6 +108,10 @@ class ClusterMapView:
     def shard_of_key(self, key: bytes) -> int:
         return self.shard_of_slot(slot_for_key(key))
 
+    def slot_ranges(self) -> list[pb.SlotRange]:
+        """The slot table, sorted by start (the view's own messages: do not change them)."""
+        return list(self._slot_ranges)
+
     def replicas(self, shard_id: int) -> list[int]:
         """Voters (preferred leader first), then learners."""
         s = self.shards.get(shard_id)
