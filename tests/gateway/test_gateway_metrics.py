@@ -1,0 +1,106 @@
+"""The gateway's metrics in front of a real cluster (``gateway_stack``): its calls to nodes
+(``grpc_client_*``), leader hints hit and missed, retries by reason, fan-out, watches and the
+cluster map's version and age."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gateway_stack import SHARDS, WAIT_S, Stack, key_in_shard, running_stack
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dkv.v1 import kv_pb2
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(st: Stack) -> Samples:
+    assert st.gateway is not None
+    text = generate_latest(st.gateway.metrics.registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def v(s: Samples, name: str, **labels: str) -> float:
+    return s.get((name, frozenset(labels.items())), -1.0)
+
+
+PUT = {"grpc_type": "unary", "grpc_service": "dkv.v1.KV", "grpc_method": "Put"}
+
+
+def test_gateway_metrics_follow_calls_hints_retries_fanout_and_watches(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_stack(tmp_path) as st:
+            s = scrape(st)
+            assert v(s, "dkv_gateway_cluster_map_version") >= 1
+            assert 0 <= v(s, "dkv_gateway_cluster_map_age_seconds") < WAIT_S
+            assert v(s, "dkv_gateway_watches") == 0
+            for reason in ("not_leader", "unavailable", "cancelled", "deadline"):
+                assert v(s, "dkv_gateway_retries_total", reason=reason) == 0
+
+            key = key_in_shard(1)
+            first = await st.put(kv_pb2.PutRequest(key=key, value=b"a"))
+            leader = first.header.member_id
+            assert st.router.hint(1) == leader
+            await st.put(kv_pb2.PutRequest(key=key, value=b"b"))  # straight to the hint
+            s = scrape(st)
+            assert v(s, "grpc_client_started_total", **PUT) == 2
+            assert v(s, "grpc_client_handled_total", **PUT, grpc_code="OK") == 2
+            assert v(s, "grpc_client_handling_seconds_count", **PUT) == 2
+            assert v(s, "dkv_gateway_leader_hint_hits_total") == 1
+            assert v(s, "dkv_gateway_leader_hint_misses_total") == 0
+
+            # A hint naming a follower: it answers NOT_LEADER naming the leader, the router
+            # retries there: one miss, one not_leader retry, one more failed client call.
+            follower = next(n.id for n in st.running() if n.id != leader)
+            st.router.learn_leader(1, follower, term=1 << 40)
+            await st.put(kv_pb2.PutRequest(key=key, value=b"c"))
+            s = scrape(st)
+            assert v(s, "dkv_gateway_leader_hint_misses_total") == 1
+            assert v(s, "dkv_gateway_retries_total", reason="not_leader") == 1
+            assert v(s, "grpc_client_handled_total", **PUT, grpc_code="Unavailable") == 1
+            assert v(s, "grpc_client_started_total", **PUT) == 4
+
+            # A range over every shard fans out to all of them.
+            await st.range(kv_pb2.RangeRequest(prefix=b"k/"))
+            s = scrape(st)
+            assert v(s, "dkv_gateway_fanout_shards_count") == 1
+            assert v(s, "dkv_gateway_fanout_shards_sum") == SHARDS
+
+            # A prefix watch is open while the client holds it, and follows every shard.
+            call = st.watch(kv_pb2.WatchRequest(prefix=b"k/"))
+            await st.put(kv_pb2.PutRequest(key=key, value=b"d"))
+            async for resp in call:
+                if resp.events:
+                    break
+            s = scrape(st)
+            assert v(s, "dkv_gateway_watches") == 1
+            assert v(s, "dkv_gateway_fanout_shards_count") == 2
+            watch = {"grpc_type": "server_stream", "grpc_service": "dkv.v1.KV"}
+            assert v(s, "grpc_client_started_total", **watch, grpc_method="Watch") == SHARDS
+            call.cancel()
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + WAIT_S
+            while v(scrape(st), "dkv_gateway_watches") != 0:
+                assert loop.time() < give_up, "the ended watch is still counted"
+                await asyncio.sleep(0.02)
+            give_up = loop.time() + WAIT_S
+            while (
+                v(
+                    scrape(st),
+                    "grpc_client_handled_total",
+                    **watch,
+                    grpc_method="Watch",
+                    grpc_code="Canceled",
+                )
+                != SHARDS
+            ):
+                assert loop.time() < give_up, "the node watch streams were not counted ended"
+                await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
