@@ -104,3 +104,39 @@ def test_gateway_metrics_follow_calls_hints_retries_fanout_and_watches(tmp_path:
                 await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
+
+
+def test_membership_metrics_describe_the_map_its_replica_applied(tmp_path: Path) -> None:
+    """The membership replica of the stack reports its nodes by state, its shards by health
+    (each with a leader once the nodes' heartbeats named them) and its map's version."""
+
+    async def scenario() -> None:
+        async with running_stack(tmp_path) as st:
+            assert st.membership is not None and st.membership.sm is not None
+            sm = st.membership.sm
+            registry = st.membership.metrics.registry
+
+            def samples() -> Samples:
+                text = generate_latest(registry).decode()
+                return {
+                    (s.name, frozenset(s.labels.items())): s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples
+                }
+
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + WAIT_S
+            while v(s := samples(), "dkv_membership_shards", health="healthy") != SHARDS:
+                assert loop.time() < give_up, s
+                await asyncio.sleep(0.02)
+            assert v(s, "dkv_membership_shards", health="no_leader") == 0
+            assert v(s, "dkv_membership_shards", health="under_replicated") == 0
+            assert v(s, "dkv_membership_nodes", state="up") == len(st.nodes)
+            assert v(s, "dkv_membership_nodes", state="down") == 0
+            assert v(s, "dkv_membership_nodes", state="leaving") == 0
+            assert 0 < v(s, "dkv_membership_map_version") <= sm.version
+            # This stack's membership runs no placement driver.
+            assert v(s, "dkv_membership_placement_moves_in_flight") == 0
+            assert v(s, "dkv_membership_placement_moves_completed_total") == 0
+
+    asyncio.run(scenario())
