@@ -140,3 +140,41 @@ def test_membership_metrics_describe_the_map_its_replica_applied(tmp_path: Path)
             assert v(s, "dkv_membership_placement_moves_completed_total") == 0
 
     asyncio.run(scenario())
+
+
+def test_nodes_time_peer_round_trips_and_count_sends_that_fail(tmp_path: Path) -> None:
+    """Three real nodes: each times round trips to the others on their Raft streams; once
+    one stops, the others count the batches that no longer reach it."""
+
+    async def scenario() -> None:
+        async with running_stack(tmp_path) as st:
+
+            def node_samples(name: str) -> Samples:
+                text = generate_latest(st.nodes[name].metrics.registry).decode()
+                return {
+                    (s.name, frozenset(s.labels.items())): s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples
+                }
+
+            names = sorted(st.nodes)
+            ids = {n: st.nodes[n].id for n in names}
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + WAIT_S
+            rtt = "dkv_network_peer_round_trip_time_seconds_count"
+            # Heartbeats and their answers flow both ways between every pair of voters.
+            while not all(
+                v(node_samples(a), rtt, to=str(ids[b])) > 0 for a in names for b in names if a != b
+            ):
+                assert loop.time() < give_up, "no round trip timed between some peers"
+                await asyncio.sleep(0.05)
+            victim, watcher = names[0], names[1]
+            failures = "dkv_network_peer_sent_failures_total"
+            assert v(node_samples(watcher), failures, to=str(ids[victim])) <= 0
+            await st.stop_node(victim)
+            give_up = loop.time() + WAIT_S
+            while v(node_samples(watcher), failures, to=str(ids[victim])) <= 0:
+                assert loop.time() < give_up, "sends to a stopped peer were not counted"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())

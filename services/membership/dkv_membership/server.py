@@ -58,6 +58,7 @@ from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
 from dkv_membership.driver import DriverConfig, PlacementDriver
 from dkv_membership.metrics import MembershipCollector
@@ -224,6 +225,7 @@ class MembershipServer:
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
         self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+        transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
         self.sm = sm = MembershipStateMachine(cfg.change_log_max)
         MembershipCollector(

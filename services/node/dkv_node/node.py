@@ -39,6 +39,7 @@ from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
 from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
@@ -204,6 +205,7 @@ class Node:
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
         self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+        transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
         self.stats = NodeStats(self.metrics.registry)
         NodeCollector(self.shards, self.stats, lambda: self.engine, self.metrics.registry)
