@@ -178,3 +178,73 @@ def test_nodes_time_peer_round_trips_and_count_sends_that_fail(tmp_path: Path) -
                 await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_finds_no_replica_counts_shard_unreachable() -> None:
+    """A shard whose only replica refuses connections (a real closed port): the router
+    retries as UNAVAILABLE until its deadline, then gives up with ShardUnreachable."""
+    import socket
+
+    from dkv_gateway.metrics import GatewayMetrics
+    from dkv_gateway.router import ChannelPool, Router, ShardUnreachable
+    from dkv_membership.state import slot_table
+
+    from dkv.client.cluster_map import ClusterMapView
+    from dkv.telemetry import ProcessMetrics
+    from dkv.v1 import membership_pb2 as pb
+
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario() -> Samples:
+        view = ClusterMapView()
+        view.apply(
+            pb.WatchClusterMapResponse(
+                version=1,
+                full=True,
+                map=pb.ClusterMap(
+                    version=1,
+                    nodes=[
+                        pb.Node(id=7, state=pb.NODE_STATE_UP, client_address=f"127.0.0.1:{port}")
+                    ],
+                    shards=[pb.Shard(id=1, voters=[7])],
+                    slot_ranges=slot_table(1),
+                    leaders=[pb.LeaderEntry(shard_id=1, leader_id=7, term=1)],
+                ),
+            )
+        )
+        process = ProcessMetrics.create(process=False)
+        metrics = GatewayMetrics(process.registry, process.grpc_client)
+        pool = ChannelPool(None)
+        router = Router(view, pool, metrics=metrics)
+        try:
+            deadline = router.deadline(1.0)
+            try:
+                await router.unary(
+                    1,
+                    "Range",
+                    kv_pb2.RangeRequest(key=b"k"),
+                    kv_pb2.RangeResponse.FromString,
+                    deadline,
+                )
+            except ShardUnreachable:
+                pass
+            else:
+                raise AssertionError("a refused replica answered")
+        finally:
+            await pool.close()
+        text = generate_latest(process.registry).decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    s = asyncio.run(scenario())
+    assert v(s, "dkv_gateway_shard_unreachable_total") == 1
+    assert v(s, "dkv_gateway_retries_total", reason="unavailable") >= 1
+    rng = {"grpc_type": "unary", "grpc_service": "dkv.v1.KV", "grpc_method": "Range"}
+    started = v(s, "grpc_client_started_total", **rng)
+    assert started >= 1
+    assert v(s, "grpc_client_handled_total", **rng, grpc_code="Unavailable") == started
