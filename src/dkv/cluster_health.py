@@ -6,7 +6,9 @@ status`` all classify a shard the same way, so the dashboard and the command lin
 - ``no_leader``: the map names no leader for the shard, or the node it names is not UP
   (a DOWN leader's shard takes writes again only after an election reported a new one);
 - ``under_replicated``: a leader is known but a voter's node is not UP, or the shard has
-  fewer voters than the replication factor (when the caller knows it: membership does);
+  fewer voters than the replication factor (when the caller knows it: membership does;
+  capped at the number of nodes, as placement cannot do better). Learners catching up
+  during a move do not count: the voters are still all there;
 - ``healthy``: otherwise.
 """
 
@@ -41,7 +43,7 @@ def shard_health(
         return ShardHealth.NO_LEADER
     if not all(up(v) for v in shard.voters):
         return ShardHealth.UNDER_REPLICATED
-    if replication is not None and len(shard.voters) < replication:
+    if replication is not None and len(shard.voters) < min(replication, len(nodes)):
         return ShardHealth.UNDER_REPLICATED
     return ShardHealth.HEALTHY
 

@@ -6,7 +6,8 @@ translated at one boundary per adapter with ``raise ... from exc``::
     DkvError                         expected conditions a caller can act on
     ├── NotLeader(leader_hint)       not the leader; try ``leader_hint`` (0 = unknown)
     ├── ProposalDropped(reason)      the proposal was not appended (no leader, transfer in flight,
-    │                                uncommitted-size limit, pending conf change); safe to retry
+    │   │                            uncommitted-size limit, pending conf change); safe to retry
+    │   └── Overloaded               the leader's uncommitted log tail is full (backpressure)
     ├── ReadIndexDropped(reason)     a ReadIndex request could not be served now; safe to retry
     ├── ConfChangeRejected(reason)   the membership change is not allowed in the current state
     ├── DeadlineExceeded(reason)     no answer within the deadline: a write may or may not have
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidArgument",
     "InvariantViolation",
     "NotLeader",
+    "Overloaded",
     "ProposalDropped",
     "ReadIndexDropped",
     "SnapshotTemporarilyUnavailable",
@@ -61,6 +63,11 @@ class NotLeader(DkvError):
 
 class ProposalDropped(DkvError):
     """The proposal was not appended to the log. Nothing happened; it is safe to retry."""
+
+
+class Overloaded(ProposalDropped):
+    """The leader's uncommitted log tail is at its bound: the shard is overloaded, not broken.
+    Nothing was appended; retry after a pause (counted as ``overloaded`` in metrics)."""
 
 
 class ReadIndexDropped(DkvError):

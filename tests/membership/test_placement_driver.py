@@ -20,6 +20,8 @@ import pytest
 from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_node.node import Node, NodeConfig
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected
@@ -227,6 +229,19 @@ def test_cluster_boots_from_membership_and_moves_replicas_onto_a_new_node(
                 "replicas moved onto d and placement settled",
                 on_fail=f.describe,
             )
+            # The leader's driver counted the moves it saw finish, and none is left in flight.
+            assert f.m is not None and f.m.driver is not None
+            driver = f.m.driver
+            await eventually(lambda: driver.moves_in_flight == 0, "no move in flight")
+            text = generate_latest(f.m.metrics.registry).decode()
+            placement = {
+                s.name: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name.startswith("dkv_membership_placement_")
+            }
+            assert placement["dkv_membership_placement_moves_in_flight"] == 0
+            assert placement["dkv_membership_placement_moves_completed_total"] >= 1
             try:
                 await eventually(
                     lambda: all(

@@ -136,6 +136,7 @@ class KvGateway:
 
     def __init__(self, router: Router, closing: asyncio.Event | None = None) -> None:
         self.router = router
+        self.metrics = router.metrics
         self.closing = closing or asyncio.Event()
 
     def _deadline(self, context: Ctx) -> float:
@@ -185,7 +186,10 @@ class KvGateway:
                 shard, "Delete", sub, kv_pb2.DeleteResponse.FromString, deadline, write=True
             )
 
-        parts = await _all([part(s) for s in self.router.shards()])
+        shard_ids = self.router.shards()
+        if self.metrics is not None:
+            self.metrics.fanout_shards.observe(len(shard_ids))
+        parts = await _all([part(s) for s in shard_ids])
         merged = kv_pb2.DeleteResponse(
             succeeded=all(p.succeeded for p in parts), deleted=sum(p.deleted for p in parts)
         )
@@ -230,7 +234,10 @@ class KvGateway:
                 shard, "Range", scoped, kv_pb2.RangeResponse.FromString, deadline
             )
 
-        parts = await _all([part(s) for s in self.router.shards()])
+        shard_ids = self.router.shards()
+        if self.metrics is not None:
+            self.metrics.fanout_shards.observe(len(shard_ids))
+        parts = await _all([part(s) for s in shard_ids])
         resp = kv_pb2.RangeResponse()
         resp.header.revision = max(p.header.revision for p in parts)
         return merge_pages(parts, limit).fill(resp, req.count_only)
@@ -249,11 +256,19 @@ class KvGateway:
         shard_ids = await _answer(context, shards)
 
         failure: NodeStatus | None = None
+        metrics = self.metrics
+        if metrics is not None:
+            if req.prefix or req.range_end:
+                metrics.fanout_shards.observe(len(shard_ids))
+            metrics.watches += 1
         try:
             async for resp in merged_watch(self.router, req, shard_ids, self.closing):
                 yield resp
         except NodeStatus as exc:
             failure = exc
+        finally:
+            if metrics is not None:
+                metrics.watches -= 1
         if failure is not None:
             error = failure
 

@@ -41,6 +41,7 @@ from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as mpb
+from dkv_gateway.metrics import GatewayMetrics, retry_reason
 
 __all__ = [
     "ATTEMPT_TIMEOUT_MIN_S",
@@ -159,8 +160,10 @@ class Router:
         *,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         rng: random.Random | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.view = view
+        self.metrics = metrics
         self.pool = pool
         self.default_timeout_s = default_timeout_s
         self.rng = rng or random.Random()
@@ -315,6 +318,11 @@ class Router:
         follow: Target | None = None
         rounds = 0
         last_error = ""
+        metrics = self.metrics
+        full_method = f"/dkv.v1.KV/{method}"
+        # A hint counts as hit or missed by how its call's first attempt went.
+        hinted = self.hint(shard_id) if metrics is not None else 0
+        first = True
         while True:
             remaining = stop_at - loop.time()
             if remaining <= 0:
@@ -322,6 +330,8 @@ class Router:
                     # Nothing but the caller's own (short) deadline went wrong: no replica
                     # could be tried, or every attempt ran out of the caller's time.
                     raise CallerDeadline(shard_id, budget)
+                if metrics is not None:
+                    metrics.shard_unreachable.inc()
                 raise ShardUnreachable(
                     shard_id,
                     f"shard {shard_id} has no reachable leader (no quorum?): {last_error}",
@@ -344,28 +354,47 @@ class Router:
             tried.add(target.address)
             self.attempts += 1
             stub = self.pool.get(target.address).unary_unary(
-                f"/dkv.v1.KV/{method}",
+                full_method,
                 request_serializer=_serialize,
                 response_deserializer=response_type,
             )
             timeout = min(remaining, max(ATTEMPT_TIMEOUT_MIN_S, remaining / 2))
+            at_hint = first and hinted != 0 and target.node_id == hinted
+            first = False
+            t0 = metrics.client.start(full_method) if metrics is not None else 0.0
             try:
                 resp: R = await stub(request, timeout=timeout)
+            except asyncio.CancelledError:  # the caller went away (or a fan-out sibling failed)
+                if metrics is not None:
+                    metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
+                raise
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 trailers = text_trailers(exc)
+                if metrics is not None:
+                    metrics.client.observe(full_method, code, t0)
                 # DEADLINE_EXCEEDED of one attempt while time is left: the node could not
                 # finish (a leader without quorum); a retry elsewhere is safe (request ids).
                 # Without time left, the loop's top answers for the caller's deadline.
                 retry = code in RETRYABLE or code is grpc.StatusCode.DEADLINE_EXCEEDED
                 if not retry:
+                    if at_hint and metrics is not None:
+                        metrics.hint_hits.inc()  # the leader's final word
                     raise NodeStatus(code, details, _passthrough(trailers)) from exc
                 self.retries += 1
+                if metrics is not None:
+                    metrics.retries[retry_reason(code, "dkv-leader-id" in trailers)].inc()
+                    if at_hint:
+                        metrics.hint_misses.inc()
                 if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
                     last_error = f"{target.address}: {code.name}: {details}"
                 log.debug("shard %d %s at %s: %s", shard_id, method, target.address, last_error)
                 follow = self._hint_from(shard_id, target, trailers)
                 continue
+            if metrics is not None:
+                metrics.client.observe(full_method, None, t0)
+                if at_hint:
+                    metrics.hint_hits.inc()
             if write and resp.header.member_id:
                 address = "" if self.view.client_address(resp.header.member_id) else target.address
                 self.learn_leader(shard_id, resp.header.member_id, resp.header.raft_term, address)

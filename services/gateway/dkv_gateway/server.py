@@ -38,6 +38,7 @@ from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
 from dkv_gateway.envoy_config import FrontDoor, resources
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
+from dkv_gateway.metrics import GatewayCollector, GatewayMetrics
 from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
 from dkv_gateway.xds import AdsServer
 
@@ -118,6 +119,8 @@ class GatewayServer:
         self._follow: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self.metrics = ProcessMetrics.create()  # one registry per gateway instance
+        self.gateway_metrics = GatewayMetrics(self.metrics.registry, self.metrics.grpc_client)
+        GatewayCollector(self.view, self.gateway_metrics, self.metrics.registry)
         self.metrics_server: MetricsServer | None = None
         self.client_port = 0
         self.xds_port = 0
@@ -176,6 +179,7 @@ class GatewayServer:
             self._node_channels,
             default_timeout_s=cfg.default_timeout_ms / 1000,
             rng=self.rng,
+            metrics=self.gateway_metrics,
         )
         add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
         add_cluster_status(
@@ -213,7 +217,8 @@ class GatewayServer:
 
     def _on_map_change(self, view: ClusterMapView) -> None:
         assert self.router is not None
-        self.map_changed_at = time.monotonic()
+        self.map_changed_at = time.monotonic()  # dkv.v1.Cluster/Status's map age
+        self.gateway_metrics.map_seen()
         self.router.on_map_change(view)
         if view.initialized and not self.initialized.is_set():
             self.initialized.set()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class _Failed:
 def _backoff_s(rounds: int, rng: random.Random) -> float:
     base_ms = min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * (1 << min(rounds - 1, 10)))
     return base_ms * (0.5 + rng.random()) / 1000
+
+
+WATCH_METHOD = "/dkv.v1.KV/Watch"
 
 
 async def _current_revision(channel: grpc.aio.Channel, shard_id: int) -> int:
@@ -121,16 +125,27 @@ async def _follow_shard(
             sub.shard_id = shard_id
             sub.start_revision = next_rev
             call = channel.unary_stream(
-                "/dkv.v1.KV/Watch",
+                WATCH_METHOD,
                 request_serializer=kv_pb2.WatchRequest.SerializeToString,
                 response_deserializer=kv_pb2.WatchResponse.FromString,
             )(sub)
             router.watch_streams_opened += 1
+            # grpc_client_* for the stream: started now, handled with how it ended.
+            mm = (
+                router.metrics.client.method(WATCH_METHOD, "server_stream")
+                if router.metrics
+                else None
+            )
+            if mm is not None:
+                mm.started.inc()
+            t0 = time.perf_counter()
+            ended: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
             try:
                 async for resp in call:
                     tried.clear()  # this replica works: after a failure, start over
                     rounds = 0
                     if resp.compacted:
+                        ended = None
                         await out.put(resp)
                         return
                     fresh = [e for e in resp.events if e.kv.mod_revision >= next_rev]
@@ -143,8 +158,14 @@ async def _follow_shard(
                         resp = trimmed
                     next_rev = max(e.kv.mod_revision for e in fresh) + 1
                     await out.put(resp)  # bounded: waits for a slow caller
+                ended = None
+            except grpc.aio.AioRpcError as exc:
+                ended = exc.code()
+                raise
             finally:
                 call.cancel()
+                if mm is not None:
+                    mm.done(ended, t0)
             log.debug("shard %d watch at %s ended; resuming", shard_id, target.address)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()

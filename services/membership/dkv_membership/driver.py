@@ -90,6 +90,11 @@ class PlacementDriver:
         self.channel_for = channel_for
         self.passes = 0
         self.steps = 0  # Raft or map changes made (tests and metrics)
+        # Metrics: shards the last pass found away from their plan, and moves seen finished
+        # (a shard moving at one pass and at its plan at a later one).
+        self.moves_in_flight = 0
+        self.moves_completed = 0
+        self._moving: set[int] = set()
 
     # -- loop -----------------------------------------------------------------------------------
 
@@ -109,6 +114,8 @@ class PlacementDriver:
     async def run_pass(self) -> None:
         """One pass (a no-op on followers)."""
         if not self.service.is_leader():
+            self.moves_in_flight = 0
+            self._moving = set()
             return
         self.passes += 1
         st = self.service.sm.state
@@ -122,6 +129,11 @@ class PlacementDriver:
             if sid in plan
             and (_replicas(st.shards[sid]) != set(plan[sid]) or st.shards[sid].learners)
         ]
+        now_moving = set(moving)
+        self.moves_completed += len(self._moving - now_moving)
+        self._moving = now_moving
+        # At most moves_max of them are worked on at once; the rest wait their turn.
+        self.moves_in_flight = min(len(now_moving), self.cfg.moves_max)
         if moving:
             # Shards already in motion (a learner, or an extra voter) finish first, so at most
             # moves_max shards are ever between two configurations; within each group start

@@ -58,8 +58,10 @@ from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
 from dkv_membership.driver import DriverConfig, PlacementDriver
+from dkv_membership.metrics import MembershipCollector
 from dkv_membership.replicas import ReplicaAdmin, add_replica_admin
 from dkv_membership.service import (
     MEMBERSHIP_GROUP_ID,
@@ -223,8 +225,15 @@ class MembershipServer:
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
         self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+        transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
-        self.sm = MembershipStateMachine(cfg.change_log_max)
+        self.sm = sm = MembershipStateMachine(cfg.change_log_max)
+        MembershipCollector(
+            lambda: sm.state,  # restore() replaces the state object: read it each scrape
+            lambda: self.driver,
+            (cfg.driver or DriverConfig()).replication,
+            self.metrics.registry,
+        )
         voters = ConfState.of([self.member_id_of(n) for n in cfg.initial_cluster])
         self.host.add_group(
             MEMBERSHIP_GROUP_ID, self.sm, voters if cfg.initial_cluster_state == "new" else None

@@ -38,6 +38,7 @@ from dkv_node.kv_state import (
 )
 from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
+from dkv_node.metrics import NodeStats
 from dkv_node.shard import KvShard
 
 __all__ = ["KvService", "add_kv_service"]
@@ -56,8 +57,11 @@ class KvService:
         router: LeaderRouter | None = None,
         *,
         shard_count: Callable[[], int] | None = None,
+        stats: NodeStats | None = None,
     ) -> None:
         self.host = host
+        self.stats = stats
+        self._on_error = stats.on_error if stats is not None else None
         self.shards = shards
         self.limits = limits
         self.router = router
@@ -107,7 +111,7 @@ class KvService:
         return DEFAULT_TIMEOUT_S if remaining is None else max(0.001, remaining)
 
     async def _call(self, context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
-        return await call(context, fn, self.leader_info)
+        return await call(context, fn, self.leader_info, self._on_error)
 
     def _term(self, group_id: int) -> int:
         return self.host.term(group_id)
@@ -290,8 +294,12 @@ async def watch_stream(
         for gid in gids:
             svc._serving(gid)
     except InvalidArgument as exc:
+        if svc._on_error is not None:
+            svc._on_error(exc)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except NotLeader as exc:
+        if svc._on_error is not None:
+            svc._on_error(exc)
         context.set_trailing_metadata(leader_trailers(exc.leader_hint, svc.leader_info))
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     queue: asyncio.Queue[kv_pb2.WatchResponse | None] = asyncio.Queue(maxsize=64)
@@ -336,13 +344,22 @@ async def watch_stream(
         await queue.put(None)  # the node is stopping or the shard left: end the stream
 
     tasks = [asyncio.get_running_loop().create_task(follow(g)) for g in gids]
+    stats = svc.stats
+    watchers = stats.watchers if stats is not None else {}
+    sent = stats.watch_events_sent if stats is not None else {}
+    for g in gids:
+        watchers[g] = watchers.get(g, 0) + 1
     try:
         while True:
             item = await queue.get()
             if item is None:
                 return
             yield item
+            gid = item.header.shard_id
+            sent[gid] = sent.get(gid, 0) + len(item.events)
     finally:
+        for g in gids:
+            watchers[g] -= 1
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -39,6 +39,7 @@ from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
 from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
@@ -46,6 +47,7 @@ from dkv_node.hosting import ShardHosting, hosted_shards
 from dkv_node.kv_service import KvService, add_kv_service
 from dkv_node.leader_router import LeaderRouter
 from dkv_node.limits import Limits
+from dkv_node.metrics import NodeCollector, NodeStats
 from dkv_node.registration import Registration
 from dkv_node.shard import KvShard
 
@@ -203,7 +205,10 @@ class Node:
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
         self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+        transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
+        self.stats = NodeStats(self.metrics.registry)
+        NodeCollector(self.shards, self.stats, lambda: self.engine, self.metrics.registry)
         if cfg.managed:
             # The shards hosted when the node stopped; the map adds and removes others.
             hosted, shard_count = hosted_shards(self.engine)
@@ -239,6 +244,7 @@ class Node:
                 leader_info,
                 self.router,
                 shard_count=self.shard_count,
+                stats=self.stats,
             ),
         )
         self.admin = AdminService(self)

@@ -50,22 +50,35 @@ def leader_trailers(leader_id: int, info: LeaderInfo) -> tuple[tuple[str, str], 
     return tuple(md)
 
 
-async def call(context: Ctx, fn: Callable[[], Awaitable[T]], info: LeaderInfo) -> T:
-    """Run ``fn`` and turn a dkv error into the matching status (``context.abort`` raises)."""
+async def call(
+    context: Ctx,
+    fn: Callable[[], Awaitable[T]],
+    info: LeaderInfo,
+    on_error: Callable[[DkvError], None] | None = None,
+) -> T:
+    """Run ``fn`` and turn a dkv error into the matching status (``context.abort`` raises).
+    ``on_error`` sees every dkv error first (the node counts rejections by reason)."""
     try:
         return await fn()
-    except InvalidArgument as exc:
+    except DkvError as exc:
+        if on_error is not None:
+            on_error(exc)
+        await _abort(context, exc, info)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+async def _abort(context: Ctx, exc: DkvError, info: LeaderInfo) -> None:
+    if isinstance(exc, InvalidArgument):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except NotLeader as exc:
+    elif isinstance(exc, NotLeader):
         context.set_trailing_metadata(leader_trailers(exc.leader_hint, info))
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    except (ProposalDropped, ReadIndexDropped) as exc:
+    elif isinstance(exc, (ProposalDropped, ReadIndexDropped)):
         context.set_trailing_metadata((("dkv-retry-safe", "true"),))
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    except ConfChangeRejected as exc:
+    elif isinstance(exc, ConfChangeRejected):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    except DeadlineExceeded as exc:
+    elif isinstance(exc, DeadlineExceeded):
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    except DkvError as exc:
+    else:
         await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-    raise AssertionError("unreachable")  # context.abort always raises

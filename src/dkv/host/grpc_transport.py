@@ -16,10 +16,13 @@ each other's addresses without a separate discovery protocol.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -28,6 +31,7 @@ from dkv.errors import InvalidArgument
 from dkv.host.channels import TlsFiles, client_channel
 from dkv.host.transport import Delivery
 from dkv.raft import Message, codec
+from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.v1 import raft_pb2 as pb
 
 __all__ = [
@@ -43,6 +47,9 @@ __all__ = [
 log = logging.getLogger("dkv.host.transport")
 
 _METHOD = "/dkv.v1.RaftPeer/Stream"
+ACK_EVERY = 16
+"""The receiver acks every this many batches (cumulative): cheap in the reverse direction,
+and what the sender times its round trips on."""
 
 
 def encode(
@@ -118,7 +125,7 @@ class RaftPeerService:
                     deliver(req.from_node, pairs)
                 # Cumulative acks let a sender bound what it has in flight; one every 16
                 # batches keeps the reverse direction cheap.
-                if received % 16 == 0:
+                if received % ACK_EVERY == 0:
                     yield pb.StreamAck(batches=received)
         except asyncio.CancelledError:
             if not self.closing():
@@ -195,6 +202,8 @@ class GrpcTransport:
         self._deliver: Delivery | None = None
         self._closed = False
         self.dropped_batches = 0
+        # dkv_network_peer_* (set by the process, as Host.disk_metrics); None: not measured.
+        self.metrics: PeerMetrics | None = None
         self.service = RaftPeerService(cluster_id, lambda: self._deliver)
         self.service.on_peer_stream = self._peer_stream_opened
         for nid, addr in peers.items():
@@ -225,6 +234,8 @@ class GrpcTransport:
         old = self._peers.pop(node_id, None)
         if old is not None and old.task is not None:
             old.task.cancel()
+        if self.metrics is not None:
+            self.metrics.forget(node_id)
 
     def peer_address(self, node_id: int) -> str | None:
         p = self._peers.get(node_id)
@@ -234,6 +245,8 @@ class GrpcTransport:
         peer = self._peers.get(to)
         if peer is None or self._closed:  # closed: no new stream may outlive close()
             self.dropped_batches += 1
+            if self.metrics is not None and peer is not None:
+                self.metrics.failed(to)
             return
         if peer.task is None or peer.task.done():
             peer.task = asyncio.get_running_loop().create_task(self._run_peer(peer))
@@ -242,6 +255,8 @@ class GrpcTransport:
         except asyncio.QueueFull:
             # The peer is slower than we produce; dropping is safe (Raft retransmits).
             self.dropped_batches += 1
+            if self.metrics is not None:
+                self.metrics.failed(to)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         # Built like every client channel of ours (dkv.host.channels.CHANNEL_OPTIONS): its
@@ -259,11 +274,24 @@ class GrpcTransport:
                     request_serializer=pb.MessageBatch.SerializeToString,
                     response_deserializer=pb.StreamAck.FromString,
                 )(metadata=self.hello or None)
-                reader = asyncio.get_running_loop().create_task(self._drain_acks(call))
+                # Write times of the batches an ack will count (every ACK_EVERY-th), for
+                # the round trip (dkv.telemetry.peer_metrics); bounded.
+                timed: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
+                rtt = self.metrics.peer(peer.node_id)[1] if self.metrics is not None else None
+                reader = asyncio.get_running_loop().create_task(self._drain_acks(call, timed, rtt))
+                written = 0
                 try:
                     while True:
                         batch = await peer.queue.get()
-                        await call.write(batch)
+                        try:
+                            await call.write(batch)
+                        except BaseException:
+                            if self.metrics is not None:
+                                self.metrics.failed(peer.node_id)
+                            raise
+                        written += 1
+                        if rtt is not None and written % ACK_EVERY == 0:
+                            timed.append((written, time.perf_counter()))
                         if not peer.connected:
                             peer.connected = True
                             backoff_s = 0.05
@@ -279,9 +307,12 @@ class GrpcTransport:
             await channel.close()
             peer.connected = False
             # Whatever was queued is stale by the time we reconnect: drop it, tell Raft.
+            stale = peer.queue.qsize()
             while not peer.queue.empty():
                 peer.queue.get_nowait()
                 self.dropped_batches += 1
+            if self.metrics is not None:
+                self.metrics.failed(peer.node_id, stale)
             if self.on_unreachable is not None:
                 self.on_unreachable(peer.node_id)
             # Back off (jittered, exponential), unless the peer shows it is up meanwhile.
@@ -291,9 +322,19 @@ class GrpcTransport:
             backoff_s = min(backoff_s * 2, 2.0)
 
     @staticmethod
-    async def _drain_acks(call: AsyncIterable[pb.StreamAck]) -> None:
-        async for _ in call:
-            pass
+    async def _drain_acks(
+        call: AsyncIterable[pb.StreamAck],
+        timed: collections.deque[tuple[int, float]],
+        rtt: Any,
+    ) -> None:
+        async for ack in call:
+            if rtt is None:
+                continue
+            # Acks are cumulative and in order: the one counting batch n answers its write.
+            while timed and timed[0][0] <= ack.batches:
+                n, t0 = timed.popleft()
+                if n == ack.batches:
+                    rtt.observe(time.perf_counter() - t0)
 
     async def close(self) -> None:
         """Stop sending, and end the streams peers opened to us (:meth:`RaftPeerService.close`):

@@ -41,6 +41,7 @@ from dkv.errors import (
     DkvError,
     InvariantViolation,
     NotLeader,
+    Overloaded,
     ProposalDropped,
     ReadIndexDropped,
     SnapshotTemporarilyUnavailable,
@@ -440,7 +441,7 @@ class Raft:
             # Always admit one batch when nothing is uncommitted, so a single large entry
             # cannot block the log forever.
             if limit > 0 and self.uncommitted_bytes > 0 and self.uncommitted_bytes + size > limit:
-                raise ProposalDropped(
+                raise Overloaded(
                     f"uncommitted log tail would exceed {limit} bytes; retry when it commits"
                 )
             self.uncommitted_bytes += size

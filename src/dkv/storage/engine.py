@@ -122,6 +122,27 @@ class Engine:
                 total += int(value or 0)
         return total
 
+    def compaction_figures(self) -> tuple[int, int, int | None] | None:
+        """(compactions running, estimated pending compaction bytes, compactions completed or
+        None when RocksDB's stats text cannot be read) for the ``dkv_storage_compaction*``
+        metrics; None once closed. ``num-running-compactions`` is a DB-wide property (the same
+        on every handle), pending bytes are per column family (summed). The completed count
+        is the "Low" priority row's ``Comp(cnt)`` of each family's compaction stats (the
+        "High" row counts memtable flushes); RocksDB has no integer property for it."""
+        if self._closed:
+            return None
+        running = int(self._db.property_int_value("rocksdb.num-running-compactions") or 0)
+        pending = 0
+        done: int | None = 0
+        for view in (self._db, *self._views.values()):
+            value = view.property_int_value("rocksdb.estimate-pending-compaction-bytes")
+            pending += int(value or 0)
+            count = _low_priority_compactions(
+                view.property_value("rocksdb.cfstats-no-file-histogram") or ""
+            )
+            done = None if count is None or done is None else done + count
+        return running, pending, done
+
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
@@ -240,6 +261,24 @@ class Engine:
             view.close()
         self._views.clear()
         self._db.close()
+
+
+def _low_priority_compactions(stats: str) -> int | None:
+    """``Comp(cnt)`` of the ``Low`` row of a ``rocksdb.cfstats`` text (see
+    :meth:`Engine.compaction_figures`); None when the text does not have that shape."""
+    columns: list[str] | None = None
+    for line in stats.splitlines():
+        words = line.split()
+        if words[:1] == ["Priority"]:
+            columns = words
+        elif columns is not None and words[:1] == ["Low"] and "Comp(cnt)" in columns:
+            # Data rows have one more word than the header: "Files" holds "0/0", "Size" two.
+            at = columns.index("Comp(cnt)") + 1
+            try:
+                return int(words[at])
+            except (IndexError, ValueError):
+                return None
+    return 0 if columns is not None else None
 
 
 def _decode_identity(path: Path, blob: bytes) -> Identity:
