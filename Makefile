@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench sim clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
+	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 
 $(STAMP): pyproject.toml
@@ -65,6 +66,10 @@ bench-node: setup
 # etcd, one after the other (~3.5 min); DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
 bench: setup
 	$(BIN)/python -m dkv.testing.bench_front_door
+
+# Metrics off vs on (vs tracing at 0.01 where present), alternating rounds (see docs/benchmarks.md).
+bench-telemetry: setup
+	$(BIN)/python -m dkv.testing.bench_telemetry
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose

@@ -80,6 +80,9 @@ class DevLayout:
     # a client certificate): the client ports of the nodes and of membership are plaintext
     # h2c, and the gateway calls them without TLS. Peer (Raft) traffic keeps mTLS.
     client_tls: bool = True
+    # False (benchmarks only: `make bench-telemetry`'s baseline): every process runs with
+    # --listen-metrics off, so nothing is recorded.
+    metrics: bool = True
 
     @property
     def front_door(self) -> int:
@@ -120,6 +123,10 @@ class DevLayout:
         return self.port_base + 21 + 2 * i
 
     # /metrics, /livez, /readyz (plain HTTP on 127.0.0.1, as etcd's --listen-metrics-urls).
+    def metrics_flag(self, port: int) -> str:
+        """The value of a process's --listen-metrics."""
+        return f"127.0.0.1:{port}" if self.metrics else "off"
+
     def node_metrics(self, i: int) -> int:
         return self.port_base + 40 + i  # n1: 2411
 
@@ -307,7 +314,7 @@ class DevStack:
                     "--down-after-ms",
                     "5000",
                     "--listen-metrics",
-                    f"{host}:{lay.membership_metrics(i)}",
+                    lay.metrics_flag(lay.membership_metrics(i)),
                     *lay.client_tls_flags(m),
                     *lay.tls_flags(m, "peer-"),
                 ],
@@ -335,7 +342,7 @@ class DevStack:
                     "--envoy-port",
                     str(lay.front_door),
                     "--listen-metrics",
-                    f"{host}:{lay.gateway_metrics}",
+                    lay.metrics_flag(lay.gateway_metrics),
                     "--membership",
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
@@ -390,7 +397,7 @@ class DevStack:
                 "--listen-peer",
                 f"{host}:{lay.node_peer(i)}",
                 "--listen-metrics",
-                f"{host}:{lay.node_metrics(i)}",
+                lay.metrics_flag(lay.node_metrics(i)),
                 "--membership",
                 lay.membership_endpoints,
                 *lay.client_tls_flags(name),

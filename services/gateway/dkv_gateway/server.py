@@ -137,14 +137,17 @@ class GatewayServer:
 
     async def _assemble(self) -> None:
         cfg = self.cfg
+        # With --listen-metrics off nothing is recorded on the hot paths either.
+        recording = bool(cfg.listen_metrics)
+        grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we announce is where we listen.
         self.client_server = new_server(
             options=CLIENT_SERVER_OPTIONS,
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
-            metrics=self.metrics.grpc_server,
+            metrics=grpc_metrics,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
-        self.xds_server = new_server(metrics=self.metrics.grpc_server)
+        self.xds_server = new_server(metrics=grpc_metrics)
         self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
@@ -179,7 +182,7 @@ class GatewayServer:
             self._node_channels,
             default_timeout_s=cfg.default_timeout_ms / 1000,
             rng=self.rng,
-            metrics=self.gateway_metrics,
+            metrics=self.gateway_metrics if recording else None,
         )
         add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
         add_cluster_status(

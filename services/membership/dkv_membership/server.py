@@ -188,10 +188,13 @@ class MembershipServer:
     async def _assemble(self) -> None:
         cfg = self.cfg
         assert self.engine is not None
+        # With --listen-metrics off nothing is recorded on the hot paths either.
+        recording = bool(cfg.listen_metrics)
+        grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(metrics=self.metrics.grpc_server)
+        self.peer_server = new_server(metrics=grpc_metrics)
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = new_server(metrics=self.metrics.grpc_server)
+        self.client_server = new_server(metrics=grpc_metrics)
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
@@ -224,8 +227,9 @@ class MembershipServer:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
-        self.host.disk_metrics = DiskMetrics(self.metrics.registry)
-        transport.metrics = PeerMetrics(self.metrics.registry)
+        if recording:
+            self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+            transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
         self.sm = sm = MembershipStateMachine(cfg.change_log_max)
         MembershipCollector(

@@ -164,13 +164,17 @@ class Node:
             Identity(cluster_id=cfg.cluster_token, node_name=cfg.name),
             create=cfg.initial_cluster_state == "new" or joining or cfg.managed,
         )
+        # With --listen-metrics off nothing is recorded on the hot paths either (what
+        # `make bench-telemetry` compares against), only the scrape-time collectors stay.
+        recording = bool(cfg.listen_metrics)
+        grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(metrics=self.metrics.grpc_server)
+        self.peer_server = new_server(metrics=grpc_metrics)
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = new_server(
             options=CLIENT_SERVER_OPTIONS,
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
-            metrics=self.metrics.grpc_server,
+            metrics=grpc_metrics,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         if cfg.listen_metrics:
@@ -204,8 +208,9 @@ class Node:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
-        self.host.disk_metrics = DiskMetrics(self.metrics.registry)
-        transport.metrics = PeerMetrics(self.metrics.registry)
+        if recording:
+            self.host.disk_metrics = DiskMetrics(self.metrics.registry)
+            transport.metrics = PeerMetrics(self.metrics.registry)
         RaftCollector(self.host, self.metrics.registry)
         self.stats = NodeStats(self.metrics.registry)
         NodeCollector(self.shards, self.stats, lambda: self.engine, self.metrics.registry)

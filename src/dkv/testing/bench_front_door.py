@@ -438,12 +438,16 @@ def _run_rows(
 # -- the dkv stack ------------------------------------------------------------------------------
 
 
-def free_layout(root: Path, shards: int) -> DevLayout:
+def free_layout(root: Path, shards: int, metrics: bool = True) -> DevLayout:
     """A port base whose ports are all free (below the kernel's ephemeral range)."""
     rng = random.Random()
     for _ in range(50):
         layout = DevLayout(
-            root, port_base=rng.randrange(10_000, 30_000, 200), shards=shards, client_tls=False
+            root,
+            port_base=rng.randrange(10_000, 30_000, 200),
+            shards=shards,
+            client_tls=False,
+            metrics=metrics,
         )
         try:
             DevStack(layout).check_ports()
@@ -500,8 +504,9 @@ def bench_stack(
     profile: Profile | None,
     results: list[Result],
     rss: dict[str, int],
+    metrics: bool = True,
 ) -> None:
-    layout = free_layout(root / "dkv", shards)
+    layout = free_layout(root / "dkv", shards, metrics)
     stack = DevStack(layout)
     try:
         t0 = time.monotonic()
