@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected
@@ -183,6 +185,18 @@ def test_sigstop_leader(make_cluster: MakeCluster) -> None:
     run(scenario)
 
 
+def _snapshots(url: str) -> dict[str, float]:
+    """dkv_raft_snapshots_total by kind, scraped from a node's /metrics."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dkv_raft_snapshots_total":
+                out[sample.labels["kind"]] = sample.value
+    return out
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_follower_restarts_after_compaction(make_cluster: MakeCluster, how: str) -> None:
     """A follower stopped (gracefully, or kill -9) while the others write several hundred
@@ -230,6 +244,13 @@ def test_follower_restarts_after_compaction(make_cluster: MakeCluster, how: str)
             after = (await kv.shard_views(1, [follower]))[follower]
             assert after.snapshot_index > before.last_index, (before, after)
             assert after.first_index > before.last_index + 1, (before, after)
+            # ... and the metrics say so: the follower installed one, some live node sent it.
+            scraped = {
+                n: await asyncio.to_thread(_snapshots, cluster.nodes[n].metrics_url())
+                for n in cluster.nodes
+            }
+            assert scraped[follower]["installed"] >= 1, scraped
+            assert sum(scraped[n]["sent"] for n in cluster.others(follower)) >= 1, scraped
         cluster.assert_alive()
 
     run(scenario)

@@ -159,6 +159,7 @@ class Host:
         self.entries_persisted = 0
         self.snapshots_taken = 0
         self.snapshots_installed = 0
+        self.snapshots_sent = 0
         # Per group-commit histograms (fsync, batch sizes); None: not measured.
         self.disk_metrics: DiskMetrics | None = None
 
@@ -496,6 +497,8 @@ class Host:
         for g, rd in readies:
             for m in rd.messages:
                 outbox[m.to].append((g.group_id, m))
+                if m.snapshot is not None and m.snapshot.done:
+                    self.snapshots_sent += 1  # the last chunk of one InstallSnapshot
         for to, msgs in outbox.items():
             self.transport.send(to, msgs)
         for g, index, term, result in answers:

@@ -130,6 +130,7 @@ class RaftCollector(Collector):
         )
         snaps.add_metric(["taken"], host.snapshots_taken)
         snaps.add_metric(["installed"], host.snapshots_installed)
+        snaps.add_metric(["sent"], host.snapshots_sent)
         yield snaps
         yield CounterMetricFamily(
             "dkv_raft_entries_persisted",

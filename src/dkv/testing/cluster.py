@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -203,6 +204,14 @@ class NodeProcess:
     def exit_code(self) -> int | None:
         """The exit code if the process exited (without being reaped), else None."""
         return None if self._proc is None else self._proc.poll()
+
+    def metrics_url(self) -> str:
+        """The /metrics URL of the current run (its banner names the port it got)."""
+        text = self.log_path.read_text(errors="replace")
+        found = re.findall(r"metrics on (http://\S+/metrics)", text)
+        if not found:
+            raise AssertionError(f"no metrics banner in {self.log_path}")
+        return str(found[-1])
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
