@@ -560,12 +560,20 @@ class DevStack:
                 + ", ".join(
                     f"{n} 127.0.0.1:{lay.node_client(i)}" for i, n in enumerate(NODE_NAMES, start=1)
                 ),
+                "  metrics              "
+                + (
+                    ", ".join(f"{job} :{port}" for job, port in lay.metrics_targets())
+                    + f" (/metrics, /readyz); Envoy :{lay.envoy_admin}/stats/prometheus"
+                    if lay.metrics
+                    else "off"
+                ),
                 "",
                 "Try:",
                 *env,
                 f"  {dkvctl} --endpoints {fd} put hello world",
                 f"  {dkvctl} --endpoints {fd} get hello",
                 f"  {dkvctl} --endpoints {fd} watch --prefix he",
+                f"  {dkvctl} --endpoints {fd} status      # nodes by state, shards by health",
                 f"  {dkvctl} cluster --membership {lay.membership_endpoints} shards",
                 "  # HTTP/JSON: keys and values are base64 (hello = aGVsbG8=, world = d29ybGQ=)",
                 f"  curl -s {curl_tls}-X PUT {scheme}://{fd}/v1/kv/aGVsbG8= "
