@@ -201,6 +201,7 @@ class Stack:
                 initial_cluster={"m1": "127.0.0.1:1"},  # one replica: never dialled
                 tick_interval_ms=10,
                 client_tls=self.tls_files("m1"),
+                listen_metrics="127.0.0.1:0",  # recording is off without it
             )
         )
         await self.membership.start()
@@ -227,6 +228,7 @@ class Stack:
                     membership=(self.membership_address,),
                     heartbeat_interval_ms=50,
                     client_tls=self.tls_files(name),
+                    listen_metrics="127.0.0.1:0",  # recording is off without it
                 )
             )
             self.nodes[name] = node  # before start: stopped in the finally if start fails
@@ -257,6 +259,7 @@ class Stack:
                 envoy_port=free_port(),
                 default_timeout_ms=default_timeout_ms,
                 tls=self.tls_files("gateway"),
+                listen_metrics="127.0.0.1:0",  # recording is off without it
             )
         )
         await self.gateway.start()
