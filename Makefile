@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# xds-protos overwrites opentelemetry-proto and google/api with stale copies (FIELD-NOTES):
+	@# reinstall both, at the versions pip chose, as the last step.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+	    "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-sdk"))')" \
+	    "googleapis-common-protos==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("googleapis-common-protos"))')"
 	touch $(STAMP)
 
 setup: $(STAMP)

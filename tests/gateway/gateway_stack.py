@@ -24,12 +24,14 @@ from dkv_gateway.server import GatewayConfig, GatewayServer
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.service import MEMBERSHIP_GROUP_ID
 from dkv_node.node import Node, NodeConfig
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dkv.client import Client, ClientTls
 from dkv.host import Host
 from dkv.host.grpc_transport import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key
+from dkv.telemetry.tracing import Tracing
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as pb
 
@@ -94,6 +96,13 @@ class Stack:
     stopped: set[str] = field(default_factory=set)
     # mTLS on every internal hop (gateway/nodes -> membership, gateway -> nodes).
     tls: bool = False
+    # Every process traces every request into this exporter (None: tracing off).
+    spans: InMemorySpanExporter | None = None
+
+    def tracing(self, service: str, name: str = "") -> Tracing | None:
+        if self.spans is None:
+            return None
+        return Tracing.with_exporter(self.spans, service, name)
 
     def tls_files(self, name: str) -> TlsFiles | None:
         if not self.tls:
@@ -161,9 +170,11 @@ class Stack:
             response_deserializer=resp_type.FromString,
         )
 
-    async def put(self, req: kv_pb2.PutRequest, timeout_s: float = 10) -> kv_pb2.PutResponse:
+    async def put(
+        self, req: kv_pb2.PutRequest, timeout_s: float = 10, metadata: Any = None
+    ) -> kv_pb2.PutResponse:
         resp: kv_pb2.PutResponse = await self._unary("Put", kv_pb2.PutResponse)(
-            req, timeout=timeout_s
+            req, timeout=timeout_s, metadata=metadata
         )
         return resp
 
@@ -175,9 +186,11 @@ class Stack:
         )
         return resp
 
-    async def range(self, req: kv_pb2.RangeRequest, timeout_s: float = 10) -> kv_pb2.RangeResponse:
+    async def range(
+        self, req: kv_pb2.RangeRequest, timeout_s: float = 10, metadata: Any = None
+    ) -> kv_pb2.RangeResponse:
         resp: kv_pb2.RangeResponse = await self._unary("Range", kv_pb2.RangeResponse)(
-            req, timeout=timeout_s
+            req, timeout=timeout_s, metadata=metadata
         )
         return resp
 
@@ -202,7 +215,8 @@ class Stack:
                 tick_interval_ms=10,
                 client_tls=self.tls_files("m1"),
                 listen_metrics="127.0.0.1:0",  # recording is off without it
-            )
+            ),
+            tracing=self.tracing("dkv-membership", "m1"),
         )
         await self.membership.start()
         m = host_of(self.membership)
@@ -229,7 +243,8 @@ class Stack:
                     heartbeat_interval_ms=50,
                     client_tls=self.tls_files(name),
                     listen_metrics="127.0.0.1:0",  # recording is off without it
-                )
+                ),
+                tracing=self.tracing("dkv-node", name),
             )
             self.nodes[name] = node  # before start: stopped in the finally if start fails
             await node.start()
@@ -260,7 +275,8 @@ class Stack:
                 default_timeout_ms=default_timeout_ms,
                 tls=self.tls_files("gateway"),
                 listen_metrics="127.0.0.1:0",  # recording is off without it
-            )
+            ),
+            tracing=self.tracing("dkv-gateway"),
         )
         await self.gateway.start()
         client = self.tls_files("client")
@@ -291,10 +307,12 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(root: Path, tls: bool = False) -> AsyncIterator[Stack]:
+async def running_stack(
+    root: Path, tls: bool = False, spans: InMemorySpanExporter | None = None
+) -> AsyncIterator[Stack]:
     """Membership, three nodes, the initialized shard table and a gateway that knows it;
-    every shard has a leader."""
-    st = Stack(root, tls=tls)
+    every shard has a leader. ``spans``: every process traces into it."""
+    st = Stack(root, tls=tls, spans=spans)
     try:
         await st.start_membership()
         await st.start_nodes()

@@ -46,6 +46,11 @@ What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
     Envoy sends to all of them rather than answer "no healthy upstream" to everybody; with a
     single healthy gateway left it still gets all the traffic (gateways are interchangeable,
     unlike leaders). ``max_ejection_percent`` leaves at least half in rotation.
+- tracing (``FrontDoor.tracing``, off by default): Envoy's OpenTelemetry tracer starts each
+  request's trace (or joins the caller's ``traceparent``) and exports its spans over OTLP/gRPC
+  to the cluster ``dkv_otlp``; the gateway's spans are children of Envoy's. Envoy samples
+  requests without a sampled parent at ``sample_percent`` (the gateway's ratio), and health
+  checks are not traced (they are Envoy's own, not requests).
 - anything else answers locally and cleanly, never a stream error: gRPC calls to a service
   the front door does not route (``dkv.v1.Admin``, ``dkv.v1.Membership``, ...) answer
   UNIMPLEMENTED saying where it is served (Envoy turns a local reply to a gRPC request into a
@@ -78,6 +83,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.overload.v3 import overload_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
@@ -99,6 +105,10 @@ __all__ = [
     "ADS_CLUSTER_NAME",
     "GATEWAY_CLUSTER_NAME",
     "TlsFiles",
+    "Tracing",
+    "OTLP_CLUSTER_NAME",
+    "ENVOY_SERVICE_NAME",
+    "otlp_cluster",
     "KV_SERVICE",
     "KV_SERVICE_PREFIX",
     "LISTENER_NAME",
@@ -116,6 +126,8 @@ __all__ = [
 ]
 
 GATEWAY_CLUSTER_NAME = "dkv_gateway"
+OTLP_CLUSTER_NAME = "dkv_otlp"
+ENVOY_SERVICE_NAME = "dkv-envoy"
 ADS_CLUSTER_NAME = "dkv_xds"
 LISTENER_NAME = "dkv_front_door"
 KV_SERVICE = "dkv.v1.KV"
@@ -136,6 +148,7 @@ _LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
 _TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
 _BUFFER_NAME = "envoy.filters.http.buffer"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_OPENTELEMETRY_TRACER_NAME = "envoy.tracers.opentelemetry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,16 @@ class TlsFiles:
     cert_file: str
     key_file: str
     ca_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """Where Envoy sends its spans (an OTLP/gRPC receiver, plaintext) and which share of the
+    requests without a sampled parent it traces (``sample_percent``, 0-100)."""
+
+    otlp_host: str
+    otlp_port: int
+    sample_percent: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +213,8 @@ class FrontDoor:
     upstream_tls: TlsFiles | None = None
     http_json: bool = True
     http_json_body_bytes_max: int = 8 << 20
+    # OpenTelemetry traces from Envoy; None: Envoy traces nothing.
+    tracing: Tracing | None = None
 
 
 def _ms(milliseconds: int) -> duration_pb2.Duration:
@@ -595,6 +620,8 @@ def listener(door: FrontDoor) -> listener_pb2.Listener:
         ),
         http_filters=_http_filters(door),
     )
+    if door.tracing is not None:
+        manager.tracing.CopyFrom(_tracing(door.tracing))
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_socket_address(door.listen_host, door.listen_port),
@@ -618,9 +645,33 @@ def _filter_chain(
     return chain
 
 
+def _tracing(t: Tracing) -> hcm_pb2.HttpConnectionManager.Tracing:
+    """Envoy's OpenTelemetry tracer, exporting to :data:`OTLP_CLUSTER_NAME`."""
+    config = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=OTLP_CLUSTER_NAME)
+        ),
+        service_name=ENVOY_SERVICE_NAME,
+    )
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        provider=http_tracer_pb2.Tracing.Http(
+            name=_OPENTELEMETRY_TRACER_NAME, typed_config=_pack(config)
+        ),
+        random_sampling=percent_pb2.Percent(value=t.sample_percent),
+    )
+
+
+def otlp_cluster(t: Tracing, connect_timeout_ms: int) -> cluster_pb2.Cluster:
+    """The OTLP receiver Envoy exports its spans to (HTTP/2: OTLP/gRPC)."""
+    return _static_cluster(OTLP_CLUSTER_NAME, [(t.otlp_host, t.otlp_port)], connect_timeout_ms)
+
+
 def resources(door: FrontDoor) -> tuple[list[cluster_pb2.Cluster], list[listener_pb2.Listener]]:
     """Everything Envoy needs for ``door``: ``(clusters, listeners)``, as ADS serves them."""
-    return [gateway_cluster(door)], [listener(door)]
+    clusters = [gateway_cluster(door)]
+    if door.tracing is not None:
+        clusters.append(otlp_cluster(door.tracing, door.connect_timeout_ms))
+    return clusters, [listener(door)]
 
 
 DOWNSTREAM_CONNECTIONS_MAX = 10_000

@@ -23,7 +23,14 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from dkv.cli.flags import int_flag, metrics_address, tls_files
+from dkv.cli.flags import (
+    OTLP_ENDPOINT_HELP,
+    SAMPLE_RATIO_HELP,
+    int_flag,
+    metrics_address,
+    tls_files,
+    tracing_config,
+)
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
@@ -70,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2375",
     )
+    add("otlp-endpoint", OTLP_ENDPOINT_HELP + "; Envoy exports its spans there too")
+    add("trace-sample-ratio", SAMPLE_RATIO_HELP + "; Envoy samples at the same ratio")
     add("membership", "host:port,... of the membership service's client addresses (required)")
     add(
         "default-timeout-ms",
@@ -125,6 +134,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         envoy_tls=envoy_tls,
         default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
         listen_metrics=metrics_address(p, args.listen_metrics),
+        tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags
@@ -149,6 +159,11 @@ async def _serve(cfg: GatewayConfig) -> None:
         + (
             f", metrics on http://{with_port(cfg.listen_metrics, server.metrics_port)}/metrics"
             if cfg.listen_metrics
+            else ""
+        )
+        + (
+            f", traces to {cfg.tracing.otlp_endpoint} (ratio {cfg.tracing.sample_ratio:g})"
+            if cfg.tracing.enabled
             else ""
         ),
         flush=True,

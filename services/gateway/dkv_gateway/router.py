@@ -35,10 +35,12 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
+from opentelemetry.trace import Span, Tracer
 
 from dkv.client.cluster_map import ClusterMapView
 from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
+from dkv.telemetry.tracing import end_rpc_span, inject_metadata, start_client_span
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as mpb
 from dkv_gateway.metrics import GatewayMetrics, retry_reason
@@ -161,9 +163,12 @@ class Router:
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         rng: random.Random | None = None,
         metrics: GatewayMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.view = view
         self.metrics = metrics
+        # One CLIENT span per attempt (dkv.telemetry.tracing); None: tracing is off.
+        self.tracer = tracer
         self.pool = pool
         self.default_timeout_s = default_timeout_s
         self.rng = rng or random.Random()
@@ -323,6 +328,7 @@ class Router:
         # A hint counts as hit or missed by how its call's first attempt went.
         hinted = self.hint(shard_id) if metrics is not None else 0
         first = True
+        attempt = 0  # of this call, from 1 (a span attribute)
         while True:
             remaining = stop_at - loop.time()
             if remaining <= 0:
@@ -353,6 +359,7 @@ class Router:
                 continue
             tried.add(target.address)
             self.attempts += 1
+            attempt += 1
             stub = self.pool.get(target.address).unary_unary(
                 full_method,
                 request_serializer=_serialize,
@@ -362,17 +369,35 @@ class Router:
             at_hint = first and hinted != 0 and target.node_id == hinted
             first = False
             t0 = metrics.client.start(full_method) if metrics is not None else 0.0
+            span: Span | None = None
+            metadata: tuple[tuple[str, str], ...] | None = None
+            if self.tracer is not None:
+                span = start_client_span(
+                    self.tracer,
+                    full_method,
+                    {
+                        "dkv.shard": shard_id,
+                        "dkv.node_id": str(target.node_id),
+                        "server.address": target.address,
+                        "dkv.attempt": attempt,
+                    },
+                )
+                metadata = inject_metadata(span)
             try:
-                resp: R = await stub(request, timeout=timeout)
+                resp: R = await stub(request, timeout=timeout, metadata=metadata)
             except asyncio.CancelledError:  # the caller went away (or a fan-out sibling failed)
                 if metrics is not None:
                     metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
+                if span is not None:
+                    end_rpc_span(span, grpc.StatusCode.CANCELLED, "the caller went away")
                 raise
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 trailers = text_trailers(exc)
                 if metrics is not None:
                     metrics.client.observe(full_method, code, t0)
+                if span is not None:
+                    end_rpc_span(span, code, details)
                 # DEADLINE_EXCEEDED of one attempt while time is left: the node could not
                 # finish (a leader without quorum); a retry elsewhere is safe (request ids).
                 # Without time left, the loop's top answers for the caller's deadline.
@@ -395,6 +420,8 @@ class Router:
                 metrics.client.observe(full_method, None, t0)
                 if at_hint:
                     metrics.hint_hits.inc()
+            if span is not None:
+                end_rpc_span(span, None)
             if write and resp.header.member_id:
                 address = "" if self.view.client_address(resp.header.member_id) else target.address
                 self.learn_leader(shard_id, resp.header.member_id, resp.header.raft_term, address)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -34,9 +34,11 @@ from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
+from dkv.telemetry.tracing import Tracing, TracingConfig, otlp_host_port
 from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
 from dkv_gateway.envoy_config import FrontDoor, resources
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
+from dkv_gateway.envoy_config import Tracing as EnvoyTracing
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
 from dkv_gateway.metrics import GatewayCollector, GatewayMetrics
 from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
@@ -86,8 +88,11 @@ class GatewayConfig:
     default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
     # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
     listen_metrics: str = ""
+    # OpenTelemetry traces (the gateway's and Envoy's spans); off without an OTLP endpoint.
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
+        self.tracing.validate()
         if not self.membership:
             raise InvalidArgument("--membership is required (host:port,... of membership)")
         for address in (*self.membership, self.listen_client, self.listen_xds):
@@ -103,9 +108,16 @@ class GatewayConfig:
 class GatewayServer:
     """See the module docstring."""
 
-    def __init__(self, cfg: GatewayConfig, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        rng: random.Random | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """``tracing``: the spans' destination (tests); by default what ``cfg.tracing`` says."""
         cfg.validate()
         self.cfg = cfg
+        self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-gateway")
         self.rng = rng or random.Random()
         self.view = ClusterMapView()
         self.initialized = asyncio.Event()  # set once the map has shards
@@ -145,6 +157,7 @@ class GatewayServer:
             options=CLIENT_SERVER_OPTIONS,
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
+            tracer=self.tracing.tracer,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
         self.xds_server = new_server(metrics=grpc_metrics)
@@ -170,6 +183,7 @@ class GatewayServer:
                 gateways=[split_host_port(self.advertise_client)],
                 listener_tls=envoy_files,
                 upstream_tls=envoy_files if cfg.tls is not None else None,
+                tracing=self._envoy_tracing(),
             )
         )
         self.ads = AdsServer(clusters=clusters, listeners=listeners)
@@ -183,6 +197,7 @@ class GatewayServer:
             default_timeout_s=cfg.default_timeout_ms / 1000,
             rng=self.rng,
             metrics=self.gateway_metrics if recording else None,
+            tracer=self.tracing.tracer,
         )
         add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
         add_cluster_status(
@@ -209,6 +224,14 @@ class GatewayServer:
             self.advertise_client,
             with_port(cfg.listen_xds, self.xds_port),
         )
+
+    def _envoy_tracing(self) -> EnvoyTracing | None:
+        """Envoy traces to the gateway's OTLP receiver, at the gateway's ratio."""
+        t = self.cfg.tracing
+        if not t.enabled:
+            return None
+        host, port, _ = otlp_host_port(t.otlp_endpoint)
+        return EnvoyTracing(host, port, sample_percent=100.0 * t.sample_ratio)
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: the gateway can route once it has a cluster map with shards."""
@@ -258,3 +281,5 @@ class GatewayServer:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        # Export the spans still queued (bounded by the exporter's timeout), off the loop.
+        await asyncio.to_thread(self.tracing.shutdown)

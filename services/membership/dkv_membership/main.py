@@ -22,7 +22,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dkv.cli.flags import int_flag, membership_flags, metrics_address, tls_files
+from dkv.cli.flags import (
+    OTLP_ENDPOINT_HELP,
+    SAMPLE_RATIO_HELP,
+    int_flag,
+    membership_flags,
+    metrics_address,
+    tls_files,
+    tracing_config,
+)
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_membership.driver import DriverConfig
@@ -70,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2481",
     )
+    add("otlp-endpoint", OTLP_ENDPOINT_HELP)
+    add("trace-sample-ratio", SAMPLE_RATIO_HELP)
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add("initial-cluster", "name=peer-address,... of the membership replicas")
@@ -180,6 +190,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         ),
         driver=_driver(args, p),
         listen_metrics=metrics_address(p, args.listen_metrics),
+        tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -53,6 +53,7 @@ from dkv.host.members import (
     member_id,
 )
 from dkv.host.rpc_server import new_server
+from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.sharding import SLOT_COUNT
 from dkv.storage import Batch, Engine, Identity
@@ -60,6 +61,7 @@ from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
 from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
+from dkv.telemetry.tracing import Tracing, TracingConfig
 from dkv_membership.driver import DriverConfig, PlacementDriver
 from dkv_membership.metrics import MembershipCollector
 from dkv_membership.replicas import ReplicaAdmin, add_replica_admin
@@ -104,8 +106,11 @@ class MembershipConfig:
     driver: DriverConfig | None = None
     # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
     listen_metrics: str = ""
+    # OpenTelemetry traces (cluster operations; heartbeats never); off without an endpoint.
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
+        self.tracing.validate()
         if self.name not in self.initial_cluster:
             raise InvalidArgument(
                 f"--name {self.name!r} is not in --initial-cluster "
@@ -136,9 +141,15 @@ class MembershipConfig:
 class MembershipServer:
     """See the module docstring. ``clock`` (unix ms) is the leader's proposal-time clock."""
 
-    def __init__(self, cfg: MembershipConfig, clock: Clock = wall_clock_ms) -> None:
+    def __init__(
+        self,
+        cfg: MembershipConfig,
+        clock: Clock = wall_clock_ms,
+        tracing: Tracing | None = None,
+    ) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-membership", cfg.name)
         self.clock = clock
         self.id = member_id(cfg.cluster_token, cfg.name)
         self.engine: Engine | None = None
@@ -194,7 +205,7 @@ class MembershipServer:
         # Bind first, so that port 0 works and what we advertise is where we listen.
         self.peer_server = new_server(metrics=grpc_metrics)
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = new_server(metrics=grpc_metrics)
+        self.client_server = new_server(metrics=grpc_metrics, tracer=self.tracing.tracer)
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
@@ -227,6 +238,8 @@ class MembershipServer:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
+        if self.tracing.tracer is not None:
+            self.host.tracer = RaftTracer(self.tracing.tracer)
         if recording:
             self.host.disk_metrics = DiskMetrics(self.metrics.registry)
             transport.metrics = PeerMetrics(self.metrics.registry)
@@ -318,5 +331,6 @@ class MembershipServer:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        await asyncio.to_thread(self.tracing.shutdown)  # export what is queued, off the loop
         if self.engine is not None:
             self.engine.close()

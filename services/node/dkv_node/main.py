@@ -20,7 +20,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dkv.cli.flags import int_flag, membership_flags, metrics_address, tls_files
+from dkv.cli.flags import (
+    OTLP_ENDPOINT_HELP,
+    SAMPLE_RATIO_HELP,
+    int_flag,
+    membership_flags,
+    metrics_address,
+    tls_files,
+    tracing_config,
+)
 from dkv.errors import DkvError
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
@@ -54,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2381",
     )
+    add("otlp-endpoint", OTLP_ENDPOINT_HELP)
+    add("trace-sample-ratio", SAMPLE_RATIO_HELP)
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add(
@@ -145,6 +155,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
             p, "heartbeat-interval-ms", args.heartbeat_interval_ms, minimum=1
         ),
         listen_metrics=metrics_address(p, args.listen_metrics),
+        tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
     )
     return cfg, level
 

@@ -7,6 +7,7 @@ from the same ``--initial-cluster`` without talking to anyone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
@@ -35,12 +36,14 @@ from dkv.host.members import (
     member_id,
 )
 from dkv.host.rpc_server import new_server
+from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
 from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.telemetry.raft_metrics import DiskMetrics, RaftCollector
+from dkv.telemetry.tracing import Tracing, TracingConfig
 from dkv.v1 import membership_pb2
 from dkv_node.admin_service import AdminService, add_admin_service
 from dkv_node.hosting import ShardHosting, hosted_shards
@@ -91,6 +94,8 @@ class NodeConfig:
     heartbeat_interval_ms: int = 1000
     # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
     listen_metrics: str = ""
+    # OpenTelemetry traces (requests and their way through Raft); off without an endpoint.
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def managed(self) -> bool:
@@ -98,6 +103,7 @@ class NodeConfig:
         return not self.initial_cluster and bool(self.membership)
 
     def validate(self) -> None:
+        self.tracing.validate()
         if not self.initial_cluster and not self.membership:
             raise InvalidArgument(
                 "give --membership (shards placed by the membership service) or "
@@ -121,10 +127,12 @@ class NodeConfig:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, tracing: Tracing | None = None) -> None:
+        """``tracing``: the spans' destination (tests); by default what ``cfg.tracing`` says."""
         cfg.validate()
         self.cfg = cfg
         self.id = member_id(cfg.cluster_token, cfg.name)
+        self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-node", cfg.name)
         self.engine: Engine | None = None
         self.transport: GrpcTransport | None = None
         self.registry: MemberRegistry | None = None
@@ -175,6 +183,7 @@ class Node:
             options=CLIENT_SERVER_OPTIONS,
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
+            tracer=self.tracing.tracer,
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
         if cfg.listen_metrics:
@@ -208,6 +217,8 @@ class Node:
         )
         self.host = Host(host_cfg, self.engine, transport, random.Random(self.id))
         self.host.on_conf_change = self._on_conf_change
+        if self.tracing.tracer is not None:
+            self.host.tracer = RaftTracer(self.tracing.tracer)
         if recording:
             self.host.disk_metrics = DiskMetrics(self.metrics.registry)
             transport.metrics = PeerMetrics(self.metrics.registry)
@@ -364,5 +375,7 @@ class Node:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        # Export the spans still queued (bounded by the exporter's timeout), off the loop.
+        await asyncio.to_thread(self.tracing.shutdown)
         if self.engine is not None:
             self.engine.close()

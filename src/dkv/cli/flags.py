@@ -12,8 +12,25 @@ from pathlib import Path
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles
 from dkv.telemetry.http import parse_listen
+from dkv.telemetry.tracing import OTLP_ENDPOINT_ENV, SAMPLE_RATIO_ENV, TracingConfig
 
-__all__ = ["int_flag", "membership_flags", "tls_files"]
+__all__ = [
+    "OTLP_ENDPOINT_HELP",
+    "SAMPLE_RATIO_HELP",
+    "int_flag",
+    "membership_flags",
+    "tls_files",
+    "tracing_config",
+]
+
+OTLP_ENDPOINT_HELP = (
+    "OTLP/gRPC receiver for traces (http://host:port, https:// for TLS); traces are off "
+    f"without it (default: ${OTLP_ENDPOINT_ENV})"
+)
+SAMPLE_RATIO_HELP = (
+    "share of requests without a sampled parent that are traced, 0..1 (sampler "
+    f"parentbased_traceidratio; default: ${SAMPLE_RATIO_ENV}, else 1.0)"
+)
 
 
 def tls_files(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
@@ -69,3 +86,13 @@ def metrics_address(p: argparse.ArgumentParser, value: str | None) -> str:
     except InvalidArgument as exc:
         p.error(str(exc))
     return "" if listen is None else str(value).strip()
+
+
+def tracing_config(
+    p: argparse.ArgumentParser, endpoint: str | None, ratio: str | None
+) -> TracingConfig:
+    """``--otlp-endpoint`` and ``--trace-sample-ratio`` checked (None: the OTEL_* variable)."""
+    try:
+        return TracingConfig.from_flags(endpoint, ratio)
+    except InvalidArgument as exc:
+        p.error(f"--otlp-endpoint/--trace-sample-ratio: {exc}")

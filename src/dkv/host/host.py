@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from opentelemetry import trace as otel_trace
+
 from dkv.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -34,6 +36,7 @@ from dkv.errors import (
     ProposalDropped,
     ReadIndexDropped,
 )
+from dkv.host.tracing import ProposalTrace, RaftTracer
 from dkv.host.transport import Transport
 from dkv.raft import (
     ConfChange,
@@ -113,6 +116,8 @@ class _Group:
     sm: StateMachine
     # index -> (term, future): a proposal is answered when its entry applies.
     proposals: dict[int, tuple[int, asyncio.Future[Any]]] = field(default_factory=dict)
+    # index -> the spans of a traced proposal (a subset of ``proposals``; see host.tracing).
+    traced: dict[int, ProposalTrace] = field(default_factory=dict)
     # read context -> future waiting for its ReadState; then (index, future) until applied.
     reads: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     read_waiters: list[tuple[int, asyncio.Future[int]]] = field(default_factory=list)
@@ -162,6 +167,8 @@ class Host:
         self.snapshots_sent = 0
         # Per group-commit histograms (fsync, batch sizes); None: not measured.
         self.disk_metrics: DiskMetrics | None = None
+        # Spans of traced proposals and reads (dkv.host.tracing); None: tracing is off.
+        self.tracer: RaftTracer | None = None
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -304,22 +311,45 @@ class Host:
             raise NotLeader(g.node.soft_state().leader_id)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         g.proposals[index] = (term, fut)
+        traced = None
+        if self.tracer is not None:
+            traced = self.tracer.start_proposal(group_id, term, index)
+            if traced is not None:
+                g.traced[index] = traced
         self._wake.set()
+        error: BaseException | None = None
         try:
             return await _answer(fut, timeout_s)
         except TimeoutError as exc:
             g.proposals_failed += 1
-            raise DeadlineExceeded(
+            error = DeadlineExceeded(
                 f"write not confirmed within {timeout_s:.3f} s; it may or may not have happened"
-            ) from exc
-        except ProposalDropped:
-            g.proposals_failed += 1
+            )
+            raise error from exc
+        except BaseException as exc:
+            if isinstance(exc, ProposalDropped):
+                g.proposals_failed += 1
+            error = exc
             raise
+        finally:
+            if traced is not None and self.tracer is not None:
+                g.traced.pop(index, None)
+                self.tracer.end_proposal(traced, error)
 
     async def read_index(self, group_id: int, timeout_s: float) -> int:
         """Wait until a linearizable read may be served locally (ReadIndex, thesis §6.4).
 
         Returns the read index; the local state machine has applied at least that far."""
+        if self.tracer is not None and otel_trace.get_current_span().is_recording():
+            with self.tracer.tracer.start_as_current_span(
+                "raft.read_index", attributes={"dkv.shard": group_id}
+            ) as span:
+                index = await self._read_index(group_id, timeout_s)
+                span.set_attribute("raft.read_index", index)
+                return index
+        return await self._read_index(group_id, timeout_s)
+
+    async def _read_index(self, group_id: int, timeout_s: float) -> int:
         g = self._group(group_id)
         self._read_seq += 1
         ctx = self._read_seq.to_bytes(8, "big")
@@ -436,6 +466,9 @@ class Host:
         if not readies:
             return
         self.iterations += 1
+        # Spans of traced proposals need the loop's times (dkv.host.tracing).
+        traced = [(g, rd) for g, rd in readies if g.traced] if self.tracer is not None else []
+        ready_ns = time.time_ns() if traced else 0
         batch = self.engine.batch()
         sync = False
         appended = 0
@@ -477,10 +510,13 @@ class Host:
         # batched into the next iteration); an unsynced one (applies only) is a memtable
         # insert, cheaper than the two thread hand-offs (measured: `make bench-node`).
         started = time.perf_counter()
+        write_ns = time.time_ns() if traced else 0
         if sync:
             await asyncio.to_thread(self.engine.write, batch, sync=True)
         else:
             self.engine.write(batch, sync=False)
+        if traced:
+            self._trace_iteration(traced, ready_ns, write_ns, sync, len(readies))
         disk = self.disk_metrics
         if disk is not None:
             took = time.perf_counter() - started
@@ -541,6 +577,36 @@ class Host:
             self._wake.set()
         async with self._changed:
             self._changed.notify_all()
+
+    def _trace_iteration(
+        self,
+        traced: list[tuple[_Group, Any]],
+        ready_ns: int,
+        write_ns: int,
+        sync: bool,
+        groups: int,
+    ) -> None:
+        """Record the spans of this iteration's traced proposals (dkv.host.tracing)."""
+        assert self.tracer is not None
+        done_ns = time.time_ns()
+        for g, rd in traced:
+            batch: dict[str, Any] | None = None
+            for e in rd.entries:
+                t = g.traced.get(e.index)
+                if t is None:
+                    continue
+                if batch is None:
+                    batch = {
+                        "dkv.shard": g.group_id,
+                        "dkv.batch.entries": sum(len(r.entries) for _, r in traced),
+                        "dkv.batch.groups": groups,
+                        "dkv.fsync": sync,
+                    }
+                self.tracer.appended(t, write_ns, done_ns, batch)
+            for e in rd.committed_entries:
+                t = g.traced.get(e.index)
+                if t is not None:
+                    self.tracer.committed(t, ready_ns, done_ns)
 
     async def _maybe_snapshot(self, groups: list[_Group]) -> None:
         every = self.cfg.snapshot_every_entries

@@ -19,6 +19,10 @@ One place decides what all of them share:
   ``grpc_server_handling_seconds``; :mod:`dkv.telemetry.metrics`) when the process passes its
   :class:`~dkv.telemetry.GrpcServerMetrics`: recorded by the same wrapper, outside the decode
   check, so a malformed request counts as ``InvalidArgument``;
+- **traces** (:mod:`dkv.telemetry.tracing`) when the process passes its tracer: a SERVER span
+  per unary call whose parent is the caller's ``traceparent``, current while the handler runs
+  (so the handler's own spans are its children), ERROR with the gRPC code when it fails;
+  health checks, peer streams and heartbeats are never traced;
 - the keepalive enforcement that matches our clients' pings
   (:data:`dkv.host.channels.SERVER_KEEPALIVE_OPTIONS`), so no client gets ``GOAWAY
   too_many_pings``.
@@ -36,9 +40,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
+from dkv.telemetry.tracing import end_rpc_span, is_traced, start_server_span
 
 __all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
 
@@ -116,9 +124,11 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         self,
         bad_requests: RateLimitedLog | None = None,
         metrics: GrpcServerMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.bad_requests = bad_requests or RateLimitedLog(log)
         self.metrics = metrics
+        self.tracer = tracer
         self.malformed_total = 0  # for tests and, later, metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
@@ -136,6 +146,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler  # type: ignore[return-value]  # None: gRPC answers UNIMPLEMENTED
         wrapped = self._wrap(method, handler)
+        if self.tracer is not None and is_traced(method) and not wrapped.response_streaming:
+            wrapped = self._trace(method, wrapped)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -192,6 +204,20 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         observed = _observed(getattr(handler, name), self.metrics.method(method, kind))
         replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
         return replace(**{name: observed})
+
+    def _trace(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (unary answer) inside a SERVER span. Streamed answers (watches) are
+        not traced: a span as long as a stream says nothing about a request."""
+        assert self.tracer is not None
+        name = "stream_unary" if handler.request_streaming else "unary_unary"
+        behavior = getattr(handler, name)
+        if not inspect.iscoroutinefunction(behavior):
+            return handler  # our servers are all grpc.aio; sync handlers stay untraced
+        traced = _traced(behavior, self.tracer, method)
+        replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
+        return replace(**{name: traced})
 
     def _unary_request(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         reject = self._reject
@@ -281,6 +307,39 @@ def _cancelled_code(context: Any) -> grpc.StatusCode:
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+def _details(context: Any) -> str:
+    details = context.details() if hasattr(context, "details") else None
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details if isinstance(details, str) else ""
+
+
+def _traced(behavior: Callable[..., Any], tracer: Tracer, method: str) -> Callable[..., Any]:
+    """``behavior`` (a coroutine handler) inside a SERVER span, current while it runs, ended
+    with the call's final code (as :func:`_observed` finds it)."""
+    ok, unknown = grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN
+
+    async def traced(request: Any, context: Any) -> Any:
+        span = start_server_span(tracer, method, context.invocation_metadata())
+        token = otel_context.attach(trace.set_span_in_context(span))
+        code = ok
+        try:
+            result = await behavior(request, context)
+            code = _code(context, ok)
+            return result
+        except asyncio.CancelledError:
+            code = _cancelled_code(context)
+            raise
+        except BaseException:
+            code = _code(context, unknown)
+            raise
+        finally:
+            otel_context.detach(token)
+            end_rpc_span(span, code, _details(context) if code is not ok else "")
+
+    return traced
 
 
 def _observed(behavior: Callable[..., Any], mm: MethodMetrics) -> Callable[..., Any]:
@@ -375,16 +434,18 @@ def new_server(
     maximum_concurrent_rpcs: int | None = None,
     guard: DecodeGuard | None = None,
     metrics: GrpcServerMetrics | None = None,
+    tracer: Tracer | None = None,
 ) -> grpc.aio.Server:
     """A ``grpc.aio`` server with the shared policy of the module docstring. ``options`` are
-    added to (and override) the shared ones; ``metrics``: where its calls are counted."""
+    added to (and override) the shared ones; ``metrics``: where its calls are counted;
+    ``tracer``: where its calls are traced (None: not traced)."""
     # gRPC sets SO_REUSEPORT by default: a second process could bind a port we hold and
     # share its connections silently. Off: a port in use is an error at start.
     merged: dict[str, Any] = {"grpc.so_reuseport": 0}
     merged.update(SERVER_KEEPALIVE_OPTIONS)
     merged.update(dict(options))
     return grpc.aio.server(
-        interceptors=[guard or DecodeGuard(metrics=metrics)],
+        interceptors=[guard or DecodeGuard(metrics=metrics, tracer=tracer)],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
