@@ -19,6 +19,7 @@ help:
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
+	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +79,10 @@ bench-telemetry: setup
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
+
+# Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/jaeger/<version>/; prints the binary's path.
+jaeger:
+	tools/jaeger/build.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
