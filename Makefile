@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim dashboards clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -14,6 +14,7 @@ help:
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
 	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
+	@echo "make dashboards  regenerate the Grafana dashboards grafana/dashboards/*.json from grafana/dashboards.py"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
@@ -79,6 +80,11 @@ bench-telemetry: setup
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
+
+# Dashboards as code (grafana-foundation-sdk); the JSON is committed and
+# tests/telemetry/test_dashboards.py fails when it is stale.
+dashboards: setup
+	$(BIN)/python grafana/dashboards.py
 
 # Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/jaeger/<version>/; prints the binary's path.
 jaeger:

@@ -7,7 +7,10 @@ What runs (each a real process, logs under ``<root>/logs/``, data under ``<root>
   registered, and moves replicas when nodes join or leave);
 - three managed storage nodes (shards placed by membership);
 - the gateway (public KV API, routing; Envoy's xDS server);
-- Envoy, whose bootstrap names only the gateway's ADS server.
+- Envoy, whose bootstrap names only the gateway's ADS server;
+- Prometheus (``DevLayout.prometheus``, on for ``dkv dev``) when it is installed (Debian's
+  ``prometheus``), scraping every process and loading ``prometheus/rules.yaml``
+  (:mod:`dkv.prometheus_config`); its data under ``<root>/prometheus/``.
 
 Every hop uses mTLS with the local CA: client↔Envoy (clients present a certificate, e.g.
 ``certs/admin.crt``), Envoy↔gateway, gateway↔node, node↔node, node↔membership,
@@ -48,6 +51,7 @@ from pathlib import Path
 
 from dkv_gateway import envoy_config
 
+from dkv import prometheus_config
 from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
 from dkv.security.certs import PkiLayout, write_dev_pki
@@ -83,6 +87,11 @@ class DevLayout:
     # False (benchmarks only: `make bench-telemetry`'s baseline): every process runs with
     # --listen-metrics off, so nothing is recorded.
     metrics: bool = True
+    # Start Prometheus too, scraping every process (if `prometheus` is on PATH and metrics are
+    # on). Off by default: the tests that start a stack do not need it (one more process on a
+    # 2-core machine); `dkv dev` turns it on, and so does the dashboards test.
+    prometheus: bool = False
+    prometheus_scrape_interval_s: float = 5.0
 
     @property
     def front_door(self) -> int:
@@ -137,6 +146,15 @@ class DevLayout:
     def gateway_metrics(self) -> int:
         return self.port_base + 5  # 2375
 
+    @property
+    def prometheus_port(self) -> int:
+        return self.port_base + 60  # 2430
+
+    @property
+    def runs_prometheus(self) -> bool:
+        """Prometheus is wanted and there is something to scrape (installed or not)."""
+        return self.prometheus and self.metrics
+
     def metrics_targets(self) -> list[tuple[str, int]]:
         """(job, port) of every process's /metrics (Envoy's is /stats/prometheus on its
         admin port), for Prometheus' scrape configuration."""
@@ -156,6 +174,8 @@ class DevLayout:
             (self.envoy_admin, "Envoy's admin interface"),
             (self.gateway_metrics, "the gateway (metrics)"),
         ]
+        if self.runs_prometheus:
+            out += [(self.prometheus_port, "Prometheus")]
         for i, name in enumerate(self.membership_names, start=1):
             out += [(self.membership_client(i), f"membership {name} (clients)")]
             out += [(self.membership_peer(i), f"membership {name} (peers)")]
@@ -377,7 +397,38 @@ class DevStack:
                 ],
             )
         )
+        prometheus = self.prometheus_binary()
+        if prometheus is not None:
+            # Last: stopped first, so the other processes' shutdown is not scraped as "down".
+            procs.append(
+                _Proc(
+                    "prometheus",
+                    prometheus_config.argv(
+                        prometheus,
+                        self.write_prometheus_config(),
+                        lay.root / "prometheus",
+                        lay.prometheus_port,
+                    ),
+                    lay.logs / "prometheus.log",
+                    ports=[(lay.prometheus_port, "Prometheus")],
+                )
+            )
         return procs
+
+    def prometheus_binary(self) -> str | None:
+        """The Prometheus this stack runs, or None (not wanted, or not installed)."""
+        return prometheus_config.binary() if self.layout.runs_prometheus else None
+
+    def write_prometheus_config(self) -> Path:
+        """``<root>/prometheus.yml``: every process's metrics and Envoy's, the alert rules of
+        the checkout if found (:mod:`dkv.prometheus_config`)."""
+        lay = self.layout
+        config = prometheus_config.config(
+            prometheus_config.targets(lay.metrics_targets(), lay.envoy_admin),
+            scrape_interval_s=lay.prometheus_scrape_interval_s,
+            rules=prometheus_config.rules_file(),
+        )
+        return prometheus_config.write_config(lay.root / "prometheus.yml", config)
 
     def node_proc(self, i: int, name: str) -> _Proc:
         """Storage node number ``i`` (ports from the layout), managed by membership."""
@@ -567,6 +618,7 @@ class DevStack:
                     if lay.metrics
                     else "off"
                 ),
+                *self._prometheus_banner(),
                 "",
                 "Try:",
                 *env,
@@ -579,10 +631,36 @@ class DevStack:
                 f"  curl -s {curl_tls}-X PUT {scheme}://{fd}/v1/kv/aGVsbG8= "
                 + '-d \'{"value": "d29ybGQ="}\'',
                 f"  curl -s {curl_tls}{scheme}://{fd}/v1/kv/aGVsbG8=",
+                *self._prometheus_try(),
                 "",
                 "Ctrl-C stops everything; `make run` again resumes the same data.",
             ]
         )
+
+    def _prometheus_banner(self) -> list[str]:
+        lay = self.layout
+        if not lay.runs_prometheus:
+            return []
+        if self.prometheus_binary() is None:
+            return [
+                f"  Prometheus           not installed: {prometheus_config.INSTALL_HINT}, "
+                "then run again"
+            ]
+        rules = prometheus_config.rules_file()
+        return [
+            f"  Prometheus           http://127.0.0.1:{lay.prometheus_port} (every process, "
+            f"every {lay.prometheus_scrape_interval_s:g} s; "
+            + (f"alert rules {rules})" if rules is not None else "no alert rules found)")
+        ]
+
+    def _prometheus_try(self) -> list[str]:
+        if self.prometheus_binary() is None:
+            return []
+        url = f"http://127.0.0.1:{self.layout.prometheus_port}/graph"
+        return [
+            f"  # Prometheus ({url}): requests/s through the gateway, by method and code",
+            f"  {prometheus_config.EXAMPLE_QUERY}",
+        ]
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,16 @@ def dev(
             min=1, max=3, help="Membership replicas of a new cluster: 1, or 3 to try failover."
         ),
     ] = 1,
+    prometheus: Annotated[
+        bool,
+        typer.Option(
+            help="Also run Prometheus (if installed: apt-get install prometheus), scraping "
+            "every process, with its data under ROOT/prometheus."
+        ),
+    ] = True,
 ) -> None:
-    """Run the whole platform locally (membership, 3 nodes, gateway, Envoy) until Ctrl-C.
+    """Run the whole platform locally (membership, 3 nodes, gateway, Envoy, and Prometheus
+    when it is installed) until Ctrl-C.
     A process that dies is reported and restarted with backoff. Running it again with the
     same --root resumes the same cluster and data."""
     # Imported here: it pulls in the gateway package and Envoy's API protos.
@@ -140,6 +148,7 @@ def dev(
         port_base=port_base,
         shards=shards,
         membership_replicas=membership_replicas,
+        prometheus=prometheus,
     )
     code = devstack.run(layout)
     raise typer.Exit(code)
