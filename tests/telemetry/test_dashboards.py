@@ -19,6 +19,7 @@ import json
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 import urllib.error
@@ -223,6 +224,62 @@ def test_query_parsing_helpers() -> None:
     )
     with pytest.raises(KeyError, match=r"\$nope"):
         expand("x[$nope]", {})
+
+
+# -- make run's Prometheus, without starting anything ---------------------------------------------
+
+
+def test_make_run_prometheus_config_is_valid(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: `apt-get install prometheus`")
+    layout = DevLayout(tmp_path, port_base=12000, prometheus=True)
+    path = DevStack(layout).write_prometheus_config()
+    out = subprocess.run(
+        [promtool, "check", "config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 1 rule files found" in out.stdout + out.stderr  # prometheus/rules.yaml
+    config = json.loads(path.read_text())
+    jobs = {c["job_name"]: c for c in config["scrape_configs"]}
+    assert set(jobs) == {"dkv-membership", "dkv-node", "dkv-gateway", "envoy"}
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["envoy"]["static_configs"] == [{"targets": ["127.0.0.1:12006"]}]
+    assert len(jobs["dkv-node"]["static_configs"][0]["targets"]) == 3
+    assert config["rule_files"] == [str(RULES)]
+
+
+def test_make_run_starts_prometheus_only_when_wanted_and_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prometheus_config, "binary", lambda: "/usr/bin/prometheus")
+    on = DevLayout(tmp_path, port_base=12000, prometheus=True)
+    stack = DevStack(on)
+    proc = stack.plan()[-1]
+    assert proc.name == "prometheus"
+    assert "--web.listen-address=127.0.0.1:12060" in proc.argv
+    assert f"--storage.tsdb.path={tmp_path / 'prometheus'}" in proc.argv
+    assert proc.log_path == tmp_path / "logs" / "prometheus.log"
+    assert (12060, "Prometheus") in on.ports()
+    assert len({port for port, _ in on.ports()}) == len(on.ports()), "two uses of one port"
+    banner = stack.banner()
+    assert "http://127.0.0.1:12060" in banner and prometheus_config.EXAMPLE_QUERY in banner
+
+    monkeypatch.setattr(prometheus_config, "binary", lambda: None)
+    assert all(p.name != "prometheus" for p in stack.plan())
+    assert "not installed: apt-get install prometheus" in stack.banner()
+
+    for off in (
+        DevLayout(tmp_path, port_base=12000),  # the tests' default
+        DevLayout(tmp_path, port_base=12000, prometheus=True, metrics=False),
+    ):
+        assert all(p.name != "prometheus" for p in DevStack(off).plan())
+        assert "Prometheus" not in DevStack(off).banner()
+        assert all(what != "Prometheus" for _, what in off.ports())
 
 
 # -- the real thing: Prometheus scraping a local stack ------------------------------------------
