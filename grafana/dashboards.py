@@ -32,6 +32,7 @@ from pathlib import Path
 
 from grafana_foundation_sdk.builders.common import ReduceDataOptions, StackingConfig
 from grafana_foundation_sdk.builders.dashboard import (
+    AnnotationQuery,
     CustomVariable,
     Dashboard,
     DashboardLink,
@@ -169,6 +170,17 @@ def dashboard(uid: str, title: str, description: str) -> Dashboard:
             .keep_time(True)
         )
         .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        # What Grafana adds to every dashboard it saves; some of its loaders expect the list.
+        .annotation(
+            AnnotationQuery()
+            .name("Annotations & Alerts")
+            .datasource(model.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+            .built_in(1)
+            .enable(True)
+            .hide(True)
+            .icon_color("rgba(0, 211, 255, 1)")
+            .type("dashboard")
+        )
     )
 
 

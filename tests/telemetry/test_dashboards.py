@@ -187,6 +187,7 @@ def test_dashboards_are_loadable_by_grafana() -> None:
     assert len(set(uids)) == len(uids) and all(uids), uids
     for name, board in boards.items():
         assert board.get("title") and isinstance(board.get("schemaVersion"), int), name
+        assert [a.get("builtIn") for a in board["annotations"]["list"]] == [1], name
         variables = {v["name"]: v for v in board["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource", name
         assert variables["datasource"]["query"] == "prometheus", name
