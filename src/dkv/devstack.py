@@ -174,7 +174,7 @@ class DevLayout:
             (self.envoy_admin, "Envoy's admin interface"),
             (self.gateway_metrics, "the gateway (metrics)"),
         ]
-        if self.runs_prometheus:
+        if self.runs_prometheus and prometheus_config.binary() is not None:
             out += [(self.prometheus_port, "Prometheus")]
         for i, name in enumerate(self.membership_names, start=1):
             out += [(self.membership_client(i), f"membership {name} (clients)")]

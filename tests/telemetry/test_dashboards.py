@@ -272,6 +272,7 @@ def test_make_run_starts_prometheus_only_when_wanted_and_installed(
 
     monkeypatch.setattr(prometheus_config, "binary", lambda: None)
     assert all(p.name != "prometheus" for p in stack.plan())
+    assert all(what != "Prometheus" for _, what in on.ports())  # its port need not be free
     assert "not installed: apt-get install prometheus" in stack.banner()
 
     for off in (
