@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim dashboards clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim dashboards jaeger trace-backend clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -36,10 +36,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Data, certificates and logs under ./.dkv (kept: running again resumes the same cluster).
-run: setup
+run: setup trace-backend
 	$(BIN)/dkv dev
 
-test: setup
+test: setup trace-backend
 	$(BIN)/python -m pytest -n auto -q
 
 test-fast: setup
@@ -89,6 +89,17 @@ dashboards: setup
 # Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/jaeger/<version>/; prints the binary's path.
 jaeger:
 	tools/jaeger/build.sh
+
+# Jaeger for `make run` and the end-to-end trace test, built once when a Go toolchain is here.
+# Without Go (exit 3), or when the build fails (no module proxy), the trace test uses its own
+# OTLP receiver and `make run` runs without traces: say so, and go on.
+trace-backend: setup
+	@$(BIN)/python -c 'import sys; from dkv.telemetry.jaeger import cached_jaeger_path as p; sys.exit(p().is_file())' \
+	    && echo "building Jaeger from its Go module, once (about 4 min on 2 cores) ..." || true
+	@tools/jaeger/build.sh >/dev/null 2>.jaeger-build.log; rc=$$?; \
+	if [ $$rc -eq 0 ]; then rm -f .jaeger-build.log; \
+	elif [ $$rc -eq 3 ]; then rm -f .jaeger-build.log; echo "note: no Go toolchain, so no Jaeger: make run has no trace backend, and the trace test uses its OTLP receiver"; \
+	else tail -5 .jaeger-build.log; echo "note: building Jaeger failed (log in .jaeger-build.log): the trace test uses its OTLP receiver"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

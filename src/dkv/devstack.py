@@ -10,7 +10,10 @@ What runs (each a real process, logs under ``<root>/logs/``, data under ``<root>
 - Envoy, whose bootstrap names only the gateway's ADS server;
 - Prometheus (``DevLayout.prometheus``, on for ``dkv dev``) when it is installed (Debian's
   ``prometheus``), scraping every process and loading ``prometheus/rules.yaml``
-  (:mod:`dkv.prometheus_config`); its data under ``<root>/prometheus/``.
+  (:mod:`dkv.prometheus_config`); its data under ``<root>/prometheus/``;
+- Jaeger (``DevLayout.jaeger``, on for ``dkv dev``) when its binary can be had (``make
+  jaeger`` builds it from its Go module), in memory, and every process (Envoy too) exports its
+  traces to it over OTLP (:mod:`dkv.telemetry.tracing`, :mod:`dkv.telemetry.jaeger`).
 
 Every hop uses mTLS with the local CA: client↔Envoy (clients present a certificate, e.g.
 ``certs/admin.crt``), Envoy↔gateway, gateway↔node, node↔node, node↔membership,
@@ -55,6 +58,7 @@ from dkv import prometheus_config
 from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
 from dkv.security.certs import PkiLayout, write_dev_pki
+from dkv.telemetry import jaeger as jaeger_backend
 
 __all__ = ["Backoff", "DevLayout", "DevStack", "StackError", "Supervisor"]
 
@@ -92,6 +96,12 @@ class DevLayout:
     # 2-core machine); `dkv dev` turns it on, and so does the dashboards test.
     prometheus: bool = False
     prometheus_scrape_interval_s: float = 5.0
+    # Traces: start Jaeger (when its binary can be had) and have every process export to it.
+    # Off by default, as Prometheus; `dkv dev` turns it on. ``otlp_endpoint`` sends the traces
+    # to a receiver of the caller's instead (no Jaeger is started).
+    jaeger: bool = False
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
 
     @property
     def front_door(self) -> int:
@@ -151,6 +161,33 @@ class DevLayout:
         return self.port_base + 60  # 2430
 
     @property
+    def jaeger_otlp_port(self) -> int:
+        return self.port_base + 61  # 2431: OTLP/gRPC
+
+    @property
+    def jaeger_query_port(self) -> int:
+        return self.port_base + 62  # 2432: Jaeger's query API (/api/traces, /api/services)
+
+    @property
+    def runs_jaeger(self) -> bool:
+        """Jaeger is wanted, not replaced by another receiver, and its binary is here."""
+        return self.jaeger and not self.otlp_endpoint and jaeger_backend.find_jaeger() is not None
+
+    @property
+    def traces_endpoint(self) -> str:
+        """Where every process sends its spans ("": nowhere, unless OTEL_EXPORTER_OTLP_ENDPOINT
+        in the environment says so)."""
+        if self.otlp_endpoint:
+            return self.otlp_endpoint
+        return f"http://127.0.0.1:{self.jaeger_otlp_port}" if self.runs_jaeger else ""
+
+    def tracing_flags(self) -> list[str]:
+        endpoint = self.traces_endpoint
+        if not endpoint:
+            return []
+        return ["--otlp-endpoint", endpoint, "--trace-sample-ratio", f"{self.trace_sample_ratio:g}"]
+
+    @property
     def runs_prometheus(self) -> bool:
         """Prometheus is wanted and there is something to scrape (installed or not)."""
         return self.prometheus and self.metrics
@@ -176,6 +213,8 @@ class DevLayout:
         ]
         if self.runs_prometheus and prometheus_config.binary() is not None:
             out += [(self.prometheus_port, "Prometheus")]
+        if self.runs_jaeger:
+            out += [(self.jaeger_otlp_port, "Jaeger (OTLP)"), (self.jaeger_query_port, "Jaeger")]
         for i, name in enumerate(self.membership_names, start=1):
             out += [(self.membership_client(i), f"membership {name} (clients)")]
             out += [(self.membership_peer(i), f"membership {name} (peers)")]
@@ -335,6 +374,7 @@ class DevStack:
                     "5000",
                     "--listen-metrics",
                     lay.metrics_flag(lay.membership_metrics(i)),
+                    *lay.tracing_flags(),
                     *lay.client_tls_flags(m),
                     *lay.tls_flags(m, "peer-"),
                 ],
@@ -363,6 +403,7 @@ class DevStack:
                     str(lay.front_door),
                     "--listen-metrics",
                     lay.metrics_flag(lay.gateway_metrics),
+                    *lay.tracing_flags(),
                     "--membership",
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
@@ -413,7 +454,28 @@ class DevStack:
                     ports=[(lay.prometheus_port, "Prometheus")],
                 )
             )
+        jaeger = self.jaeger_proc()
+        if jaeger is not None:
+            # First: started before the processes that send it spans, stopped after them, so
+            # the spans they flush at exit arrive.
+            procs.insert(0, jaeger)
         return procs
+
+    def jaeger_proc(self) -> _Proc | None:
+        """Jaeger, in memory, OTLP and its query API on the layout's ports (None when not
+        wanted or not built)."""
+        lay = self.layout
+        binary = jaeger_backend.find_jaeger() if lay.runs_jaeger else None
+        if binary is None:
+            return None
+        config = lay.root / "jaeger.yaml"
+        config.write_text(jaeger_backend.jaeger_config(lay.jaeger_otlp_port, lay.jaeger_query_port))
+        return _Proc(
+            "jaeger",
+            jaeger_backend.jaeger_argv(binary, config),
+            lay.logs / "jaeger.log",
+            ports=[(lay.jaeger_otlp_port, "Jaeger (OTLP)"), (lay.jaeger_query_port, "Jaeger")],
+        )
 
     def prometheus_binary(self) -> str | None:
         """The Prometheus this stack runs, or None (not wanted, or not installed)."""
@@ -449,6 +511,7 @@ class DevStack:
                 f"{host}:{lay.node_peer(i)}",
                 "--listen-metrics",
                 lay.metrics_flag(lay.node_metrics(i)),
+                *lay.tracing_flags(),
                 "--membership",
                 lay.membership_endpoints,
                 *lay.client_tls_flags(name),
@@ -619,6 +682,7 @@ class DevStack:
                     else "off"
                 ),
                 *self._prometheus_banner(),
+                *self._traces_banner(),
                 "",
                 "Try:",
                 *env,
@@ -632,6 +696,7 @@ class DevStack:
                 + '-d \'{"value": "d29ybGQ="}\'',
                 f"  curl -s {curl_tls}{scheme}://{fd}/v1/kv/aGVsbG8=",
                 *self._prometheus_try(),
+                *self._traces_try(),
                 "",
                 "Ctrl-C stops everything; `make run` again resumes the same data.",
             ]
@@ -651,6 +716,33 @@ class DevStack:
             f"  Prometheus           http://127.0.0.1:{lay.prometheus_port} (every process, "
             f"every {lay.prometheus_scrape_interval_s:g} s; "
             + (f"alert rules {rules})" if rules is not None else "no alert rules found)")
+        ]
+
+    def _traces_banner(self) -> list[str]:
+        lay = self.layout
+        if lay.otlp_endpoint:
+            return [f"  traces               to {lay.otlp_endpoint}"]
+        if not lay.jaeger:
+            return []
+        if not lay.runs_jaeger:
+            return [
+                "  traces               off: `make jaeger` builds Jaeger from its Go module "
+                "(needs Go), then run again"
+            ]
+        return [
+            f"  traces               Jaeger http://127.0.0.1:{lay.jaeger_query_port} "
+            f"(query API; OTLP on :{lay.jaeger_otlp_port}; sample ratio "
+            f"{lay.trace_sample_ratio:g}; this build of Jaeger has no web UI)"
+        ]
+
+    def _traces_try(self) -> list[str]:
+        lay = self.layout
+        if not lay.runs_jaeger:
+            return []
+        api = f"http://127.0.0.1:{lay.jaeger_query_port}/api"
+        return [
+            "  # the latest traces: Envoy -> gateway -> node -> raft propose/append/commit/apply",
+            f"  curl -s '{api}/traces?service=dkv-gateway&limit=1' | python3 -m json.tool",
         ]
 
     def _prometheus_try(self) -> list[str]:

@@ -133,9 +133,24 @@ def dev(
             "every process, with its data under ROOT/prometheus."
         ),
     ] = True,
+    jaeger: Annotated[
+        bool,
+        typer.Option(
+            help="Also run Jaeger (if built: make jaeger) in memory, and trace every request "
+            "through Envoy, the gateway, the nodes and Raft into it."
+        ),
+    ] = True,
+    trace_sample_ratio: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of requests traced (parentbased_traceidratio) when Jaeger runs.",
+        ),
+    ] = 1.0,
 ) -> None:
     """Run the whole platform locally (membership, 3 nodes, gateway, Envoy, and Prometheus
-    when it is installed) until Ctrl-C.
+    and Jaeger when they can be had) until Ctrl-C.
     A process that dies is reported and restarted with backoff. Running it again with the
     same --root resumes the same cluster and data."""
     # Imported here: it pulls in the gateway package and Envoy's API protos.
@@ -149,6 +164,8 @@ def dev(
         shards=shards,
         membership_replicas=membership_replicas,
         prometheus=prometheus,
+        jaeger=jaeger,
+        trace_sample_ratio=trace_sample_ratio,
     )
     code = devstack.run(layout)
     raise typer.Exit(code)
