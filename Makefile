@@ -12,7 +12,7 @@ help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
-	@echo "make lint        ruff + mypy --strict on src/dkv and services/"
+	@echo "make lint        ruff + mypy --strict on src/dkv, services/ and grafana/"
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make dashboards  regenerate the Grafana dashboards grafana/dashboards/*.json from grafana/dashboards.py"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
@@ -46,9 +46,10 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: setup
-	$(BIN)/ruff check src services tests
-	$(BIN)/ruff format --check src services tests
+	$(BIN)/ruff check src services tests grafana
+	$(BIN)/ruff format --check src services tests grafana
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
+	$(BIN)/mypy grafana/dashboards.py
 
 # Generated code is committed so the package imports without protoc;
 # tests/test_proto.py fails when it is stale. kv.proto imports google/api/annotations.proto,

@@ -438,8 +438,11 @@ def _run_rows(
 # -- the dkv stack ------------------------------------------------------------------------------
 
 
-def free_layout(root: Path, shards: int, metrics: bool = True) -> DevLayout:
-    """A port base whose ports are all free (below the kernel's ephemeral range)."""
+def free_layout(
+    root: Path, shards: int, metrics: bool = True, trace_ratio: float | None = None
+) -> DevLayout:
+    """A port base whose ports are all free (below the kernel's ephemeral range).
+    ``trace_ratio``: every process traces that share of requests into the stack's Jaeger."""
     rng = random.Random()
     for _ in range(50):
         layout = DevLayout(
@@ -448,6 +451,8 @@ def free_layout(root: Path, shards: int, metrics: bool = True) -> DevLayout:
             shards=shards,
             client_tls=False,
             metrics=metrics,
+            jaeger=trace_ratio is not None,
+            trace_sample_ratio=1.0 if trace_ratio is None else trace_ratio,
         )
         try:
             DevStack(layout).check_ports()
@@ -505,8 +510,9 @@ def bench_stack(
     results: list[Result],
     rss: dict[str, int],
     metrics: bool = True,
+    trace_ratio: float | None = None,
 ) -> None:
-    layout = free_layout(root / "dkv", shards, metrics)
+    layout = free_layout(root / "dkv", shards, metrics, trace_ratio)
     stack = DevStack(layout)
     try:
         t0 = time.monotonic()

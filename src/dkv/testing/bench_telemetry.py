@@ -9,8 +9,9 @@ three nodes, gateway, Envoy; client ports plaintext for h2load), started once pe
 - **metrics on**: as ``make run`` runs it (recorded, served, not scraped: a scrape every 15 s
   costs a few milliseconds and is not what is measured here);
 - **tracing 0.01**: metrics on, and traces exported over OTLP with
-  ``parentbased_traceidratio`` at 0.01 — only where this checkout has tracing
-  (:mod:`dkv.telemetry.tracing`); otherwise the variant is reported as not run.
+  ``parentbased_traceidratio`` at 0.01 (Envoy samples at 1% too) into a Jaeger the stack
+  starts (as ``make run`` does) — where Jaeger is built (``make jaeger``); otherwise the variant
+  is reported as not run.
 
 Variants alternate over ``--rounds`` rounds (the machine drifts: alternating spreads the drift
 over all of them) and every run is verified as in ``make bench``. The summary gives each
@@ -21,17 +22,15 @@ with metrics on and tracing off (a target for this benchmark, never an assertion
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dkv.telemetry.jaeger import find_jaeger
 from dkv.testing.bench_front_door import ROWS, Result, bench_stack
 from dkv.testing.bench_node import (
     KEY,
@@ -66,31 +65,8 @@ BENCH_ROWS = (ROWS[1], ROWS[3], ROWS[0])
 
 
 def tracing_available() -> bool:
-    return importlib.util.find_spec("dkv.telemetry.tracing") is not None
-
-
-@contextlib.contextmanager
-def _tracing_env(v: Variant, endpoint: str) -> Iterator[None]:
-    """The processes inherit the environment: set the standard OTEL_* variables around a
-    tracing variant's stack."""
-    if v.trace_ratio is None:
-        yield
-        return
-    values = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": str(v.trace_ratio),
-    }
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
+    """A trace backend to export to: the Jaeger ``make jaeger`` builds."""
+    return find_jaeger() is not None
 
 
 def summary(by_variant: dict[str, list[Result]]) -> str:
@@ -150,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"bench-telemetry: front door, {', '.join(v.name for v in variants)}; "
         f"{args.rounds} round(s), ~{seconds:g} s per run; data in {root}"
-        + (f"; not run (no tracing in this checkout): {', '.join(skipped)}" if skipped else ""),
+        + (f"; not run (no Jaeger: make jaeger): {', '.join(skipped)}" if skipped else ""),
         flush=True,
     )
     try:
@@ -165,19 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                 results: list[Result] = []
                 run_root = root / f"r{rnd}-{v.name.replace(' ', '-')}"
                 run_root.mkdir()
-                with _tracing_env(v, os.environ.get("DKV_BENCH_OTLP", "http://127.0.0.1:4317")):
-                    bench_stack(
-                        run_root,
-                        args.shards,
-                        ["front door"],
-                        BENCH_ROWS,
-                        bodies,
-                        seconds,
-                        None,
-                        results,
-                        {},
-                        metrics=v.metrics,
-                    )
+                bench_stack(
+                    run_root,
+                    args.shards,
+                    ["front door"],
+                    BENCH_ROWS,
+                    bodies,
+                    seconds,
+                    None,
+                    results,
+                    {},
+                    metrics=v.metrics,
+                    trace_ratio=v.trace_ratio,
+                )
                 failed = failed or any(r.rate is None for r in results)
                 by_variant.setdefault(v.name, []).extend(results)
         print("\nsummary (mean of verified runs; in brackets: share of metrics off)")
