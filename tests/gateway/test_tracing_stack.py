@@ -156,6 +156,22 @@ def test_reads_failures_and_what_is_never_traced(tmp_path: Path) -> None:
                 gw.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             )
 
+            # A caller that did not sample its request: nothing is recorded anywhere (the
+            # gateway passes the header on; without it the node would start a trace).
+            def kv_spans() -> int:
+                kinds = ("dkv.v1.KV/", "raft.")
+                return sum(s.name.startswith(kinds) for s in exporter.get_finished_spans())
+
+            before = kv_spans()
+            unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+            await st.put(
+                kv_pb2.PutRequest(key=key, value=b"w"), metadata=(("traceparent", unsampled),)
+            )
+            await st.range(
+                kv_pb2.RangeRequest(prefix=b"k/"), metadata=(("traceparent", unsampled),)
+            )
+            assert kv_spans() == before
+
             # Raft's own traffic and the health and heartbeat calls are never traced, though
             # thousands of them ran while this stack was up (10 ms ticks, 50 ms heartbeats).
             names = {s.name for s in exporter.get_finished_spans()}

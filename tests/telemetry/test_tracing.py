@@ -19,10 +19,12 @@ from dkv.host.rpc_server import new_server
 from dkv.telemetry.tracing import (
     OTLP_ENDPOINT_ENV,
     SAMPLE_RATIO_ENV,
+    UNSAMPLED_PARENT,
     Tracing,
     TracingConfig,
     inject_metadata,
     otlp_host_port,
+    unsampled_parent,
 )
 from dkv.v1 import kv_pb2
 
@@ -195,3 +197,68 @@ def test_unsampled_requests_record_nothing_and_sampled_parents_are_followed() ->
     asyncio.run(scenario())
     served = [s for s in exporter.get_finished_spans() if s.name == "dkv.v1.KV/Put"]
     assert len(served) == 1 and served[0].parent is not None
+
+
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+def test_a_caller_that_did_not_sample_gets_no_span_and_its_header_is_passed_on() -> None:
+    """At ratio 1.0 a request without a parent is traced; one whose parent says "not sampled"
+    is not (parentbased), and the handler sees the header to pass on to its own calls."""
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.with_exporter(exporter, "dkv-gateway")
+    seen: list[str | None] = []
+
+    class Svc:
+        async def put(self, req: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
+            seen.append(UNSAMPLED_PARENT.get())
+            return kv_pb2.PutResponse()
+
+    async def scenario() -> None:
+        de, se = kv_pb2.PutRequest.FromString, kv_pb2.PutResponse.SerializeToString
+        server = new_server(tracer=tracing.tracer)
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "dkv.v1.KV", {"Put": grpc.unary_unary_rpc_method_handler(Svc().put, de, se)}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                put = ch.unary_unary(
+                    "/dkv.v1.KV/Put",
+                    request_serializer=kv_pb2.PutRequest.SerializeToString,
+                    response_deserializer=kv_pb2.PutResponse.FromString,
+                )
+                await put(kv_pb2.PutRequest(key=b"k"), metadata=(("traceparent", UNSAMPLED),))
+                await put(kv_pb2.PutRequest(key=b"k"))
+                # Malformed: not a caller's decision; the sampler decides (a root span).
+                await put(kv_pb2.PutRequest(key=b"k"), metadata=(("traceparent", "00-zz"),))
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    assert seen == [UNSAMPLED, None, None]
+    served = [s for s in exporter.get_finished_spans() if s.name == "dkv.v1.KV/Put"]
+    assert len(served) == 2 and all(s.parent is None for s in served)
+
+
+@pytest.mark.parametrize(
+    ("value", "passed_on"),
+    [
+        (UNSAMPLED, True),
+        (UNSAMPLED[:-2] + "01", False),  # sampled
+        (UNSAMPLED[:-2] + "02", True),  # another flag, not the sampled bit
+        (UNSAMPLED[:-2] + "03", False),
+        ("01" + UNSAMPLED[2:], False),  # a version we do not read
+        (UNSAMPLED + "-x", False),
+        ("", False),
+    ],
+)
+def test_unsampled_parents(value: str, passed_on: bool) -> None:
+    got = unsampled_parent((("user-agent", "x"), ("traceparent", value)))
+    assert got == (value if passed_on else None)
+    assert unsampled_parent(None) is None

@@ -40,7 +40,12 @@ from opentelemetry.trace import Span, Tracer
 from dkv.client.cluster_map import ClusterMapView
 from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
 from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
-from dkv.telemetry.tracing import end_rpc_span, inject_metadata, start_client_span
+from dkv.telemetry.tracing import (
+    UNSAMPLED_PARENT,
+    end_rpc_span,
+    inject_metadata,
+    start_client_span,
+)
 from dkv.v1 import kv_pb2
 from dkv.v1 import membership_pb2 as mpb
 from dkv_gateway.metrics import GatewayMetrics, retry_reason
@@ -371,7 +376,10 @@ class Router:
             t0 = metrics.client.start(full_method) if metrics is not None else 0.0
             span: Span | None = None
             metadata: tuple[tuple[str, str], ...] | None = None
-            if self.tracer is not None:
+            unsampled = UNSAMPLED_PARENT.get() if self.tracer is not None else None
+            if unsampled is not None:
+                metadata = (("traceparent", unsampled),)  # not sampled upstream: pass it on
+            elif self.tracer is not None:
                 span = start_client_span(
                     self.tracer,
                     full_method,

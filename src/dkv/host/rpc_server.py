@@ -46,7 +46,13 @@ from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
-from dkv.telemetry.tracing import end_rpc_span, is_traced, start_server_span
+from dkv.telemetry.tracing import (
+    UNSAMPLED_PARENT,
+    end_rpc_span,
+    is_traced,
+    start_server_span,
+    unsampled_parent,
+)
 
 __all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
 
@@ -322,7 +328,16 @@ def _traced(behavior: Callable[..., Any], tracer: Tracer, method: str) -> Callab
     ok, unknown = grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN
 
     async def traced(request: Any, context: Any) -> Any:
-        span = start_server_span(tracer, method, context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        unsampled = unsampled_parent(metadata)
+        if unsampled is not None:
+            # The caller did not sample it: no span here or below, the header travels on.
+            passed_on = UNSAMPLED_PARENT.set(unsampled)
+            try:
+                return await behavior(request, context)
+            finally:
+                UNSAMPLED_PARENT.reset(passed_on)
+        span = start_server_span(tracer, method, metadata)
         token = otel_context.attach(trace.set_span_in_context(span))
         code = ok
         try:

@@ -8,8 +8,11 @@ counted by the SDK, never waited for), so the event loop only builds spans.
 
 **Sampling** is ``parentbased_traceidratio`` (the OpenTelemetry name): a request that arrives
 with a ``traceparent`` follows its caller's decision (Envoy's, or a client's), a request
-without one is sampled with ``--trace-sample-ratio``. Unsampled requests get non-recording
-spans, which cost a context lookup and no export.
+without one is sampled with ``--trace-sample-ratio``. A request whose caller did not sample it
+(``traceparent`` flags ``00``: Envoy sends that for the 99% it does not trace at 0.01) gets no
+span at all: the sampler could only say "drop", so the server skips the span and passes the
+header on unchanged to the calls it makes (:data:`UNSAMPLED_PARENT`): under 1 µs per hop
+instead of about 20 µs for the non-recording spans the SDK would make and end.
 
 **One tracer provider per process instance**, never the global one, so tests can run a
 gateway, a membership replica and three nodes in one interpreter, each with its own
@@ -38,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -57,6 +61,7 @@ from dkv.telemetry.metrics import GRPC_CODE_NAMES, split_method
 __all__ = [
     "OTLP_ENDPOINT_ENV",
     "SAMPLE_RATIO_ENV",
+    "UNSAMPLED_PARENT",
     "UNTRACED_METHOD_PREFIXES",
     "Tracing",
     "TracingConfig",
@@ -66,6 +71,7 @@ __all__ = [
     "is_traced",
     "otlp_host_port",
     "start_client_span",
+    "unsampled_parent",
 ]
 
 log = logging.getLogger("dkv.telemetry.tracing")
@@ -88,6 +94,13 @@ EXPORT_BATCH_SPANS_MAX = 512
 EXPORT_DELAY_MS = 1000
 
 _propagator = TraceContextTextMapPropagator()
+
+UNSAMPLED_PARENT: ContextVar[str | None] = ContextVar("dkv_unsampled_parent", default=None)
+"""The ``traceparent`` of the request being served when its caller did not sample it: the
+calls it makes carry it on (see the module docstring), instead of spans of their own."""
+
+_TRACEPARENT_CHARS = 55  # version 00: "00-" + 32 hex trace id + "-" + 16 hex span id + "-" + flags
+_UNSAMPLED_FLAGS = frozenset(f"{b:02x}" for b in range(0, 256, 2))  # the sampled bit (1) clear
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +249,24 @@ def extract_context(metadata: Sequence[tuple[str, str | bytes]] | None) -> otel_
         if key in ("traceparent", "tracestate") and isinstance(value, str):
             carrier[key] = value
     return _propagator.extract(carrier)
+
+
+def unsampled_parent(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The caller's ``traceparent`` if it is well formed and says "not sampled", else None
+    (sampled, absent or malformed: the sampler decides, as the propagator would)."""
+    for key, value in metadata or ():
+        if key == "traceparent":
+            if (
+                isinstance(value, str)
+                and len(value) == _TRACEPARENT_CHARS
+                and value.startswith("00-")
+                and value[35] == "-"
+                and value[52] == "-"
+                and value[53:] in _UNSAMPLED_FLAGS
+            ):
+                return value
+            return None
+    return None
 
 
 def inject_metadata(span: Span) -> tuple[tuple[str, str], ...]:
