@@ -108,7 +108,8 @@ class Stack:
         if not self.tls:
             return None
         pki = PkiLayout(self.root / "pki")
-        write_dev_pki(pki.directory, [("dkv", name)])
+        kind = {"m1": "membership", "gateway": "gateway", "client": "user"}.get(name, "node")
+        write_dev_pki(pki.directory, [(kind, name)])
         return TlsFiles(str(pki.cert(name)), str(pki.key(name)), str(pki.ca_cert))
 
     # -- parts ----------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 In Kubernetes, cert-manager issues the certificates; on a laptop this module makes the same
 shape of chain with ``cryptography``: one self-signed CA, and for every component a key and a
 certificate signed by it, valid for both TLS server and client use (nodes talk mTLS to each
-other, so each is both), with DNS and IP SANs for 127.0.0.1 and a SPIFFE-style URI SAN
-(``spiffe://dkv/<kind>/<name>``) that authorization can use as the caller's identity.
+other, so each is both), with DNS and IP SANs for 127.0.0.1 and a SPIFFE URI SAN that is the
+caller's identity for authorization (:mod:`dkv.security.identity`): ``spiffe://dkv/user/<name>``
+for users, ``.../node/<name>``, ``.../membership/<name>``, ``.../gateway``, ``.../envoy``.
 
 Keys are ECDSA P-256: fast handshakes, small certificates. Files are PEM; private keys are
 written with mode 0600. Nothing here is meant for production: the CA key sits next to the
@@ -26,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dkv.errors import InvalidArgument
+from dkv.security.identity import TRUST_DOMAIN, Kind, spiffe_id
 
-__all__ = ["Issued", "PkiLayout", "issue_certificate", "make_ca", "write_dev_pki"]
+__all__ = ["Issued", "PkiLayout", "issue_certificate", "make_ca", "uri_for", "write_dev_pki"]
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -168,6 +170,17 @@ def _load_ca(layout: PkiLayout) -> Issued:
     return Issued(key, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()))
 
 
+def uri_for(kind: str, name: str, trust_domain: str = TRUST_DOMAIN) -> str:
+    """The SPIFFE ID of component ``kind`` called ``name``: the gateway and Envoy have one
+    identity for all their replicas (``spiffe://dkv/gateway``), the others one each."""
+    try:
+        k = Kind.USER if kind == "client" else Kind(kind)
+    except ValueError:
+        kinds = ", ".join(k.value for k in Kind)
+        raise InvalidArgument(f"unknown kind {kind!r}: want one of {kinds}") from None
+    return spiffe_id(k, "" if k in (Kind.GATEWAY, Kind.ENVOY) else name, trust_domain)
+
+
 def write_dev_pki(
     directory: str | Path,
     names: Sequence[tuple[str, str]],
@@ -177,10 +190,11 @@ def write_dev_pki(
 ) -> list[Path]:
     """Create (or complete) a development PKI in ``directory``.
 
-    ``names`` are ``(kind, name)`` pairs, e.g. ``("node", "n1")``, ``("client", "admin")``; each
-    gets ``<name>.crt``/``<name>.key`` with the URI SAN ``spiffe://dkv/<kind>/<name>``. The CA is
-    reused if present, so adding a component later keeps existing certificates valid; files that
-    exist are kept unless ``force``. Returns the files written."""
+    ``names`` are ``(kind, name)`` pairs, e.g. ``("node", "n1")``, ``("user", "admin")``
+    (``client`` is an old name of ``user``); each gets ``<name>.crt``/``<name>.key`` with the
+    identity's SPIFFE URI SAN (:func:`uri_for`). The CA is reused if present, so adding a
+    component later keeps existing certificates valid; files that exist are kept unless
+    ``force``. Returns the files written."""
     layout = PkiLayout(Path(directory))
     layout.directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -201,7 +215,7 @@ def write_dev_pki(
             ca,
             name,
             dns_names=(*_LOCAL_DNS, *extra_dns, name),
-            uri=f"spiffe://dkv/{kind}/{name}",
+            uri=uri_for(kind, name),
         )
         _write(layout.key(name), _key_pem(leaf.key), private=True)
         _write(layout.cert(name), leaf.cert.public_bytes(serialization.Encoding.PEM), private=False)
