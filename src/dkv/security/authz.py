@@ -179,6 +179,12 @@ class PolicyFiles:
     model: Path
     policy: Path
 
+    @classmethod
+    def in_directory(cls, directory: str | Path) -> PolicyFiles:
+        """``model.conf`` and ``policy.csv`` in ``directory`` (a ConfigMap's mount)."""
+        d = Path(directory)
+        return cls(d / "model.conf", d / "policy.csv")
+
     def signature(self) -> tuple[tuple[int, int, int, int], ...]:
         """What changes when either file is replaced or edited (symlinks resolved: Kubernetes
         swaps a ``..data`` link when a ConfigMap changes)."""

@@ -170,6 +170,16 @@ def _load_ca(layout: PkiLayout) -> Issued:
     return Issued(key, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()))
 
 
+def _uri_of(cert_file: Path) -> str | None:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
 def uri_for(kind: str, name: str, trust_domain: str = TRUST_DOMAIN) -> str:
     """The SPIFFE ID of component ``kind`` called ``name``: the gateway and Envoy have one
     identity for all their replicas (``spiffe://dkv/gateway``), the others one each."""
@@ -209,13 +219,19 @@ def write_dev_pki(
     for kind, name in names:
         if not name or "/" in name or name.startswith("."):
             raise InvalidArgument(f"bad component name {name!r}")
-        if not force and layout.cert(name).exists() and layout.key(name).exists():
+        uri = uri_for(kind, name)
+        if (
+            not force
+            and layout.cert(name).exists()
+            and layout.key(name).exists()
+            and _uri_of(layout.cert(name)) == uri  # an older scheme of identities: re-issue
+        ):
             continue
         leaf = issue_certificate(
             ca,
             name,
             dns_names=(*_LOCAL_DNS, *extra_dns, name),
-            uri=uri_for(kind, name),
+            uri=uri,
         )
         _write(layout.key(name), _key_pem(leaf.key), private=True)
         _write(layout.cert(name), leaf.cert.public_bytes(serialization.Encoding.PEM), private=False)
