@@ -230,6 +230,11 @@ class DevLayout:
         return PkiLayout(self.root / "certs")
 
     @property
+    def envoy_sds_dir(self) -> Path:
+        """Where the gateway writes Envoy's SDS files (they name the files in ``certs``)."""
+        return self.root / "envoy-sds"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
@@ -408,6 +413,8 @@ class DevStack:
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
                     *(lay.tls_flags(ENVOY_NAME, "envoy-") if lay.client_tls else []),
+                    # Envoy reloads rotated certificates (file-based SDS).
+                    *(["--envoy-sds-dir", str(lay.envoy_sds_dir)] if lay.client_tls else []),
                 ],
                 lay.logs / "gateway.log",
                 ports=[

@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,8 +96,9 @@ from envoy.extensions.resource_monitors.downstream_connections.v3 import (
     downstream_connections_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
@@ -123,6 +125,10 @@ __all__ = [
     "listener",
     "resources",
     "write_bootstrap",
+    "sds_secrets",
+    "write_ads_sds_files",
+    "write_sds_files",
+    "write_secrets",
 ]
 
 GATEWAY_CLUSTER_NAME = "dkv_gateway"
@@ -211,6 +217,10 @@ class FrontDoor:
     # mTLS from Envoy to the gateways (Envoy's client certificate; ``ca_file`` verifies the
     # gateways); None: plaintext h2c.
     upstream_tls: TlsFiles | None = None
+    # Where Envoy finds its certificates by SDS (files written by :func:`write_sds_files`), so
+    # that it picks up rotated files without a restart; "": the TLS contexts name the files
+    # directly, and Envoy reads them once.
+    sds_dir: str = ""
     http_json: bool = True
     http_json_body_bytes_max: int = 8 << 20
     # OpenTelemetry traces from Envoy; None: Envoy traces nothing.
@@ -260,6 +270,129 @@ def _common_tls(files: TlsFiles, alpn: Sequence[str]) -> tls_pb2.CommonTlsContex
         ),
         alpn_protocols=list(alpn),
     )
+
+
+FRONT_DOOR_SECRET = "dkv_front_door"
+UPSTREAM_SECRET = "dkv_upstream"
+ADS_SECRET = "dkv_ads"
+
+
+def _sds_config(sds_dir: str, name: str) -> secret_pb2.SdsSecretConfig:
+    """Secret ``name`` from its file in ``sds_dir`` (file-based SDS): Envoy reads the file
+    again when something is moved into the directory (``watched_directory``)."""
+    return secret_pb2.SdsSecretConfig(
+        name=name,
+        sds_config=config_source_pb2.ConfigSource(
+            path_config_source=config_source_pb2.PathConfigSource(
+                path=os.path.join(sds_dir, f"{name}.json"),
+                watched_directory=base_pb2.WatchedDirectory(path=sds_dir),
+            ),
+            resource_api_version=config_source_pb2.V3,
+        ),
+    )
+
+
+def _sds_tls(alpn: Sequence[str], sds_dir: str, name: str) -> tls_pb2.CommonTlsContext:
+    """A TLS context whose certificate (``<name>_cert``) and CA (``<name>_ca``) come by SDS.
+    The CA goes in ``combined_validation_context`` so that static checks (subject alt name
+    matchers) can sit beside it in ``default_validation_context``."""
+    return tls_pb2.CommonTlsContext(
+        tls_certificate_sds_secret_configs=[_sds_config(sds_dir, f"{name}_cert")],
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=tls_common_pb2.CertificateValidationContext(),
+            validation_context_sds_secret_config=_sds_config(sds_dir, f"{name}_ca"),
+        ),
+        alpn_protocols=list(alpn),
+    )
+
+
+def _tls_context(
+    door: FrontDoor, files: TlsFiles, alpn: Sequence[str], name: str
+) -> tls_pb2.CommonTlsContext:
+    """By SDS when ``door.sds_dir`` is set (the secrets name ``files``), else the files."""
+    if door.sds_dir:
+        return _sds_tls(alpn, door.sds_dir, name)
+    return _common_tls(files, alpn)
+
+
+def _secrets(files: TlsFiles, name: str) -> list[secret_pb2.Secret]:
+    """The two secrets of ``files``: they name the PEM files, which Envoy reads -- and reads
+    again when something is moved into their directory (``watched_directory``: an
+    ``os.replace``, or the swap of a Kubernetes Secret volume's ``..data`` symlink, which no
+    watch on the file names themselves would see). A key that does not match its
+    certificate (caught between two writes) is refused and the previous pair kept."""
+    cert_dir = os.path.dirname(os.path.abspath(files.cert_file))
+    key_dir = os.path.dirname(os.path.abspath(files.key_file))
+    certificate = tls_common_pb2.TlsCertificate(
+        certificate_chain=base_pb2.DataSource(filename=files.cert_file),
+        private_key=base_pb2.DataSource(filename=files.key_file),
+    )
+    if cert_dir == key_dir:
+        # One watch for the pair: Envoy reads both together after a change.
+        certificate.watched_directory.path = cert_dir
+    validation = tls_common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(filename=files.ca_file),
+        watched_directory=base_pb2.WatchedDirectory(
+            path=os.path.dirname(os.path.abspath(files.ca_file))
+        ),
+    )
+    return [
+        secret_pb2.Secret(name=f"{name}_cert", tls_certificate=certificate),
+        secret_pb2.Secret(name=f"{name}_ca", validation_context=validation),
+    ]
+
+
+def sds_secrets(door: FrontDoor) -> list[secret_pb2.Secret]:
+    """Every secret the resources of ``door`` ask for by SDS (none without ``sds_dir``)."""
+    if not door.sds_dir:
+        return []
+    out: list[secret_pb2.Secret] = []
+    if door.listener_tls is not None:
+        out += _secrets(door.listener_tls, FRONT_DOOR_SECRET)
+    if door.upstream_tls is not None:
+        out += _secrets(door.upstream_tls, UPSTREAM_SECRET)
+    return out
+
+
+def sds_file(secret: secret_pb2.Secret) -> str:
+    """One secret as the file file-based SDS reads: a discovery response with one resource."""
+    response = discovery_pb2.DiscoveryResponse(resources=[_pack(secret)])
+    as_dict = json_format.MessageToDict(response, preserving_proto_field_name=True)
+    return json.dumps(as_dict, indent=2, sort_keys=True) + "\n"
+
+
+def write_sds_files(door: FrontDoor) -> list[str]:
+    """Write the SDS files of ``door`` into ``door.sds_dir`` (:func:`write_secrets`)."""
+    return write_secrets(door.sds_dir, sds_secrets(door))
+
+
+def write_ads_sds_files(sds_dir: str, ads_tls: TlsFiles) -> list[str]:
+    """Write the SDS files of :func:`bootstrap`'s ``ads_tls`` into ``sds_dir``."""
+    return write_secrets(sds_dir, _secrets(ads_tls, ADS_SECRET))
+
+
+def write_secrets(sds_dir: str, secrets: Sequence[secret_pb2.Secret]) -> list[str]:
+    """Write one SDS file per secret into ``sds_dir`` (created if needed), each atomically
+    (Envoy watches the directory for moves) and only when its content changed; returns the
+    paths written."""
+    written: list[str] = []
+    if secrets:
+        os.makedirs(sds_dir, exist_ok=True)
+    for secret in secrets:
+        path = os.path.join(sds_dir, f"{secret.name}.json")
+        text = sds_file(secret)
+        try:
+            with open(path, encoding="utf-8") as f:
+                if f.read() == text:
+                    continue
+        except OSError:
+            pass
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
 
 
 def _transport_socket(context: Any) -> base_pb2.TransportSocket:
@@ -339,7 +472,9 @@ def gateway_cluster(door: FrontDoor) -> cluster_pb2.Cluster:
         cluster.transport_socket.CopyFrom(
             _transport_socket(
                 tls_pb2.UpstreamTlsContext(
-                    common_tls_context=_common_tls(door.upstream_tls, ["h2"])
+                    common_tls_context=_tls_context(
+                        door, door.upstream_tls, ["h2"], UPSTREAM_SECRET
+                    )
                 )
             )
         )
@@ -638,7 +773,9 @@ def _filter_chain(
     if door.listener_tls is not None:
         # gRPC negotiates h2, curl and browsers may take http/1.1: both share the listener.
         context = tls_pb2.DownstreamTlsContext(
-            common_tls_context=_common_tls(door.listener_tls, ["h2", "http/1.1"]),
+            common_tls_context=_tls_context(
+                door, door.listener_tls, ["h2", "http/1.1"], FRONT_DOOR_SECRET
+            ),
             require_client_certificate=wrappers_pb2.BoolValue(value=door.require_client_cert),
         )
         chain.transport_socket.CopyFrom(_transport_socket(context))

@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     add("envoy-cert-file", "Envoy's certificate (a path Envoy reads): its front door serves TLS")
     add("envoy-key-file", "Envoy's key (a path Envoy reads)")
     add("envoy-trusted-ca-file", "CA whose client certificates Envoy's front door accepts")
+    add(
+        "envoy-sds-dir",
+        "a directory Envoy reads, where the gateway writes Envoy's SDS files naming the "
+        "--envoy-* files: Envoy then reloads them when they change (without it, once at start)",
+    )
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
 
@@ -132,6 +137,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         envoy_port=int_flag(p, "envoy-port", args.envoy_port, 1),
         tls=tls,
         envoy_tls=envoy_tls,
+        envoy_sds_dir=os.path.abspath(args.envoy_sds_dir) if args.envoy_sds_dir else "",
         default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),

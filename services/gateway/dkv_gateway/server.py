@@ -36,7 +36,7 @@ from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
 from dkv.telemetry.tracing import Tracing, TracingConfig, otlp_host_port
 from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
-from dkv_gateway.envoy_config import FrontDoor, resources
+from dkv_gateway.envoy_config import FrontDoor, resources, write_sds_files
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.envoy_config import Tracing as EnvoyTracing
 from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
@@ -84,6 +84,10 @@ class GatewayConfig:
     # TLS with them (clients must present a certificate signed by the CA), and it presents
     # them to the gateway when ``tls`` is set. None: a plaintext front door.
     envoy_tls: TlsFiles | None = None
+    # A directory Envoy can read where the gateway writes Envoy's SDS files (they name the
+    # ``envoy_tls`` files): Envoy then reloads its certificates when they change. "": Envoy
+    # reads the files once, at start.
+    envoy_sds_dir: str = ""
     # The deadline of a call that carries none.
     default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
     # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
@@ -177,15 +181,17 @@ class GatewayServer:
                 cfg.envoy_tls.cert_file, cfg.envoy_tls.key_file, cfg.envoy_tls.trusted_ca_file
             )
         )
-        clusters, listeners = resources(
-            FrontDoor(
-                listen_port=cfg.envoy_port,
-                gateways=[split_host_port(self.advertise_client)],
-                listener_tls=envoy_files,
-                upstream_tls=envoy_files if cfg.tls is not None else None,
-                tracing=self._envoy_tracing(),
-            )
+        door = FrontDoor(
+            listen_port=cfg.envoy_port,
+            gateways=[split_host_port(self.advertise_client)],
+            listener_tls=envoy_files,
+            upstream_tls=envoy_files if cfg.tls is not None else None,
+            tracing=self._envoy_tracing(),
+            sds_dir=cfg.envoy_sds_dir if envoy_files is not None else "",
         )
+        # Before the resources are served: Envoy loads them once the listener names them.
+        write_sds_files(door)
+        clusters, listeners = resources(door)
         self.ads = AdsServer(clusters=clusters, listeners=listeners)
         self.ads.add_to_server(self.xds_server)
 

@@ -39,14 +39,12 @@ class LeaderRouter:
         self.host = host
         self.registry = registry
         self.self_id = self_id
+        # A pool's get (dkv.host.channels.ChannelPool): asked per call, never cached here,
+        # since the pool replaces its channels when the certificate files change.
         self._channel_factory = channel_factory
-        self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = self._channel_factory(address)
-        return ch
+        return self._channel_factory(address)
 
     async def run(
         self,
@@ -98,6 +96,4 @@ class LeaderRouter:
                 )
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        """Nothing to close: the channels belong to the caller's pool."""

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
-from dkv.host.channels import ChannelPool, client_channel
+from dkv.host.channels import ChannelPool
 from dkv.host.grpc_transport import (
     GrpcTransport,
     TlsFiles,
@@ -145,6 +145,7 @@ class Node:
         self.registration: Registration | None = None
         self.hosting: ShardHosting | None = None
         self._membership_channels = ChannelPool(cfg.client_tls)
+        self._forward_channels = ChannelPool(cfg.client_tls)
         # One registry per node instance (tests run many in one interpreter).
         self.metrics = ProcessMetrics.create()
         self.metrics_server: MetricsServer | None = None
@@ -349,8 +350,8 @@ class Node:
 
     def client_channel(self, address: str) -> grpc.aio.Channel:
         """A channel to another member's client port (admin forwarding), with this node's
-        client TLS files when clients must use mTLS."""
-        return client_channel(address, self.cfg.client_tls)
+        client TLS files when clients must use mTLS; pooled, rebuilt when the files change."""
+        return self._forward_channels.get(address)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Graceful: stop heartbeating, stop accepting clients, let in-flight requests finish,
@@ -365,6 +366,7 @@ class Node:
             await self.client_server.stop(grace_s)
         if self.router is not None:
             await self.router.close()
+        await self._forward_channels.close()
         if self.host is not None:
             await self.host.stop()
         if self.peer_server is not None:

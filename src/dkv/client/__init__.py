@@ -29,6 +29,7 @@ from dkv.errors import (
     ProposalDropped,
     Unimplemented,
 )
+from dkv.security.tls_reload import ChannelPool
 from dkv.v1 import admin_pb2, cluster_pb2, kv_pb2
 
 __all__ = ["Client", "ClientTls"]
@@ -61,25 +62,14 @@ class Client:
         self.endpoints = endpoints
         self.timeout_s = timeout_s
         self.rng = rng or random.Random()
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._by_member: dict[int, str] = {}  # member id -> endpoint, learned from answers
         self._tls = tls
+        # One channel per endpoint; new ones when the certificate files change, the old ones
+        # closed once their calls ended (dkv.security.tls_reload). Bad files: refused here.
+        self._channels = ChannelPool(tls)
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
-        ch = self._channels.get(endpoint)
-        if ch is None:
-            if self._tls is None:
-                ch = grpc.aio.insecure_channel(endpoint)
-            else:
-                with open(self._tls.trusted_ca_file, "rb") as f:
-                    ca = f.read()
-                with open(self._tls.cert_file, "rb") as f:
-                    cert = f.read()
-                with open(self._tls.key_file, "rb") as f:
-                    key = f.read()
-                ch = grpc.aio.secure_channel(endpoint, grpc.ssl_channel_credentials(ca, key, cert))
-            self._channels[endpoint] = ch
-        return ch
+        return self._channels.get(endpoint)
 
     async def _call(
         self,
@@ -315,9 +305,7 @@ class Client:
         return dict(resp.snapshot_index)
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self._channels.close()
 
     async def __aenter__(self) -> Client:
         return self

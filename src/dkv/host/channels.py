@@ -3,7 +3,8 @@
 :func:`client_channel` opens one channel (mTLS with :class:`TlsFiles`, else plaintext h2c);
 :class:`ChannelPool` keeps one per address, for the processes that talk to many peers by
 their client address (the gateway to nodes and membership, a node to membership and to other
-nodes' admin ports, the membership leader to nodes).
+nodes' admin ports, the membership leader to nodes); it builds new channels when the
+certificate files change (:mod:`dkv.security.tls_reload`).
 
 Keepalive is decided here for both ends (:func:`keepalive_options`): clients are built with
 :data:`CHANNEL_OPTIONS`, every server with :data:`SERVER_KEEPALIVE_OPTIONS`, which accepts
@@ -12,13 +13,14 @@ their pings.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
+
+from dkv.security import tls_reload
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -144,41 +146,14 @@ def client_channel(
     return grpc.aio.secure_channel(address, creds, options=list(options))
 
 
-class ChannelPool:
-    """One channel per address (credentials read once), closed together."""
+class ChannelPool(tls_reload.ChannelPool):
+    """One channel per address, rebuilt when the TLS files change
+    (:class:`dkv.security.tls_reload.ChannelPool`), with :data:`CHANNEL_OPTIONS`."""
 
     def __init__(
         self,
         tls: TlsFiles | None = None,
         options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
+        **kwargs: Any,
     ) -> None:
-        self._options = list(options)
-        self._creds = None if tls is None else credentials(tls)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = client_channel(address, None, self._options, self._creds)
-            self._channels[address] = ch
-        return ch
-
-    @property
-    def addresses(self) -> set[str]:
-        return set(self._channels)
-
-    def discard(self, address: str) -> None:
-        """Close the channel to ``address`` (in the background; calls on it are cancelled)."""
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            task = asyncio.get_running_loop().create_task(ch.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def close(self) -> None:
-        channels = list(self._channels.values())
-        self._channels.clear()
-        for ch in channels:
-            await ch.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        super().__init__(tls, options, **kwargs)

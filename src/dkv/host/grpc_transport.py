@@ -31,6 +31,7 @@ from dkv.errors import InvalidArgument
 from dkv.host.channels import TlsFiles, client_channel
 from dkv.host.transport import Delivery
 from dkv.raft import Message, codec
+from dkv.security import tls_reload
 from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.v1 import raft_pb2 as pb
 
@@ -190,10 +191,23 @@ class GrpcTransport:
         on_unreachable: Callable[[int], None] | None = None,
         rng: random.Random | None = None,
         hello: Sequence[tuple[str, str]] = (),
+        check_interval_ms: int = tls_reload.CHECK_INTERVAL_MS,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.tls = tls
+        # Credentials that follow the files: a stream opened before they changed is rolled
+        # over onto a new channel (_run_peer). Bad files at start refuse to start.
+        self._creds = (
+            None
+            if tls is None
+            else tls_reload.ReloadingCredentials(
+                tls, check_interval_ms=check_interval_ms, user="Raft peer streams"
+            )
+        )
+        # Streams replaced by a rotation, ending in the background (bounded by their grace).
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.rollovers = 0
         self.queue_batches_max = queue_batches_max
         self.on_unreachable = on_unreachable
         self.rng = rng or random.Random()
@@ -258,16 +272,26 @@ class GrpcTransport:
             if self.metrics is not None:
                 self.metrics.failed(to)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        # Built like every client channel of ours (dkv.host.channels.CHANNEL_OPTIONS): its
-        # keepalive is the one the peer server's SERVER_KEEPALIVE_OPTIONS accept. The
-        # certificate files are read again per connection (rotated files take effect).
-        return client_channel(address, self.tls)
+    def _channel(self, address: str) -> tuple[int, grpc.aio.Channel]:
+        """A new channel to ``address`` with the current credentials, and their generation.
+        Built like every client channel of ours (dkv.host.channels.CHANNEL_OPTIONS): its
+        keepalive is the one the peer server's SERVER_KEEPALIVE_OPTIONS accept."""
+        if self._creds is None:
+            return 0, client_channel(address, None)
+        generation, creds = self._creds.current()
+        return generation, client_channel(address, None, creds=creds)
+
+    def _rotated(self, generation: int) -> bool:
+        return self._creds is not None and self._creds.current()[0] != generation
 
     async def _run_peer(self, peer: _Peer) -> None:
         backoff_s = 0.05
+        carry: pb.MessageBatch | None = None  # taken from the queue, not yet written
         while True:
-            channel = self._channel(peer.address)
+            generation, channel = self._channel(peer.address)
+            rotated = False
+            reader: asyncio.Task[None] | None = None
+            call: Any = None
             try:
                 call = channel.stream_stream(
                     _METHOD,
@@ -282,13 +306,21 @@ class GrpcTransport:
                 written = 0
                 try:
                     while True:
-                        batch = await peer.queue.get()
+                        if carry is None:
+                            carry = await peer.queue.get()
+                        if self._rotated(generation):
+                            # New certificate files: go on on a new channel (new handshake,
+                            # new credentials) and let this stream end cleanly. The batch
+                            # goes first on the new stream; nothing is dropped.
+                            rotated = True
+                            break
                         try:
-                            await call.write(batch)
+                            await call.write(carry)
                         except BaseException:
                             if self.metrics is not None:
                                 self.metrics.failed(peer.node_id)
                             raise
+                        carry = None
                         written += 1
                         if rtt is not None and written % ACK_EVERY == 0:
                             timed.append((written, time.perf_counter()))
@@ -296,7 +328,8 @@ class GrpcTransport:
                             peer.connected = True
                             backoff_s = 0.05
                 finally:
-                    reader.cancel()
+                    if not rotated:
+                        reader.cancel()
             except asyncio.CancelledError:
                 await channel.close()
                 raise
@@ -304,6 +337,16 @@ class GrpcTransport:
                 log.debug("peer %d at %s: %s", peer.node_id, peer.address, exc.code())
             except Exception as exc:  # a broken stream surfaces as various grpc errors
                 log.debug("peer %d at %s: %r", peer.node_id, peer.address, exc)
+            if rotated:
+                assert reader is not None
+                self.rollovers += 1
+                task = asyncio.get_running_loop().create_task(
+                    self._retire(peer.node_id, channel, call, reader)
+                )
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+                continue
+            carry = None  # stale by the time we reconnect, like the queue below
             await channel.close()
             peer.connected = False
             # Whatever was queued is stale by the time we reconnect: drop it, tell Raft.
@@ -320,6 +363,21 @@ class GrpcTransport:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(peer.alive.wait(), backoff_s * (0.5 + self.rng.random()))
             backoff_s = min(backoff_s * 2, 2.0)
+
+    async def _retire(
+        self, node_id: int, channel: grpc.aio.Channel, call: Any, reader: asyncio.Task[None]
+    ) -> None:
+        """End a stream replaced by a rotation: half-close it (the peer reads every batch
+        written before, then ends the stream OK), wait for that, then close its channel.
+        Bounded: a peer that does not end it within the grace gets it cancelled."""
+        try:
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+                await asyncio.wait_for(reader, tls_reload.RETIRE_GRACE_S)
+        finally:
+            reader.cancel()
+            await channel.close()
+            log.debug("stream to peer %d rolled over onto new credentials", node_id)
 
     @staticmethod
     async def _drain_acks(
@@ -341,6 +399,7 @@ class GrpcTransport:
         then the peer server stops with no call left to cancel."""
         self._closed = True
         tasks = [p.task for p in self._peers.values() if p.task is not None]
+        tasks += self._retiring
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -373,17 +432,28 @@ def with_port(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
+def bind(
+    server: grpc.aio.Server,
+    address: str,
+    tls: TlsFiles | None,
+    *,
+    check_interval_ms: int = tls_reload.CHECK_INTERVAL_MS,
+) -> int:
     """Listen on ``address`` (mTLS when ``tls`` is given: clients must present a certificate
-    from the same CA); returns the port. Raises InvalidArgument when it cannot."""
+    signed by a CA of ``tls.trusted_ca_file``); returns the port. Raises InvalidArgument when
+    it cannot, or when the TLS files are not a usable set.
+
+    The files are reloaded when they change (looked at, at most every ``check_interval_ms``,
+    when a client connects: :func:`dkv.security.tls_reload.server_credentials`): new
+    connections get the new certificate and are checked against the new CA bundle."""
     try:
         if tls is None:
             port = server.add_insecure_port(address)
         else:
-            cert, key, ca = tls.read()
-            creds = grpc.ssl_server_credentials(
-                [(key, cert)], root_certificates=ca, require_client_auth=True
+            watcher = tls_reload.TlsWatcher(
+                tls, check_interval_ms=check_interval_ms, user=f"the server on {address}"
             )
+            creds = tls_reload.server_credentials(watcher, require_client_auth=True)
             port = server.add_secure_port(address, creds)
     except RuntimeError as exc:  # grpcio >= 1.5x raises "Failed to bind" instead of returning 0
         raise InvalidArgument(f"cannot listen on {address} (in use or not an address)") from exc

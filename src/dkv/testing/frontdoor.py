@@ -18,8 +18,7 @@ import grpc
 import grpc.aio
 
 from dkv.client import ClientTls
-from dkv.host.channels import client_channel
-from dkv.host.grpc_transport import TlsFiles
+from dkv.security.tls_reload import ChannelPool
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 
@@ -39,9 +38,15 @@ class FrontDoorClient:
     def __init__(self, address: str, shard_count: int, tls: ClientTls | None = None) -> None:
         self.address = address
         self.shard_count = shard_count
-        files = None if tls is None else TlsFiles(tls.cert_file, tls.key_file, tls.trusted_ca_file)
-        self.channel = client_channel(address, files, _CHANNEL_OPTIONS)
+        # A pool of one: a new channel when the certificate files change (the old one ends
+        # its calls first), as an application using dkv.client gets.
+        self._pool = ChannelPool(tls, _CHANNEL_OPTIONS)
         self.failures: Counter[str] = Counter()  # status code name -> failed calls
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel for a new call (with the current certificate files)."""
+        return self._pool.get(self.address)
 
     async def __aenter__(self) -> FrontDoorClient:
         return self
@@ -50,7 +55,7 @@ class FrontDoorClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self._pool.close()
 
     def shard_of(self, key: bytes) -> int:
         return shard_for_key(key, self.shard_count)
