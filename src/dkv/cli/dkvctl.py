@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dkv.cli.auth import auth_app
 from dkv.client import Client, ClientTls
 from dkv.client.membership import MembershipClient
 from dkv.cluster_health import ShardHealth, shard_health
@@ -606,6 +607,7 @@ cluster_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(auth_app, name="auth")
 
 _NODE_STATES = {
     mpb.NODE_STATE_UP: "up",
