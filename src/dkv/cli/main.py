@@ -20,6 +20,14 @@ def _root() -> None:
 
 @app.command()
 def certs(
+    kind: Annotated[
+        str | None,
+        typer.Argument(
+            help="Issue just this one: user, node, membership, gateway or envoy (with NAME), "
+            "e.g. `dkv certs user alice`."
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Argument(help="The identity's name.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the CA and certificates.")] = Path(
         ".dkv/certs"
     ),
@@ -37,9 +45,16 @@ def certs(
     force: Annotated[bool, typer.Option(help="Replace existing CA and certificates.")] = False,
 ) -> None:
     """Make a local CA and mTLS certificates for development (cert-manager does this in
-    Kubernetes). Existing files are kept unless --force."""
-    names = [("node", n) for n in (node or ["n1", "n2", "n3"])]
-    names += [("client", c) for c in (client or ["admin"])]
+    Kubernetes). Existing files are kept unless --force. Each certificate names its identity
+    as a SPIFFE URI (spiffe://dkv/user/alice): see docs/security.md."""
+    if kind is not None:
+        if not name:
+            typer.echo("error: give KIND and NAME, e.g. `dkv certs user alice`", err=True)
+            raise typer.Exit(2)
+        names = [(kind, name)]
+    else:
+        names = [("node", n) for n in (node or ["n1", "n2", "n3"])]
+        names += [("client", c) for c in (client or ["admin"])]
     for spec in component or []:
         kind, sep, name = spec.partition("/")
         if not sep or not kind or not name:
