@@ -9,7 +9,14 @@ start); sizes are the node's configured limits (``dkv_node.limits``), and shards
 does not have are the router's to refuse.
 
 proto3 enums are open: a ``consistency`` of 2 or 99 arrives as that number and would
-otherwise be served as some default. Unknown fields cannot be seen here (JSON drops them).
+otherwise be served as some default. Unknown fields cannot be seen here: Envoy's JSON
+transcoder drops them, so a misspelt field arrives as an absent one. Where absence would
+silently change what a request does, kv.proto gives the field explicit presence and it is
+required here: ``PutRequest.value`` (a misspelt ``"valu"`` would write an empty value) and
+``WatchRequest.start_revision`` (a misspelt one would turn a resumed watch into one from now
+on, skipping the changes in between); a ``precondition`` that sets no condition is refused
+(a misspelt ``"verison"`` inside it would make the write unconditional). docs/http.md lists
+the decision for every field.
 
 The other public services are checked here too, by the server that answers them (the node for
 ``dkv.v1.Admin``, a membership replica for ``dkv.v1.Membership``), before anything else: ids
@@ -77,6 +84,11 @@ def _key_range(key: bytes, range_end: bytes, prefix: bytes) -> None:
 
 def _precondition(p: kv_pb2.Precondition) -> None:
     which = p.WhichOneof("condition")
+    if which is None:
+        raise InvalidArgument(
+            "precondition must set one of version, mod_revision or value (it set none: "
+            "a misspelt field inside it is dropped, and the write would be unconditional)"
+        )
     if which == "version":
         _at_least_zero("precondition.version", p.version, " (0: the key must not exist)")
     elif which == "mod_revision":
@@ -105,6 +117,8 @@ def check_range(req: kv_pb2.RangeRequest) -> None:
 def check_put(req: kv_pb2.PutRequest) -> None:
     if not req.key:
         raise InvalidArgument("key must not be empty")
+    if not req.HasField("value"):
+        raise InvalidArgument('value is required (send "" for an empty value)')
     if req.HasField("precondition"):
         _precondition(req.precondition)
 
@@ -121,6 +135,10 @@ def check_delete(req: kv_pb2.DeleteRequest) -> None:
 
 def check_watch(req: kv_pb2.WatchRequest) -> None:
     _key_range(req.key, req.range_end, req.prefix)
+    if not req.HasField("start_revision"):
+        raise InvalidArgument(
+            "start_revision is required (0: changes from now on; N: from revision N on)"
+        )
     _at_least_zero("start_revision", req.start_revision, " (0: changes from now on)")
 
 

@@ -306,10 +306,10 @@ def test_out_of_range_fields_are_invalid_argument_naming_the_field(door: Door) -
         ("Delete", kv_pb2.DeleteRequest(key=b"b", range_end=b"a"), "range_end"),
         (
             "Put",
-            kv_pb2.PutRequest(key=b"k", precondition=kv_pb2.Precondition(version=-5)),
+            kv_pb2.PutRequest(key=b"k", value=b"", precondition=kv_pb2.Precondition(version=-5)),
             "precondition.version",
         ),
-        ("Watch", kv_pb2.WatchRequest(key=b"a", prefix=b"a"), "prefix"),
+        ("Watch", kv_pb2.WatchRequest(key=b"a", prefix=b"a", start_revision=0), "prefix"),
         ("Watch", kv_pb2.WatchRequest(key=b"a", start_revision=-1), "start_revision"),
     ]
 
@@ -338,6 +338,55 @@ def test_out_of_range_fields_are_invalid_argument_naming_the_field(door: Door) -
         assert resp.status_code == 400 and "precondition.version" in resp.json()["message"]
         resp = h.get(f"{door.url}/v1/kv", params={"prefix": b64(b"a"), "limit": "-1"})
         assert resp.status_code == 400 and "limit" in resp.json()["message"]
+
+
+# -- 3b. strict input at the edge: required fields, bounded bodies (issue 11 item 6) ---------------
+
+VALUE_REQUIRED = 'value is required (send "" for an empty value)'
+
+
+def test_misspelt_fields_and_oversize_bodies_are_refused_at_the_edge(door: Door) -> None:
+    """Through Envoy and the gateway: a Put whose value was not given (a misspelt JSON field
+    is dropped on the way), a watch that does not say where it starts and bodies over the
+    limits are refused naming the field or the limit; nothing is written and the gateway
+    stays in rotation."""
+    key = b"edge/strict"
+    url = f"{door.url}/v1/kv/{base64.urlsafe_b64encode(key).decode().rstrip('=')}"
+    with door.http() as h:
+        assert h.put(url, json={"value": b64(b"old")}).status_code == 200
+        before = h.get(url).json()["kvs"]
+        misspelt = h.put(url, json={"valu": b64(b"new")})
+        assert misspelt.status_code == 400 and misspelt.json()["message"] == VALUE_REQUIRED
+        watch = h.post(f"{door.url}/v1/kv:watch", json={"key": b64(key)})
+        assert watch.status_code == 400
+        assert watch.json()["message"].startswith("start_revision is required")
+    with door.http(http2=False) as h:  # Envoy answers while the body still comes
+        too_big = h.put(url, json={"value": b64(b"x" * (3 << 20))})
+        assert too_big.status_code == 413
+        assert "HTTP/JSON request bodies of at most 2868736 bytes" in too_big.text
+
+    async def grpc_side() -> None:
+        ch = door.channel()
+        try:
+            no_value = kv_pb2.PutRequest(key=key).SerializeToString()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await raw_unary(ch, "Put", no_value)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == VALUE_REQUIRED
+            oversize = kv_pb2.PutRequest(key=key, value=b"x" * (3 << 20)).SerializeToString()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await raw_unary(ch, "Put", oversize)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "gRPC request messages of at most 2102400 bytes" in (info.value.details() or "")
+        finally:
+            await ch.close()
+
+    asyncio.run(grpc_side())
+    with door.http() as h:
+        assert h.get(url).json()["kvs"] == before  # nothing was written
+        assert h.put(url, json={"value": ""}).status_code == 200  # "" is a value
+        assert h.get(url).json()["kvs"][0]["value"] == ""
+    door.assert_gateway_in_rotation()
 
 
 # -- 4. a short deadline is DEADLINE_EXCEEDED ------------------------------------------------------

@@ -171,7 +171,9 @@ def test_one_put_is_one_trace_from_envoy_to_the_fsync(tmp_path: Path, backend: s
                     )
                 bad = caller.tracer.start_as_current_span("bad")  # type: ignore[union-attr]
                 with bad as failing, pytest.raises(grpc.aio.AioRpcError) as err:
-                    await put(kv_pb2.PutRequest(key=b""), metadata=inject_metadata(failing))
+                    await put(
+                        kv_pb2.PutRequest(key=b"", value=b"v"), metadata=inject_metadata(failing)
+                    )
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             return (
                 format(root.get_span_context().trace_id, "032x"),

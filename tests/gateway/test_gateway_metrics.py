@@ -73,7 +73,7 @@ def test_gateway_metrics_follow_calls_hints_retries_fanout_and_watches(tmp_path:
             assert v(s, "dkv_gateway_fanout_shards_sum") == SHARDS
 
             # A prefix watch is open while the client holds it, and follows every shard.
-            call = st.watch(kv_pb2.WatchRequest(prefix=b"k/"))
+            call = st.watch(kv_pb2.WatchRequest(prefix=b"k/", start_revision=0))
             await st.put(kv_pb2.PutRequest(key=key, value=b"d"))
             async for resp in call:
                 if resp.events:

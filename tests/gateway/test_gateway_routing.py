@@ -251,9 +251,9 @@ def test_watch_from_now_and_of_one_key(tmp_path: Path) -> None:
             await kv.put(b"n/old", b"old")
             seen: list[kv_pb2.WatchResponse] = []
             changed = asyncio.Condition()
-            prefix_call = st.watch(kv_pb2.WatchRequest(prefix=b"n/"))
+            prefix_call = st.watch(kv_pb2.WatchRequest(prefix=b"n/", start_revision=0))
             one: list[kv_pb2.WatchResponse] = []
-            key_call = st.watch(kv_pb2.WatchRequest(key=b"n/one", prev_kv=True))
+            key_call = st.watch(kv_pb2.WatchRequest(key=b"n/one", prev_kv=True, start_revision=0))
             tasks = [
                 asyncio.get_running_loop().create_task(_collect(prefix_call, seen, changed)),
                 asyncio.get_running_loop().create_task(_collect(key_call, one, changed)),
@@ -337,7 +337,7 @@ def test_errors_pass_through_or_name_the_shard(tmp_path: Path) -> None:
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
                 assert (err.value.details() or "").startswith("key must not be empty")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in st.watch(kv_pb2.WatchRequest(key=b"")):
+                async for _ in st.watch(kv_pb2.WatchRequest(key=b"", start_revision=0)):
                     pass
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert (err.value.details() or "").startswith("key must not be empty")
@@ -385,7 +385,7 @@ def test_a_deadline_too_short_to_try_a_replica_is_deadline_exceeded(tmp_path: Pa
                 await st.router.unary(
                     1,
                     "Put",
-                    kv_pb2.PutRequest(key=key),
+                    kv_pb2.PutRequest(key=key, value=b"v"),
                     kv_pb2.PutResponse.FromString,
                     loop.time() + 0.0001,
                     write=True,
@@ -427,7 +427,7 @@ def test_uninitialized_cluster_is_unavailable_and_not_ready(tmp_path: Path) -> N
                 assert err.value.details() == (
                     "the cluster is not initialized yet (waiting for nodes to register)"
                 )
-            watch = st.watch(kv_pb2.WatchRequest(prefix=b"k"))
+            watch = st.watch(kv_pb2.WatchRequest(prefix=b"k", start_revision=0))
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in watch:
                     pass

@@ -454,7 +454,8 @@ def test_unknown_fields(stack: Stack) -> None:
     collision = call(stack.port, "PUT", key_path(b"k"), {"key": b64(b"other"), "value": ""})
     assert collision.status == 400 and "conflicting" in collision.text
     # Unknown JSON body fields cannot be refused: the transcoder library hard-codes
-    # ignore_unknown_fields (docs/http.md). This pins that documented behaviour.
+    # ignore_unknown_fields (docs/http.md). This pins that documented behaviour; it is why the
+    # fields whose absence changes a request are required (the strict-input tests below).
     ignored = call(stack.port, "PUT", key_path(b"k"), {"value": b64(b"v"), "bogus": 1})
     assert ignored.status == 200 and ignored.json()["succeeded"] is True
 
@@ -576,6 +577,131 @@ def test_http_json_is_on_by_default_and_can_be_turned_off() -> None:
     ]
     off = envoy_config.FrontDoor(listen_port=1, gateways=[("127.0.0.1", 2)], http_json=False)
     assert "envoy.filters.http.grpc_json_transcoder" not in _http_filter_names(off)
+
+
+# -- strict input: required fields, bounded bodies (issue 11 item 6) ------------------------------
+
+VALUE_REQUIRED = 'value is required (send "" for an empty value)'
+
+
+def _error(answer: Answer) -> tuple[int, int, str]:
+    """(HTTP status, gRPC code, message) of an error dkv answered (convert_grpc_status)."""
+    body = answer.json()
+    assert body["details"] == [], body
+    return answer.status, body["code"], body["message"]
+
+
+def test_a_put_without_value_is_refused_and_writes_nothing(stack: Stack) -> None:
+    """The transcoder drops unknown JSON fields: a misspelt ``"valu"`` arrives as a Put
+    without a value, which used to write an empty one with 200 OK."""
+    key = b"strict/value"
+    put(stack.port, key, b"old")
+    [old] = call(stack.port, "GET", key_path(key)).json()["kvs"]
+    refused = (400, INVALID_ARGUMENT, VALUE_REQUIRED)
+    for body in ({"valu": b64(b"new")}, {}, {"value": None}, b"", {"prev_kv": True}):
+        assert _error(call(stack.port, "PUT", key_path(key), body)) == refused, body
+    whole = call(stack.port, "POST", "/v1/kv:put", {"key": b64(key), "valu": b64(b"new")})
+    assert _error(whole) == refused
+    # A precondition whose field is misspelt sets no condition: refused, not unconditional.
+    cas = {"value": b64(b"new"), "precondition": {"verison": "1"}}
+    status, code, message = _error(call(stack.port, "PUT", key_path(key), cas))
+    assert (status, code) == (400, INVALID_ARGUMENT)
+    assert message.startswith("precondition must set one of version, mod_revision or value")
+    # Nothing was written: the same value at the same revision.
+    assert call(stack.port, "GET", key_path(key)).json()["kvs"] == [old]
+
+    # An empty value is written by sending it.
+    assert put(stack.port, key, b"")["succeeded"] is True
+    [kv] = call(stack.port, "GET", key_path(key)).json()["kvs"]
+    assert kv["value"] == "" and kv["version"] == "2"
+
+
+def test_a_watch_without_start_revision_is_refused(stack: Stack) -> None:
+    """A resumed watch whose ``start_revision`` is misspelt would silently skip the changes
+    since then: it must say where it starts (0: from now on)."""
+    expected = (
+        400,
+        INVALID_ARGUMENT,
+        "start_revision is required (0: changes from now on; N: from revision N on)",
+    )
+    body = {"key": b64(b"strict/watch"), "start_revison": "7"}
+    assert _error(call(stack.port, "POST", "/v1/kv:watch", body)) == expected
+    query = urllib.parse.urlencode({"key": b64(b"strict/watch")})
+    assert _error(call(stack.port, "GET", f"/v1/kv:watch?{query}")) == expected
+    # Said explicitly, it is served. ("0", from now on, arrives as given too: the gRPC
+    # watches of test_gateway_routing send it; here the answer's headers would wait for the
+    # first event.)
+    written = put(stack.port, b"strict/watch", b"w")
+    start = {"key": b64(b"strict/watch"), "start_revision": written["header"]["revision"]}
+    with watch_lines(stack.port, "POST", "/v1/kv:watch", start) as events:
+        [event] = next(events)["events"]
+        assert unb64(event["kv"]["value"]) == b"w"
+
+
+def _grpc_put(stack: Stack, req: bytes) -> kv_pb2.PutResponse:
+    """One raw gRPC Put through Envoy (bytes as they are), on the stack's loop."""
+
+    async def run() -> kv_pb2.PutResponse:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
+            stub = channel.unary_unary(
+                "/dkv.v1.KV/Put",
+                request_serializer=lambda b: b,
+                response_deserializer=kv_pb2.PutResponse.FromString,
+            )
+            answer: kv_pb2.PutResponse = await stub(req, timeout=DEADLINE_S)
+            return answer
+
+    return stack.run(run())
+
+
+def test_oversize_bodies_are_refused_at_envoy_naming_the_limit(stack: Stack) -> None:
+    door = envoy_config.FrontDoor(listen_port=1, gateways=[("127.0.0.1", 2)])
+    grpc_max, json_max = door.grpc_request_bytes_max, door.http_json_request_bytes
+    assert (grpc_max, json_max) == (2_102_400, 2_868_736)  # docs/http.md quotes them
+    key = b"strict/size"
+    put(stack.port, key, b"old")
+    [old] = call(stack.port, "GET", key_path(key)).json()["kvs"]
+
+    # HTTP/JSON: a body over the limit is a 413 naming it, from Envoy.
+    too_big = call(stack.port, "PUT", key_path(key), {"value": b64(b"x" * (json_max * 3 // 4))})
+    assert (too_big.status, too_big.content_type) == (413, "text/plain")
+    assert too_big.text == (
+        f"request body too large: the front door takes HTTP/JSON request bodies of at most "
+        f"{json_max} bytes, carrying a request of at most {grpc_max} bytes as protobuf "
+        "(docs/http.md)\n"
+    )
+    # A body within the JSON limit whose request is over the gRPC one (a long request id is
+    # as long in both): the same answer.
+    long_id = call(stack.port, "PUT", key_path(key), {"value": "", "request_id": "r" * grpc_max})
+    assert (long_id.status, long_id.text) == (413, too_big.text)
+
+    # gRPC: RESOURCE_EXHAUSTED naming the limit, from Envoy.
+    oversize = kv_pb2.PutRequest(key=key, value=b"x" * grpc_max).SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _grpc_put(stack, oversize)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == (
+        "request message too large: the front door takes gRPC request messages of at most "
+        f"{grpc_max} bytes (docs/http.md)"
+    )
+    assert call(stack.port, "GET", key_path(key)).json()["kvs"] == [old]  # nothing written
+
+    # The largest valid request passes, as gRPC and as JSON (the CAS itself fails).
+    largest = kv_pb2.PutRequest(
+        key=b"L" * 4096,
+        value=b"v" * (1 << 20),
+        request_id="r" * 128,
+        precondition=kv_pb2.Precondition(value=b"p" * (1 << 20)),
+    )
+    assert largest.ByteSize() <= grpc_max
+    assert _grpc_put(stack, largest.SerializeToString()).succeeded is False
+    as_json = {
+        "request_id": largest.request_id,
+        "precondition": {"value": b64(largest.precondition.value)},
+    }
+    assert put(stack.port, largest.key, largest.value, **as_json)["succeeded"] is False
+    # Envoy and the node keep serving.
+    assert put(stack.port, key, b"new")["succeeded"] is True
 
 
 # -- dkv envoy-bootstrap --------------------------------------------------------------------------

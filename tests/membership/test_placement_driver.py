@@ -73,7 +73,9 @@ async def open_watches(nodes: list[Node]) -> Watches:
             response_deserializer=kv_pb2.WatchResponse.FromString,
         )
         for sid in sorted(n.shards):
-            call = watch(kv_pb2.WatchRequest(key=b"\x00", range_end=b"\x00", shard_id=sid))
+            call = watch(
+                kv_pb2.WatchRequest(key=b"\x00", range_end=b"\x00", shard_id=sid, start_revision=0)
+            )
 
             async def drain(call: object = call) -> str:
                 try:

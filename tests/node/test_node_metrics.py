@@ -140,7 +140,7 @@ def test_a_node_exports_keys_watchers_request_ids_rejections_and_compactions(
                     request_serializer=kv_pb2.WatchRequest.SerializeToString,
                     response_deserializer=kv_pb2.WatchResponse.FromString,
                 )
-                stream = watch(kv_pb2.WatchRequest(prefix=b"w/"), timeout=30)
+                stream = watch(kv_pb2.WatchRequest(prefix=b"w/", start_revision=0), timeout=30)
                 # Open once the node counts it (polled with a bound, not slept).
                 loop = asyncio.get_running_loop()
                 give_up = loop.time() + 10

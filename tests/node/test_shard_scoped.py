@@ -147,7 +147,7 @@ def test_range_and_watch_scoped_to_one_shard(tmp_path: Path) -> None:
                 assert [(e.kv.key, e.kv.value) for e in resp.events] == [(by_shard[2][0], b"here")]
             finally:
                 call.cancel()
-            bad = kv.watch(kv_pb2.WatchRequest(prefix=b"s/", shard_id=9))
+            bad = kv.watch(kv_pb2.WatchRequest(prefix=b"s/", shard_id=9, start_revision=0))
 
             async def drain() -> None:
                 async for _ in bad:
@@ -218,7 +218,7 @@ def test_a_node_hosting_some_shards_maps_keys_by_the_cluster_shard_count(
             here = await kv.range(kv_pb2.RangeRequest(prefix=b"s/"))
             assert [x.key for x in here.kvs] == [by_shard[1][0]]
             # Watching a key of a shard not hosted: UNAVAILABLE as well.
-            watch = kv.watch(kv_pb2.WatchRequest(key=by_shard[2][0]))
+            watch = kv.watch(kv_pb2.WatchRequest(key=by_shard[2][0], start_revision=0))
 
             async def drain() -> None:
                 async for _ in watch:

@@ -19,6 +19,12 @@ What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
   (``convert_grpc_status``); bad JSON and unknown query parameters are 400s (unknown fields in
   a JSON body are dropped: the transcoder cannot be told to refuse them); streams (``Watch``)
   are newline-delimited JSON.
+- request bodies are bounded before anything is forwarded (:mod:`dkv.sizes`): a gRPC request
+  by ``grpc_request_bytes_max`` (dkv's largest valid request; the buffer filter, enabled on
+  the routed routes, holds a request whole, which a unary request is anyway), an HTTP/JSON body
+  by ``http_json_body_bytes_max`` (the transcoder; its base64 form). Envoy answers 413 itself,
+  and ``local_reply_config`` makes that answer name the limit and, to a gRPC client, say
+  RESOURCE_EXHAUSTED (Envoy's own mapping of 413 is UNKNOWN, which says "server sick").
 - the local rate limit is a no-op unless ``filter_enabled`` and ``filter_enforced`` are 100%; it
   answers ``RESOURCE_EXHAUSTED`` (``rate_limited_as_resource_exhausted``) so gRPC clients do not
   retry it as ``UNAVAILABLE``.
@@ -70,6 +76,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
@@ -102,6 +109,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
+
+from dkv.sizes import request_bytes_max
 
 __all__ = [
     "ADS_CLUSTER_NAME",
@@ -156,6 +165,20 @@ _BUFFER_NAME = "envoy.filters.http.buffer"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _OPENTELEMETRY_TRACER_NAME = "envoy.tracers.opentelemetry"
 
+GRPC_REQUEST_BYTES_MAX = request_bytes_max()
+"""One gRPC request message at most: dkv's largest valid request (:mod:`dkv.sizes`)."""
+GRPC_FRAME_PREFIX_BYTES = 5
+"""Each gRPC message travels behind a 5-byte prefix (compressed flag, length); Envoy's body
+limits count it."""
+JSON_SYNTAX_BYTES = 64 << 10
+"""What a JSON body adds besides its base64: field names, quotes, numbers, whitespace."""
+
+
+def http_json_bytes_max(grpc_request_bytes_max: int) -> int:
+    """The largest JSON body of a request that is at most ``grpc_request_bytes_max`` as
+    protobuf: base64 makes bytes 4/3 as long, plus :data:`JSON_SYNTAX_BYTES`."""
+    return 4 * -(-grpc_request_bytes_max // 3) + JSON_SYNTAX_BYTES
+
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
@@ -184,10 +207,15 @@ class FrontDoor:
     now). Rates are per Envoy process: ``rate_limit_tokens_max`` requests may burst, refilled by
     ``rate_limit_tokens_per_fill`` every ``rate_limit_fill_interval_ms``.
 
-    ``http_json`` serves the KV API as HTTP/JSON too (the transcoder). ``http_json_body_bytes_max``
-    bounds one JSON request and one unary JSON answer, which the transcoder holds whole: values
-    may be 1 MiB (the node's limits), which is about 1.4 MB as base64, so the default leaves room
-    for a JSON body carrying one such value, or a Range answer of a few.
+    ``http_json`` serves the KV API as HTTP/JSON too (the transcoder).
+
+    Sizes (module docstring): ``grpc_request_bytes_max`` bounds one gRPC request message (the
+    gateway's own limit: dkv's largest valid request, :mod:`dkv.sizes`);
+    ``http_json_body_bytes_max`` one JSON request body (None: the base64 form of the gRPC
+    bound, :func:`http_json_bytes_max`); ``http_json_response_bytes_max`` one unary JSON answer,
+    which the transcoder holds whole (a 4 MiB answer is about 5.6 MB as base64, plus field
+    names for up to 10,000 keys); ``rejected_body_bytes_max`` a body read before a local answer
+    (None: as an HTTP/JSON body).
     """
 
     listen_port: int
@@ -207,8 +235,8 @@ class FrontDoor:
     health_check_interval_ms: int = 2000
     health_check_timeout_ms: int = 1000
     health_check_unhealthy_threshold: int = 3
-    # Bodies read (and dropped) before a local 405 answer.
-    rejected_body_bytes_max: int = 8 << 20
+    # Bodies read (and dropped) before a local 405 answer; None: ``http_json_request_bytes``.
+    rejected_body_bytes_max: int | None = None
     extra_routes: Sequence[route_components_pb2.Route] = field(default_factory=tuple)
     # TLS on the listener (Envoy's certificate; ``ca_file`` verifies clients); None: plaintext.
     listener_tls: TlsFiles | None = None
@@ -222,9 +250,25 @@ class FrontDoor:
     # directly, and Envoy reads them once.
     sds_dir: str = ""
     http_json: bool = True
-    http_json_body_bytes_max: int = 8 << 20
+    grpc_request_bytes_max: int = GRPC_REQUEST_BYTES_MAX
+    http_json_body_bytes_max: int | None = None
+    http_json_response_bytes_max: int = 8 << 20
     # OpenTelemetry traces from Envoy; None: Envoy traces nothing.
     tracing: Tracing | None = None
+
+    @property
+    def http_json_request_bytes(self) -> int:
+        """The bound on one HTTP/JSON request body (``http_json_body_bytes_max`` or derived)."""
+        if self.http_json_body_bytes_max is not None:
+            return self.http_json_body_bytes_max
+        return http_json_bytes_max(self.grpc_request_bytes_max)
+
+    @property
+    def rejected_body_bytes(self) -> int:
+        """The bound on a body read before a local answer."""
+        if self.rejected_body_bytes_max is not None:
+            return self.rejected_body_bytes_max
+        return self.http_json_request_bytes
 
 
 def _ms(milliseconds: int) -> duration_pb2.Duration:
@@ -517,7 +561,23 @@ def _route(
     )
     if retry_on is not None and door.retries_max > 0:
         action.retry_policy.CopyFrom(_retry_policy(retry_on, door.retries_max))
-    return route_components_pb2.Route(match=match, route=action)
+    route = route_components_pb2.Route(match=match, route=action)
+    # The request whole, at most one message of grpc_request_bytes_max: past it Envoy answers
+    # 413 (RESOURCE_EXHAUSTED to gRPC, _local_replies) and nothing reaches a gateway. Requests
+    # are unary (a Watch too: one request, a stream of answers), so holding one costs nothing.
+    _buffer(route, door.grpc_request_bytes_max + GRPC_FRAME_PREFIX_BYTES)
+    return route
+
+
+def _buffer(route: route_components_pb2.Route, max_request_bytes: int) -> None:
+    """Enable the buffer filter (off at the connection manager) on ``route``."""
+    route.typed_per_filter_config[_BUFFER_NAME].CopyFrom(
+        _pack(
+            buffer_pb2.BufferPerRoute(
+                buffer=buffer_pb2.Buffer(max_request_bytes=_u32(max_request_bytes))
+            )
+        )
+    )
 
 
 def _routes(door: FrontDoor) -> list[route_components_pb2.Route]:
@@ -584,13 +644,7 @@ def _direct(
             for k, v in headers
         ],
     )
-    route.typed_per_filter_config[_BUFFER_NAME].CopyFrom(
-        _pack(
-            buffer_pb2.BufferPerRoute(
-                buffer=buffer_pb2.Buffer(max_request_bytes=_u32(door.rejected_body_bytes_max))
-            )
-        )
-    )
+    _buffer(route, door.rejected_body_bytes)
     return route
 
 
@@ -716,10 +770,80 @@ def grpc_json_transcoder(door: FrontDoor) -> hcm_pb2.HttpFilter:
             reject_unknown_query_parameters=True,
             reject_binding_body_field_collisions=True,
         ),
-        max_request_body_size=wrappers_pb2.UInt32Value(value=door.http_json_body_bytes_max),
-        max_response_body_size=wrappers_pb2.UInt32Value(value=door.http_json_body_bytes_max),
+        max_request_body_size=_u32(door.http_json_request_bytes),
+        max_response_body_size=_u32(door.http_json_response_bytes_max),
     )
     return hcm_pb2.HttpFilter(name=_TRANSCODER_NAME, typed_config=_pack(config))
+
+
+def _local_replies(door: FrontDoor) -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own 413 (a body over a limit: the transcoder's, the buffer filter's) names the
+    limits; to a gRPC request it is RESOURCE_EXHAUSTED, which gRPC clients do not retry and
+    which says "too much" (Envoy's mapping of 413 is UNKNOWN). The body becomes the gRPC
+    status message; an HTTP client gets it as plain text, like Envoy's other refusals.
+
+    A transcoded request looks like gRPC by then (the transcoder rewrote its content type)
+    but is answered as HTTP: it is told apart by ``x-envoy-original-path``, which the
+    transcoder sets."""
+    too_large = accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(
+                    default_value=413, runtime_key="dkv.front_door.too_large_status"
+                ),
+            )
+        )
+    )
+    grpc_request = accesslog_pb2.AccessLogFilter(
+        header_filter=accesslog_pb2.HeaderFilter(header=_grpc_only())
+    )
+    not_transcoded = accesslog_pb2.AccessLogFilter(
+        header_filter=accesslog_pb2.HeaderFilter(
+            header=route_components_pb2.HeaderMatcher(
+                name="x-envoy-original-path", present_match=False
+            )
+        )
+    )
+    grpc_limit = f"gRPC request messages of at most {door.grpc_request_bytes_max} bytes"
+    json_limit = (
+        f"HTTP/JSON request bodies of at most {door.http_json_request_bytes} bytes, carrying "
+        f"a request of at most {door.grpc_request_bytes_max} bytes as protobuf"
+        if door.http_json
+        else ""
+    )
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    and_filter=accesslog_pb2.AndFilter(
+                        filters=[too_large, grpc_request, not_transcoded]
+                    )
+                ),
+                headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key="grpc-status",
+                            value="8",  # RESOURCE_EXHAUSTED
+                        ),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+                body=base_pb2.DataSource(
+                    inline_string="request message too large: the front door takes "
+                    f"{grpc_limit} (docs/http.md)"
+                ),
+            ),
+            hcm_pb2.ResponseMapper(
+                filter=too_large,
+                body=base_pb2.DataSource(
+                    inline_string="request body too large: the front door takes "
+                    + (json_limit or grpc_limit)
+                    + " (docs/http.md)\n"
+                ),
+            ),
+        ]
+    )
 
 
 def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
@@ -731,9 +855,7 @@ def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
     filters.append(
         hcm_pb2.HttpFilter(
             name=_BUFFER_NAME,
-            typed_config=_pack(
-                buffer_pb2.Buffer(max_request_bytes=_u32(door.rejected_body_bytes_max))
-            ),
+            typed_config=_pack(buffer_pb2.Buffer(max_request_bytes=_u32(door.rejected_body_bytes))),
             disabled=True,
         )
     )
@@ -754,6 +876,7 @@ def listener(door: FrontDoor) -> listener_pb2.Listener:
             ],
         ),
         http_filters=_http_filters(door),
+        local_reply_config=_local_replies(door),
     )
     if door.tracing is not None:
         manager.tracing.CopyFrom(_tracing(door.tracing))

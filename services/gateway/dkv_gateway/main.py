@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         _DEFAULTS.default_timeout_ms,
     )
     add(
+        "max-value-bytes",
+        "the nodes' --max-value-bytes: the largest request the gateway and Envoy let through "
+        "follows from it",
+        _DEFAULTS.value_bytes_max,
+    )
+    add(
         "cert-file",
         "TLS certificate: the gateway's KV port serves mTLS with it and presents it to "
         "nodes and membership",
@@ -139,6 +145,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         envoy_tls=envoy_tls,
         envoy_sds_dir=os.path.abspath(args.envoy_sds_dir) if args.envoy_sds_dir else "",
         default_timeout_ms=int_flag(p, "default-timeout-ms", args.default_timeout_ms, 1),
+        value_bytes_max=int_flag(p, "max-value-bytes", args.max_value_bytes, 1),
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
     )

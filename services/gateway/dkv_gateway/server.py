@@ -32,6 +32,7 @@ from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
+from dkv.sizes import VALUE_BYTES_MAX, message_limits
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
 from dkv.telemetry.tracing import Tracing, TracingConfig, otlp_host_port
@@ -90,6 +91,9 @@ class GatewayConfig:
     envoy_sds_dir: str = ""
     # The deadline of a call that carries none.
     default_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000)
+    # The nodes' --max-value-bytes: the gateway's and Envoy's message limits follow from it
+    # (dkv.sizes), so that what the nodes take is not refused on its way to them.
+    value_bytes_max: int = VALUE_BYTES_MAX
     # host:port of /metrics, /livez and /readyz; "" serves none (the CLI's default is on).
     listen_metrics: str = ""
     # OpenTelemetry traces (the gateway's and Envoy's spans); off without an OTLP endpoint.
@@ -107,6 +111,8 @@ class GatewayConfig:
             raise InvalidArgument(f"--envoy-port must be in 1..65535, got {self.envoy_port}")
         if self.default_timeout_ms < 1:
             raise InvalidArgument("--default-timeout-ms must be >= 1")
+        if self.value_bytes_max < 1:
+            raise InvalidArgument("--max-value-bytes must be >= 1")
 
 
 class GatewayServer:
@@ -156,9 +162,10 @@ class GatewayServer:
         # With --listen-metrics off nothing is recorded on the hot paths either.
         recording = bool(cfg.listen_metrics)
         grpc_metrics = self.metrics.grpc_server if recording else None
+        limits = message_limits(value_bytes_max=cfg.value_bytes_max)
         # Bind first, so that port 0 works and what we announce is where we listen.
         self.client_server = new_server(
-            options=CLIENT_SERVER_OPTIONS,
+            options=(*CLIENT_SERVER_OPTIONS, *limits.grpc_options()),
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
             tracer=self.tracing.tracer,
@@ -187,6 +194,7 @@ class GatewayServer:
             listener_tls=envoy_files,
             upstream_tls=envoy_files if cfg.tls is not None else None,
             tracing=self._envoy_tracing(),
+            grpc_request_bytes_max=limits.request_bytes_max,
             sds_dir=cfg.envoy_sds_dir if envoy_files is not None else "",
         )
         # Before the resources are served: Envoy loads them once the listener names them.

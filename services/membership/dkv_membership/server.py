@@ -56,6 +56,7 @@ from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.sharding import SLOT_COUNT
+from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
@@ -203,7 +204,10 @@ class MembershipServer:
         recording = bool(cfg.listen_metrics)
         grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(metrics=grpc_metrics)
+        self.peer_server = new_server(
+            options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
+            metrics=grpc_metrics,
+        )
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = new_server(metrics=grpc_metrics, tracer=self.tracing.tracer)
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)

@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from dkv import sizes
 from dkv.errors import InvalidArgument, NotLeader
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call, leader_trailers
 from dkv.keys import range_limit
-from dkv.paging import PAGE_BYTES_MAX, merge_pages
+from dkv.paging import merge_pages
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 from dkv.validation import check_delete, check_put, check_range, check_watch
@@ -123,6 +124,10 @@ class KvService:
             check_put(req)
             self.limits.check_key(req.key)
             self.limits.check_value(req.value)
+            if req.precondition.WhichOneof("condition") == "value":
+                # Longer than any stored value, it could never match; bounded, it keeps the
+                # largest valid Put within the message limits (dkv.sizes).
+                self.limits.check_value(req.precondition.value, "precondition.value")
             self.limits.check_request_id(req.request_id)
             gid = self._shard_of(req.key)
             cmd = kv_pb2.KvCommand(request_id=req.request_id, put=req)
@@ -137,6 +142,8 @@ class KvService:
         async def run() -> kv_pb2.DeleteResponse:
             check_delete(req)
             self.limits.check_key(req.key)
+            if req.precondition.WhichOneof("condition") == "value":
+                self.limits.check_value(req.precondition.value, "precondition.value")
             self.limits.check_request_id(req.request_id)
             if req.range_end:
                 return await self._delete_range(req, self._timeout(context))
@@ -261,10 +268,10 @@ class KvService:
 
 
 WATCH_BATCH_EVENTS_MAX = 1000
-WATCH_BATCH_BYTES_MAX = PAGE_BYTES_MAX
+WATCH_BATCH_BYTES_MAX = sizes.WATCH_BATCH_BYTES_MAX
 """A watch message carries about this many bytes of events (whole revisions; one revision
 alone may be bigger), so big values do not exceed a receiver's message limit (4 MiB by
-default in gRPC)."""
+default in gRPC; dkv.sizes derives the servers' limits from it)."""
 
 
 async def watch_stream(

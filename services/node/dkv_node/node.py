@@ -38,6 +38,7 @@ from dkv.host.members import (
 from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
+from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
@@ -178,10 +179,14 @@ class Node:
         recording = bool(cfg.listen_metrics)
         grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(metrics=grpc_metrics)
+        self.peer_server = new_server(
+            options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
+            metrics=grpc_metrics,
+        )
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = new_server(
-            options=CLIENT_SERVER_OPTIONS,
+            # Messages as big as this node's limits allow (dkv.sizes), no bigger.
+            options=(*CLIENT_SERVER_OPTIONS, *cfg.limits.message_limits().grpc_options()),
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
             tracer=self.tracing.tracer,

@@ -25,7 +25,12 @@ One place decides what all of them share:
   health checks, peer streams and heartbeats are never traced;
 - the keepalive enforcement that matches our clients' pings
   (:data:`dkv.host.channels.SERVER_KEEPALIVE_OPTIONS`), so no client gets ``GOAWAY
-  too_many_pings``.
+  too_many_pings``;
+- **message sizes** (:mod:`dkv.sizes`): a request over ``grpc.max_receive_message_length`` or
+  an answer over ``grpc.max_send_message_length`` is RESOURCE_EXHAUSTED before any handler
+  (or decoding) sees it. By default dkv's public limits (the largest valid request, 2 MiB +
+  5 KiB; answers up to 4 MiB); a node passes its own (``Limits.message_limits``: bigger
+  values, bigger messages), the peer ports theirs (:data:`dkv.sizes.PEER_MESSAGE_LIMITS`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+from dkv.sizes import message_limits
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 from dkv.telemetry.tracing import (
     UNSAMPLED_PARENT,
@@ -458,6 +464,8 @@ def new_server(
     # share its connections silently. Off: a port in use is an error at start.
     merged: dict[str, Any] = {"grpc.so_reuseport": 0}
     merged.update(SERVER_KEEPALIVE_OPTIONS)
+    # dkv's public message limits unless ``options`` say otherwise (module docstring).
+    merged.update(message_limits().grpc_options())
     merged.update(dict(options))
     return grpc.aio.server(
         interceptors=[guard or DecodeGuard(metrics=metrics, tracer=tracer)],

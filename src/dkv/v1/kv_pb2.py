@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64kv/v1/kv.proto\x12\x06\x64kv.v1\x1a\x1cgoogle/api/annotations.proto\"Z\n\x0eResponseHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\traft_term\x18\x04 \x01(\x04\"f\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05value\x18\x05 \x01(\x0c\"W\n\x0cPrecondition\x12\x11\n\x07version\x18\x01 \x01(\x03H\x00\x12\x16\n\x0cmod_revision\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x03 \x01(\x0cH\x00\x42\x0b\n\tcondition\"\xca\x01\n\x0cRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\r\n\x05limit\x18\x03 \x01(\x03\x12,\n\x0b\x63onsistency\x18\x07 \x01(\x0e\x32\x17.dkv.v1.ReadConsistency\x12\x11\n\tkeys_only\x18\x08 \x01(\x08\x12\x12\n\ncount_only\x18\t \x01(\x08\x12\x0e\n\x06prefix\x18\x14 \x01(\x0c\x12\x14\n\x0c\x63ontinuation\x18\x15 \x01(\x0c\x12\x10\n\x08shard_id\x18\x16 \x01(\x04\"\x89\x01\n\rRangeResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x1d\n\x03kvs\x18\x02 \x03(\x0b\x32\x10.dkv.v1.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ontinuation\x18\x05 \x01(\x0c\"y\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07prev_kv\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12*\n\x0cprecondition\x18\x0b \x01(\x0b\x32\x14.dkv.v1.Precondition\"\x8e\x01\n\x0bPutResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12!\n\x07prev_kv\x18\x02 \x01(\x0b\x32\x10.dkv.v1.KeyValue\x12\x11\n\tsucceeded\x18\x03 \x01(\x08\x12!\n\x07\x63urrent\x18\x04 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"\x92\x01\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0f\n\x07prev_kv\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12*\n\x0cprecondition\x18\x0b \x01(\x0b\x32\x14.dkv.v1.Precondition\x12\x10\n\x08shard_id\x18\x0c \x01(\x04\"\xa3\x01\n\x0e\x44\x65leteResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\"\n\x08prev_kvs\x18\x03 \x03(\x0b\x32\x10.dkv.v1.KeyValue\x12\x11\n\tsucceeded\x18\x04 \x01(\x08\x12!\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"y\n\x0cWatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x0c\x12\x16\n\x0estart_revision\x18\x04 \x01(\x03\x12\x0f\n\x07prev_kv\x18\x05 \x01(\x08\x12\x10\n\x08shard_id\x18\x06 \x01(\x04\"\xa7\x01\n\x05\x45vent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.dkv.v1.Event.EventType\x12\x1c\n\x02kv\x18\x02 \x01(\x0b\x32\x10.dkv.v1.KeyValue\x12!\n\x07prev_kv\x18\x03 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"6\n\tEventType\x12\x12\n\x0e\x45VENT_TYPE_PUT\x10\x00\x12\x15\n\x11\x45VENT_TYPE_DELETE\x10\x01\"\x83\x01\n\rWatchResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x1d\n\x06\x65vents\x18\x02 \x03(\x0b\x32\r.dkv.v1.Event\x12\x11\n\tcompacted\x18\x03 \x01(\x08\x12\x18\n\x10\x63ompact_revision\x18\x04 \x01(\x03\"q\n\tKvCommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03put\x18\x02 \x01(\x0b\x32\x12.dkv.v1.PutRequestH\x00\x12\'\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x15.dkv.v1.DeleteRequestH\x00\x42\x04\n\x02op*W\n\x0fReadConsistency\x12!\n\x1dREAD_CONSISTENCY_LINEARIZABLE\x10\x00\x12!\n\x1dREAD_CONSISTENCY_SERIALIZABLE\x10\x01\x32\x94\x03\n\x02KV\x12j\n\x05Range\x12\x14.dkv.v1.RangeRequest\x1a\x15.dkv.v1.RangeResponse\"4\x82\xd3\xe4\x93\x02.\x12\x0f/v1/kv/{key=**}Z\x08\x12\x06/v1/kvZ\x11\"\x0c/v1/kv:range:\x01*\x12[\n\x03Put\x12\x12.dkv.v1.PutRequest\x1a\x13.dkv.v1.PutResponse\"+\x82\xd3\xe4\x93\x02%\x1a\x0f/v1/kv/{key=**}:\x01*Z\x0f\"\n/v1/kv:put:\x01*\x12\x64\n\x06\x44\x65lete\x12\x15.dkv.v1.DeleteRequest\x1a\x16.dkv.v1.DeleteResponse\"+\x82\xd3\xe4\x93\x02%*\x0f/v1/kv/{key=**}Z\x12\"\r/v1/kv:delete:\x01*\x12_\n\x05Watch\x12\x14.dkv.v1.WatchRequest\x1a\x15.dkv.v1.WatchResponse\"\'\x82\xd3\xe4\x93\x02!\"\x0c/v1/kv:watch:\x01*Z\x0e\x12\x0c/v1/kv:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64kv/v1/kv.proto\x12\x06\x64kv.v1\x1a\x1cgoogle/api/annotations.proto\"Z\n\x0eResponseHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\traft_term\x18\x04 \x01(\x04\"f\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05value\x18\x05 \x01(\x0c\"W\n\x0cPrecondition\x12\x11\n\x07version\x18\x01 \x01(\x03H\x00\x12\x16\n\x0cmod_revision\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x03 \x01(\x0cH\x00\x42\x0b\n\tcondition\"\xca\x01\n\x0cRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\r\n\x05limit\x18\x03 \x01(\x03\x12,\n\x0b\x63onsistency\x18\x07 \x01(\x0e\x32\x17.dkv.v1.ReadConsistency\x12\x11\n\tkeys_only\x18\x08 \x01(\x08\x12\x12\n\ncount_only\x18\t \x01(\x08\x12\x0e\n\x06prefix\x18\x14 \x01(\x0c\x12\x14\n\x0c\x63ontinuation\x18\x15 \x01(\x0c\x12\x10\n\x08shard_id\x18\x16 \x01(\x04\"\x89\x01\n\rRangeResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x1d\n\x03kvs\x18\x02 \x03(\x0b\x32\x10.dkv.v1.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ontinuation\x18\x05 \x01(\x0c\"\x88\x01\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\x05value\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x0f\n\x07prev_kv\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12*\n\x0cprecondition\x18\x0b \x01(\x0b\x32\x14.dkv.v1.PreconditionB\x08\n\x06_value\"\x8e\x01\n\x0bPutResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12!\n\x07prev_kv\x18\x02 \x01(\x0b\x32\x10.dkv.v1.KeyValue\x12\x11\n\tsucceeded\x18\x03 \x01(\x08\x12!\n\x07\x63urrent\x18\x04 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"\x92\x01\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0f\n\x07prev_kv\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12*\n\x0cprecondition\x18\x0b \x01(\x0b\x32\x14.dkv.v1.Precondition\x12\x10\n\x08shard_id\x18\x0c \x01(\x04\"\xa3\x01\n\x0e\x44\x65leteResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\"\n\x08prev_kvs\x18\x03 \x03(\x0b\x32\x10.dkv.v1.KeyValue\x12\x11\n\tsucceeded\x18\x04 \x01(\x08\x12!\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"\x91\x01\n\x0cWatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x0c\x12\x1b\n\x0estart_revision\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07prev_kv\x18\x05 \x01(\x08\x12\x10\n\x08shard_id\x18\x06 \x01(\x04\x42\x11\n\x0f_start_revision\"\xa7\x01\n\x05\x45vent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.dkv.v1.Event.EventType\x12\x1c\n\x02kv\x18\x02 \x01(\x0b\x32\x10.dkv.v1.KeyValue\x12!\n\x07prev_kv\x18\x03 \x01(\x0b\x32\x10.dkv.v1.KeyValue\"6\n\tEventType\x12\x12\n\x0e\x45VENT_TYPE_PUT\x10\x00\x12\x15\n\x11\x45VENT_TYPE_DELETE\x10\x01\"\x83\x01\n\rWatchResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dkv.v1.ResponseHeader\x12\x1d\n\x06\x65vents\x18\x02 \x03(\x0b\x32\r.dkv.v1.Event\x12\x11\n\tcompacted\x18\x03 \x01(\x08\x12\x18\n\x10\x63ompact_revision\x18\x04 \x01(\x03\"q\n\tKvCommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03put\x18\x02 \x01(\x0b\x32\x12.dkv.v1.PutRequestH\x00\x12\'\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x15.dkv.v1.DeleteRequestH\x00\x42\x04\n\x02op*W\n\x0fReadConsistency\x12!\n\x1dREAD_CONSISTENCY_LINEARIZABLE\x10\x00\x12!\n\x1dREAD_CONSISTENCY_SERIALIZABLE\x10\x01\x32\x94\x03\n\x02KV\x12j\n\x05Range\x12\x14.dkv.v1.RangeRequest\x1a\x15.dkv.v1.RangeResponse\"4\x82\xd3\xe4\x93\x02.\x12\x0f/v1/kv/{key=**}Z\x08\x12\x06/v1/kvZ\x11\"\x0c/v1/kv:range:\x01*\x12[\n\x03Put\x12\x12.dkv.v1.PutRequest\x1a\x13.dkv.v1.PutResponse\"+\x82\xd3\xe4\x93\x02%\x1a\x0f/v1/kv/{key=**}:\x01*Z\x0f\"\n/v1/kv:put:\x01*\x12\x64\n\x06\x44\x65lete\x12\x15.dkv.v1.DeleteRequest\x1a\x16.dkv.v1.DeleteResponse\"+\x82\xd3\xe4\x93\x02%*\x0f/v1/kv/{key=**}Z\x12\"\r/v1/kv:delete:\x01*\x12_\n\x05Watch\x12\x14.dkv.v1.WatchRequest\x1a\x15.dkv.v1.WatchResponse\"\'\x82\xd3\xe4\x93\x02!\"\x0c/v1/kv:watch:\x01*Z\x0e\x12\x0c/v1/kv:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KV'].methods_by_name['Delete']._serialized_options = b'\202\323\344\223\002%*\017/v1/kv/{key=**}Z\022\"\r/v1/kv:delete:\001*'
   _globals['_KV'].methods_by_name['Watch']._loaded_options = None
   _globals['_KV'].methods_by_name['Watch']._serialized_options = b'\202\323\344\223\002!\"\014/v1/kv:watch:\001*Z\016\022\014/v1/kv:watch'
-  _globals['_READCONSISTENCY']._serialized_start=1812
-  _globals['_READCONSISTENCY']._serialized_end=1899
+  _globals['_READCONSISTENCY']._serialized_start=1853
+  _globals['_READCONSISTENCY']._serialized_end=1940
   _globals['_RESPONSEHEADER']._serialized_start=57
   _globals['_RESPONSEHEADER']._serialized_end=147
   _globals['_KEYVALUE']._serialized_start=149
@@ -52,24 +52,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANGEREQUEST']._serialized_end=545
   _globals['_RANGERESPONSE']._serialized_start=548
   _globals['_RANGERESPONSE']._serialized_end=685
-  _globals['_PUTREQUEST']._serialized_start=687
-  _globals['_PUTREQUEST']._serialized_end=808
-  _globals['_PUTRESPONSE']._serialized_start=811
-  _globals['_PUTRESPONSE']._serialized_end=953
-  _globals['_DELETEREQUEST']._serialized_start=956
-  _globals['_DELETEREQUEST']._serialized_end=1102
-  _globals['_DELETERESPONSE']._serialized_start=1105
-  _globals['_DELETERESPONSE']._serialized_end=1268
-  _globals['_WATCHREQUEST']._serialized_start=1270
-  _globals['_WATCHREQUEST']._serialized_end=1391
-  _globals['_EVENT']._serialized_start=1394
-  _globals['_EVENT']._serialized_end=1561
-  _globals['_EVENT_EVENTTYPE']._serialized_start=1507
-  _globals['_EVENT_EVENTTYPE']._serialized_end=1561
-  _globals['_WATCHRESPONSE']._serialized_start=1564
-  _globals['_WATCHRESPONSE']._serialized_end=1695
-  _globals['_KVCOMMAND']._serialized_start=1697
-  _globals['_KVCOMMAND']._serialized_end=1810
-  _globals['_KV']._serialized_start=1902
-  _globals['_KV']._serialized_end=2306
+  _globals['_PUTREQUEST']._serialized_start=688
+  _globals['_PUTREQUEST']._serialized_end=824
+  _globals['_PUTRESPONSE']._serialized_start=827
+  _globals['_PUTRESPONSE']._serialized_end=969
+  _globals['_DELETEREQUEST']._serialized_start=972
+  _globals['_DELETEREQUEST']._serialized_end=1118
+  _globals['_DELETERESPONSE']._serialized_start=1121
+  _globals['_DELETERESPONSE']._serialized_end=1284
+  _globals['_WATCHREQUEST']._serialized_start=1287
+  _globals['_WATCHREQUEST']._serialized_end=1432
+  _globals['_EVENT']._serialized_start=1435
+  _globals['_EVENT']._serialized_end=1602
+  _globals['_EVENT_EVENTTYPE']._serialized_start=1548
+  _globals['_EVENT_EVENTTYPE']._serialized_end=1602
+  _globals['_WATCHRESPONSE']._serialized_start=1605
+  _globals['_WATCHRESPONSE']._serialized_end=1736
+  _globals['_KVCOMMAND']._serialized_start=1738
+  _globals['_KVCOMMAND']._serialized_end=1851
+  _globals['_KV']._serialized_start=1943
+  _globals['_KV']._serialized_end=2347
 # @@protoc_insertion_point(module_scope)

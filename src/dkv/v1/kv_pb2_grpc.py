@@ -44,7 +44,11 @@ class KVStub:
     UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
     "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
     wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
-    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected, so a
+    misspelt field reads as one not sent: the fields whose absence would silently change what a
+    request does have explicit presence and are required (PutRequest.value,
+    WatchRequest.start_revision; docs/http.md, "Required fields"). Requests are bounded in size
+    (docs/http.md, "Sizes"): bigger ones are 413 / RESOURCE_EXHAUSTED naming the limit.
 
     The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
     """
@@ -96,7 +100,11 @@ class KVServicer:
     UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
     "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
     wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
-    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected, so a
+    misspelt field reads as one not sent: the fields whose absence would silently change what a
+    request does have explicit presence and are required (PutRequest.value,
+    WatchRequest.start_revision; docs/http.md, "Required fields"). Requests are bounded in size
+    (docs/http.md, "Sizes"): bigger ones are 413 / RESOURCE_EXHAUSTED naming the limit.
 
     The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
     """
@@ -118,7 +126,8 @@ class KVServicer:
         """Write one key. With `precondition`, a compare-and-swap.
 
         PUT /v1/kv/{key} with the rest of the PutRequest as the body, e.g.
-        `{"value": "d29ybGQ=", "precondition": {"version": "1"}}`.
+        `{"value": "d29ybGQ=", "precondition": {"version": "1"}}`; `value` is required
+        (`"value": ""` writes an empty value).
         POST /v1/kv:put with the whole PutRequest (key included) as the body.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -141,7 +150,7 @@ class KVServicer:
         """Stream the changes of a key or a prefix from a revision on.
 
         POST /v1/kv:watch with the WatchRequest as the body, or GET /v1/kv:watch with query
-        parameters. The answer is a stream of WatchResponse JSON objects, one per line
+        parameters; `start_revision` is required (0: from now on). The answer is a stream of WatchResponse JSON objects, one per line
         (newline-delimited JSON), for as long as the client keeps the connection open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -198,7 +207,11 @@ class KV:
     UNAVAILABLE 503, ...) with a JSON body `{"code": <gRPC code>, "message": "...",
     "details": []}`. Requests the transcoder itself cannot map (malformed JSON, a value of the
     wrong type, an unknown query parameter, a body field that repeats a path field) are 400s
-    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected.
+    with a plain-text message. Unknown fields in a JSON body are ignored, not rejected, so a
+    misspelt field reads as one not sent: the fields whose absence would silently change what a
+    request does have explicit presence and are required (PutRequest.value,
+    WatchRequest.start_revision; docs/http.md, "Required fields"). Requests are bounded in size
+    (docs/http.md, "Sizes"): bigger ones are 413 / RESOURCE_EXHAUSTED naming the limit.
 
     The key-value API. Each method's HTTP/JSON bindings are listed in its comment.
     """
