@@ -57,6 +57,7 @@ from dkv_gateway import envoy_config
 from dkv import prometheus_config
 from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
+from dkv.security.authz import write_default_policy
 from dkv.security.certs import PkiLayout, write_dev_pki
 from dkv.telemetry import jaeger as jaeger_backend
 
@@ -65,7 +66,8 @@ __all__ = ["Backoff", "DevLayout", "DevStack", "StackError", "Supervisor"]
 NODE_NAMES = ("n1", "n2", "n3")
 GATEWAY_NAME = "gw1"
 ENVOY_NAME = "envoy"
-CLIENT_NAME = "admin"
+CLIENT_NAME = "admin"  # user:admin, an admin in the default policy
+READER_NAME = "reader"  # user:reader, who may read every key and nothing else
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
 SUPERVISE_POLL_S = 0.2
@@ -245,6 +247,15 @@ class DevLayout:
         pki = self.certs
         return ClientTls(str(pki.cert(CLIENT_NAME)), str(pki.key(CLIENT_NAME)), str(pki.ca_cert))
 
+    @property
+    def auth_dir(self) -> Path:
+        """model.conf and policy.csv: who may do what (dkv.security.authz), kept across runs."""
+        return self.root / "auth"
+
+    def auth_flags(self) -> list[str]:
+        """Every process enforces the policy; without mTLS there are no identities to check."""
+        return ["--auth-policy-dir", str(self.auth_dir)] if self.client_tls else []
+
     def client_tls_flags(self, name: str) -> list[str]:
         """``name``'s client-side TLS flags, or none when ``client_tls`` is off."""
         return self.tls_flags(name) if self.client_tls else []
@@ -345,7 +356,7 @@ class DevStack:
         names = [("node", n) for n in NODE_NAMES]
         names += [("membership", m) for m in self.layout.membership_names]
         names += [("gateway", GATEWAY_NAME), ("envoy", ENVOY_NAME)]
-        names += [("client", CLIENT_NAME)]
+        names += [("user", CLIENT_NAME), ("user", READER_NAME)]
         write_dev_pki(self.layout.certs.directory, names, extra_dns=["localhost"])
 
     def plan(self) -> list[_Proc]:
@@ -380,6 +391,7 @@ class DevStack:
                     "--listen-metrics",
                     lay.metrics_flag(lay.membership_metrics(i)),
                     *lay.tracing_flags(),
+                    *lay.auth_flags(),
                     *lay.client_tls_flags(m),
                     *lay.tls_flags(m, "peer-"),
                 ],
@@ -409,6 +421,7 @@ class DevStack:
                     "--listen-metrics",
                     lay.metrics_flag(lay.gateway_metrics),
                     *lay.tracing_flags(),
+                    *lay.auth_flags(),
                     "--membership",
                     membership,
                     *lay.client_tls_flags(GATEWAY_NAME),
@@ -519,6 +532,7 @@ class DevStack:
                 "--listen-metrics",
                 lay.metrics_flag(lay.node_metrics(i)),
                 *lay.tracing_flags(),
+                *lay.auth_flags(),
                 "--membership",
                 lay.membership_endpoints,
                 *lay.client_tls_flags(name),
@@ -533,9 +547,27 @@ class DevStack:
         )
 
     def write_envoy_bootstrap(self) -> Path:
-        path = self.layout.root / "envoy-bootstrap.json"
+        lay = self.layout
+        path = lay.root / "envoy-bootstrap.json"
+        pki = lay.certs
+        ads_tls = (
+            envoy_config.TlsFiles(
+                str(pki.cert(ENVOY_NAME)), str(pki.key(ENVOY_NAME)), str(pki.ca_cert)
+            )
+            if lay.client_tls
+            else None
+        )
+        sds_dir = ""
+        if ads_tls is not None:
+            # Envoy's xDS client certificate follows rotations too (file-based SDS).
+            sds_dir = str(lay.envoy_sds_dir)
+            envoy_config.write_ads_sds_files(sds_dir, ads_tls)
         config = envoy_config.bootstrap(
-            ads_host="127.0.0.1", ads_port=self.layout.xds, admin_port=self.layout.envoy_admin
+            ads_host="127.0.0.1",
+            ads_port=lay.xds,
+            admin_port=lay.envoy_admin,
+            ads_tls=ads_tls,
+            sds_dir=sds_dir,
         )
         envoy_config.write_bootstrap(str(path), config)
         return path
@@ -560,6 +592,8 @@ class DevStack:
         self.check_existing()
         self.check_ports()
         self.make_certs()
+        if self.layout.client_tls:
+            write_default_policy(self.layout.auth_dir)  # an edited one is kept
         self.procs = self.plan()
         for p in self.procs:
             p.start(self.env)

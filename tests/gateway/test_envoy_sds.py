@@ -205,3 +205,35 @@ def test_a_real_envoy_follows_rotated_files(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_bootstrap_gets_envoys_xds_certificate_by_sds_too(tmp_path: Path) -> None:
+    """Envoy's client certificate for the gateway's xDS port follows rotations like the rest;
+    the check that the server is the gateway (a URI SAN matcher) stays beside the SDS CA."""
+    pki = make_pki(tmp_path)
+    files = envoy_config.TlsFiles(str(pki.cert("envoy")), str(pki.key("envoy")), str(pki.ca_cert))
+    sds = tmp_path / "sds"
+    written = envoy_config.write_ads_sds_files(str(sds), files)
+    assert sorted(os.path.basename(p) for p in written) == ["dkv_ads_ca.json", "dkv_ads_cert.json"]
+    config = envoy_config.bootstrap(
+        ads_host="127.0.0.1", ads_port=1, admin_port=_free_port(), ads_tls=files, sds_dir=str(sds)
+    )
+    (cluster,) = config.static_resources.clusters
+    upstream = tls_pb2.UpstreamTlsContext()
+    cluster.transport_socket.typed_config.Unpack(upstream)
+    common = upstream.common_tls_context
+    assert common.tls_certificate_sds_secret_configs[0].name == "dkv_ads_cert"
+    combined = common.combined_validation_context
+    assert combined.validation_context_sds_secret_config.name == "dkv_ads_ca"
+    (matcher,) = combined.default_validation_context.match_typed_subject_alt_names
+    assert matcher.matcher.exact == "spiffe://dkv/gateway"
+    path = tmp_path / "bootstrap.json"
+    envoy_config.write_bootstrap(str(path), config)
+    check = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--base-id", str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -141,6 +141,7 @@ __all__ = [
 ]
 
 GATEWAY_CLUSTER_NAME = "dkv_gateway"
+GATEWAY_SPIFFE_ID = "spiffe://dkv/gateway"
 OTLP_CLUSTER_NAME = "dkv_otlp"
 ENVOY_SERVICE_NAME = "dkv-envoy"
 ADS_CLUSTER_NAME = "dkv_xds"
@@ -880,6 +881,18 @@ def listener(door: FrontDoor) -> listener_pb2.Listener:
     )
     if door.tracing is not None:
         manager.tracing.CopyFrom(_tracing(door.tracing))
+    if door.listener_tls is not None:
+        # The client Envoy verified, for the gateway's authorization: a header the client
+        # sent is dropped (SANITIZE_SET) and replaced by the certificate's URI and subject.
+        manager.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        manager.set_current_client_cert_details.CopyFrom(
+            hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(
+                uri=True, subject=wrappers_pb2.BoolValue(value=True)
+            )
+        )
+    else:
+        # A plaintext front door has no client to describe: never pass a client's own on.
+        manager.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_socket_address(door.listen_host, door.listen_port),
@@ -949,11 +962,18 @@ def bootstrap(
     admin_host: str = "127.0.0.1",
     connect_timeout_ms: int = 1000,
     downstream_connections_max: int = DOWNSTREAM_CONNECTIONS_MAX,
+    ads_tls: TlsFiles | None = None,
+    sds_dir: str = "",
 ) -> bootstrap_pb2.Bootstrap:
     """Envoy's bootstrap: the admin endpoint, the ADS server and the limit on client
     connections, nothing else.
 
     ``ads_config`` alone does nothing: CDS and LDS must also say ``ads: {}`` (FIELD-NOTES).
+    ``ads_tls``: Envoy's certificate, key and CA: the gateway's xDS port speaks mTLS and serves
+    only Envoy's identity, and Envoy accepts only the gateway's (``spiffe://.../gateway``).
+    The admin interface stays on ``admin_host`` (loopback): it can change Envoy's state.
+    ``sds_dir``: ``ads_tls`` comes by file-based SDS from there (:func:`write_ads_sds_files`),
+    so that Envoy's xDS connection follows rotated certificates like its listener does.
     """
     connections = overload_pb2.ResourceMonitor(
         name="envoy.resource_monitors.global_downstream_max_connections",
@@ -987,10 +1007,36 @@ def bootstrap(
             lds_config=ads_source,
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_static_cluster(ADS_CLUSTER_NAME, [(ads_host, ads_port)], connect_timeout_ms)]
+            clusters=[_ads_cluster(ads_host, ads_port, connect_timeout_ms, ads_tls, sds_dir)]
         ),
         overload_manager=overload_pb2.OverloadManager(resource_monitors=[connections]),
     )
+
+
+def _ads_cluster(
+    host: str, port: int, connect_timeout_ms: int, tls: TlsFiles | None, sds_dir: str = ""
+) -> cluster_pb2.Cluster:
+    cluster = _static_cluster(ADS_CLUSTER_NAME, [(host, port)], connect_timeout_ms)
+    if tls is not None:
+        common = _sds_tls(["h2"], sds_dir, ADS_SECRET) if sds_dir else _common_tls(tls, ["h2"])
+        context = tls_pb2.UpstreamTlsContext(common_tls_context=common)
+        _match_uri(context.common_tls_context, GATEWAY_SPIFFE_ID)
+        cluster.transport_socket.CopyFrom(_transport_socket(context))
+    return cluster
+
+
+def _match_uri(context: tls_pb2.CommonTlsContext, uri: str) -> None:
+    """Accept only a peer certificate with this URI SAN (on top of the CA's signature)."""
+    matcher = tls_common_pb2.SubjectAltNameMatcher(
+        san_type=tls_common_pb2.SubjectAltNameMatcher.URI,
+        matcher=string_pb2.StringMatcher(exact=uri),
+    )
+    if context.HasField("combined_validation_context"):
+        # The CA comes by SDS: the matcher sits beside it (Envoy merges the two).
+        validation = context.combined_validation_context.default_validation_context
+    else:
+        validation = context.validation_context
+    validation.match_typed_subject_alt_names.append(matcher)
 
 
 def bootstrap_json(config: bootstrap_pb2.Bootstrap) -> str:

@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
         "a directory Envoy reads, where the gateway writes Envoy's SDS files naming the "
         "--envoy-* files: Envoy then reloads them when they change (without it, once at start)",
     )
+    add(
+        "auth-policy-dir",
+        "directory with model.conf and policy.csv (Casbin): who may read, write and administer "
+        "which keys; reloaded when they change. Without it users are not checked",
+    )
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
 
@@ -148,6 +153,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         value_bytes_max=int_flag(p, "max-value-bytes", args.max_value_bytes, 1),
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
+        auth_policy_dir=args.auth_policy_dir or "",
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

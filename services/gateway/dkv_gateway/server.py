@@ -32,6 +32,8 @@ from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
+from dkv.security.access import ProcessAccess
+from dkv.security.rules import gateway_public_rules, xds_rules
 from dkv.sizes import VALUE_BYTES_MAX, message_limits
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
@@ -98,6 +100,9 @@ class GatewayConfig:
     listen_metrics: str = ""
     # OpenTelemetry traces (the gateway's and Envoy's spans); off without an OTLP endpoint.
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # model.conf and policy.csv (dkv.security.authz): who may read, write, administer.
+    # "": users are not checked (components still are, whenever ``tls`` is on).
+    auth_policy_dir: str = ""
 
     def validate(self) -> None:
         self.tracing.validate()
@@ -128,6 +133,9 @@ class GatewayServer:
         cfg.validate()
         self.cfg = cfg
         self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-gateway")
+        self.metrics = ProcessMetrics.create()  # one registry per gateway instance
+        # A bad policy refuses to start (InvalidArgument naming the file and the line).
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
         self.rng = rng or random.Random()
         self.view = ClusterMapView()
         self.initialized = asyncio.Event()  # set once the map has shards
@@ -140,7 +148,6 @@ class GatewayServer:
         self._membership_channels: ChannelPool | None = None
         self._follow: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
-        self.metrics = ProcessMetrics.create()  # one registry per gateway instance
         self.gateway_metrics = GatewayMetrics(self.metrics.registry, self.metrics.grpc_client)
         GatewayCollector(self.view, self.gateway_metrics, self.metrics.registry)
         self.metrics_server: MetricsServer | None = None
@@ -169,10 +176,18 @@ class GatewayServer:
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
             tracer=self.tracing.tracer,
+            access=self.access.access(
+                "the gateway", gateway_public_rules(), tls=cfg.tls is not None, trust_xfcc=True
+            ),
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.tls)
-        self.xds_server = new_server(metrics=grpc_metrics)
-        self.xds_port = bind(self.xds_server, cfg.listen_xds, None)
+        # mTLS like the KV port when the gateway has a certificate: only Envoy's identity may
+        # subscribe (the configuration names every gateway and certificate path).
+        self.xds_server = new_server(
+            metrics=grpc_metrics,
+            access=self.access.access("the xDS server", xds_rules(), tls=cfg.tls is not None),
+        )
+        self.xds_port = bind(self.xds_server, cfg.listen_xds, cfg.tls)
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
                 self.metrics.registry, cfg.listen_metrics, self.readiness
@@ -222,6 +237,7 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
         for service in ("", KV_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.access.start()  # the policy's reload on change
         await self.xds_server.start()
         await self.client_server.start()
         self._follow = asyncio.get_running_loop().create_task(
@@ -276,6 +292,7 @@ class GatewayServer:
         """Graceful: health goes NOT_SERVING, watches end cleanly (callers resume
         elsewhere), calls in flight get ``grace_s`` to finish, then every channel closes."""
         self._closing.set()
+        await self.access.stop()
         if self.health is not None:
             self.health.enter_graceful_shutdown()
         if self._follow is not None:

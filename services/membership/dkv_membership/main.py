@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("otlp-endpoint", OTLP_ENDPOINT_HELP)
     add("trace-sample-ratio", SAMPLE_RATIO_HELP)
+    add(
+        "auth-policy-dir",
+        "directory with model.conf and policy.csv (Casbin), reloaded when they change: which "
+        "users are admins. Without it users are not checked (components always are)",
+    )
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add("initial-cluster", "name=peer-address,... of the membership replicas")
@@ -191,6 +196,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         driver=_driver(args, p),
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
+        auth_policy_dir=args.auth_policy_dir or "",
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

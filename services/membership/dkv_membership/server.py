@@ -55,6 +55,8 @@ from dkv.host.members import (
 from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
+from dkv.security.access import ProcessAccess
+from dkv.security.rules import membership_client_rules, membership_peer_rules
 from dkv.sharding import SLOT_COUNT
 from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
@@ -109,6 +111,9 @@ class MembershipConfig:
     listen_metrics: str = ""
     # OpenTelemetry traces (cluster operations; heartbeats never); off without an endpoint.
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # model.conf and policy.csv (dkv.security.authz): which users are admins (cluster
+    # operations). "": users are not checked; components always are (mTLS).
+    auth_policy_dir: str = ""
 
     def validate(self) -> None:
         self.tracing.validate()
@@ -169,6 +174,7 @@ class MembershipServer:
         # when clients use mTLS.
         self._node_channels = ChannelPool(cfg.client_tls)
         self.metrics = ProcessMetrics.create()  # one registry per replica instance
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
         self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0
@@ -207,10 +213,20 @@ class MembershipServer:
         self.peer_server = new_server(
             options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
             metrics=grpc_metrics,
+            access=self.access.access(
+                "membership's peer port", membership_peer_rules(), tls=cfg.peer_tls is not None
+            ),
         )
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
-        self.client_server = new_server(metrics=grpc_metrics, tracer=self.tracing.tracer)
+        self.client_server = new_server(
+            metrics=grpc_metrics,
+            tracer=self.tracing.tracer,
+            access=self.access.access(
+                "membership", membership_client_rules(), tls=cfg.client_tls is not None
+            ),
+        )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        self.access.start()
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
                 self.metrics.registry, cfg.listen_metrics, self.readiness
@@ -325,6 +341,7 @@ class MembershipServer:
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
         self._down_task = self._driver_task = None
+        await self.access.stop()
         await self._node_channels.close()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)

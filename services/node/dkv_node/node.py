@@ -38,6 +38,8 @@ from dkv.host.members import (
 from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
+from dkv.security.access import ProcessAccess
+from dkv.security.rules import node_client_rules, node_peer_rules
 from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
@@ -97,6 +99,9 @@ class NodeConfig:
     listen_metrics: str = ""
     # OpenTelemetry traces (requests and their way through Raft); off without an endpoint.
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # model.conf and policy.csv (dkv.security.authz): which users are admins (the only users
+    # a node's client port serves). "": users are not checked; components always are (mTLS).
+    auth_policy_dir: str = ""
 
     @property
     def managed(self) -> bool:
@@ -149,6 +154,7 @@ class Node:
         self._forward_channels = ChannelPool(cfg.client_tls)
         # One registry per node instance (tests run many in one interpreter).
         self.metrics = ProcessMetrics.create()
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
         self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0
@@ -182,6 +188,9 @@ class Node:
         self.peer_server = new_server(
             options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
             metrics=grpc_metrics,
+            access=self.access.access(
+                "a node's peer port", node_peer_rules(), tls=cfg.peer_tls is not None
+            ),
         )
         self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
         self.client_server = new_server(
@@ -190,8 +199,12 @@ class Node:
             maximum_concurrent_rpcs=CLIENT_RPCS_MAX,
             metrics=grpc_metrics,
             tracer=self.tracing.tracer,
+            access=self.access.access(
+                "a node's client port", node_client_rules(), tls=cfg.client_tls is not None
+            ),
         )
         self.client_port = bind(self.client_server, cfg.listen_client, cfg.client_tls)
+        self.access.start()
         if cfg.listen_metrics:
             self.metrics_server = MetricsServer(
                 self.metrics.registry, cfg.listen_metrics, self.readiness
@@ -367,6 +380,7 @@ class Node:
         if self.hosting is not None:
             await self.hosting.stop()
         await self._membership_channels.close()
+        await self.access.stop()
         if self.client_server is not None:
             await self.client_server.stop(grace_s)
         if self.router is not None:

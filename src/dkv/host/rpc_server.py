@@ -50,6 +50,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+from dkv.security.access import Access
 from dkv.sizes import message_limits
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 from dkv.telemetry.tracing import (
@@ -137,10 +138,12 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         bad_requests: RateLimitedLog | None = None,
         metrics: GrpcServerMetrics | None = None,
         tracer: Tracer | None = None,
+        access: Access | None = None,
     ) -> None:
         self.bad_requests = bad_requests or RateLimitedLog(log)
         self.metrics = metrics
         self.tracer = tracer
+        self.access = access
         self.malformed_total = 0  # for tests and, later, metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
@@ -179,6 +182,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     def _wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        if self.access is not None and not self.access.is_open(method):
+            handler = self._authorize(method, handler)
         deserializer = handler.request_deserializer
         if deserializer is None:  # raw bytes: nothing can fail to decode
             return self._observe(method, handler) if self.metrics else handler
@@ -200,6 +205,48 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
         guarded = replace(**fields)
         return self._observe(method, guarded) if self.metrics else guarded
+
+    def _authorize(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` behind the server's access rules (dkv.security.access), checked with
+        the decoded request (a stream's before its first message), innermost: a malformed
+        body is refused before, and a denial is counted and traced like any answer."""
+        assert self.access is not None
+        check = self.access.check
+        if handler.request_streaming:
+            name = "stream_stream" if handler.response_streaming else "stream_unary"
+        else:
+            name = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = getattr(handler, name)
+        streaming = handler.request_streaming
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def checked_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+                if streaming or not isinstance(request, Malformed):
+                    await check(method, None if streaming else request, context)
+                async for item in behavior(request, context):
+                    yield item
+
+            checked: Callable[..., Any] = checked_gen
+        elif inspect.iscoroutinefunction(behavior):
+
+            async def checked_call(request: Any, context: Any) -> Any:
+                if streaming or not isinstance(request, Malformed):
+                    await check(method, None if streaming else request, context)
+                return await behavior(request, context)
+
+            checked = checked_call
+        else:
+
+            def refused(request: Any, context: Any) -> Any:
+                # Access checks await the policy; every dkv server is grpc.aio.
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method}: no access check")
+
+            checked = refused
+        replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
+        return replace(**{name: checked})
 
     def _observe(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -456,10 +503,12 @@ def new_server(
     guard: DecodeGuard | None = None,
     metrics: GrpcServerMetrics | None = None,
     tracer: Tracer | None = None,
+    access: Access | None = None,
 ) -> grpc.aio.Server:
     """A ``grpc.aio`` server with the shared policy of the module docstring. ``options`` are
     added to (and override) the shared ones; ``metrics``: where its calls are counted;
-    ``tracer``: where its calls are traced (None: not traced)."""
+    ``tracer``: where its calls are traced (None: not traced); ``access``: who may call what
+    (dkv.security.access; None: anyone who passes the TLS handshake)."""
     # gRPC sets SO_REUSEPORT by default: a second process could bind a port we hold and
     # share its connections silently. Off: a port in use is an error at start.
     merged: dict[str, Any] = {"grpc.so_reuseport": 0}
@@ -468,7 +517,7 @@ def new_server(
     merged.update(message_limits().grpc_options())
     merged.update(dict(options))
     return grpc.aio.server(
-        interceptors=[guard or DecodeGuard(metrics=metrics, tracer=tracer)],
+        interceptors=[guard or DecodeGuard(metrics=metrics, tracer=tracer, access=access)],
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )

@@ -209,6 +209,11 @@ class Access:
 
     # -- may they --------------------------------------------------------------------------------
 
+    def is_open(self, full_method: str) -> bool:
+        """Anyone may call it: no check is wrapped around it (health checks, whose servicer
+        is grpc_health's synchronous one)."""
+        return isinstance(self.rules.get(full_method), Open)
+
     def _user_may(self, who: Identity, action: Action, keys: KeyRange) -> bool:
         if self.policy is None:
             return True  # no policy: users are not checked (module docstring)
