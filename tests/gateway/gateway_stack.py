@@ -266,7 +266,9 @@ class Stack:
         out = await service.propose(pb.MembershipCommand(init_cluster=init), WAIT_S)
         assert out.accepted, out.reason
 
-    async def start_gateway(self, default_timeout_ms: int = 10_000) -> None:
+    async def start_gateway(
+        self, default_timeout_ms: int = 10_000, watches_per_caller_max: int = 256
+    ) -> None:
         self.gateway = GatewayServer(
             GatewayConfig(
                 membership=(self.membership_address,),
@@ -274,6 +276,7 @@ class Stack:
                 listen_xds="127.0.0.1:0",
                 envoy_port=free_port(),
                 default_timeout_ms=default_timeout_ms,
+                watches_per_caller_max=watches_per_caller_max,
                 tls=self.tls_files("gateway"),
                 listen_metrics="127.0.0.1:0",  # recording is off without it
             ),
@@ -309,7 +312,10 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    root: Path, tls: bool = False, spans: InMemorySpanExporter | None = None
+    root: Path,
+    tls: bool = False,
+    spans: InMemorySpanExporter | None = None,
+    watches_per_caller_max: int = 256,
 ) -> AsyncIterator[Stack]:
     """Membership, three nodes, the initialized shard table and a gateway that knows it;
     every shard has a leader. ``spans``: every process traces into it."""
@@ -318,7 +324,7 @@ async def running_stack(
         await st.start_membership()
         await st.start_nodes()
         await st.init_cluster()
-        await st.start_gateway()
+        await st.start_gateway(watches_per_caller_max=watches_per_caller_max)
         assert st.gateway is not None
         await asyncio.wait_for(st.gateway.initialized.wait(), WAIT_S)
         for shard in range(1, SHARDS + 1):

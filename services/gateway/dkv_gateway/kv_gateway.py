@@ -45,6 +45,7 @@ import grpc.aio
 from dkv.host.grpc_errors import Ctx, call
 from dkv.keys import range_limit
 from dkv.paging import merge_pages
+from dkv.security.access import CALLER
 from dkv.v1 import kv_pb2
 from dkv.validation import check_delete, check_put, check_range, check_watch
 from dkv_gateway.router import (
@@ -56,11 +57,14 @@ from dkv_gateway.router import (
 )
 from dkv_gateway.watch import merged_watch
 
-__all__ = ["KvGateway", "add_kv_gateway"]
+__all__ = ["WATCHES_PER_CALLER_MAX", "KvGateway", "add_kv_gateway"]
 
 T = TypeVar("T")
 
 NOT_INITIALIZED_PUSHBACK_MS = 1_000
+WATCHES_PER_CALLER_MAX = 256
+"""Watch streams one caller (identity) may hold open at one gateway; the gateway serves at
+most CLIENT_RPCS_MAX calls in all."""
 
 
 def _no_leader_info(_member_id: int) -> tuple[str, str]:
@@ -134,10 +138,18 @@ def _naming_request_id(
 class KvGateway:
     """See the module docstring. ``closing`` ends watch streams cleanly when set."""
 
-    def __init__(self, router: Router, closing: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        closing: asyncio.Event | None = None,
+        watches_per_caller_max: int = WATCHES_PER_CALLER_MAX,
+    ) -> None:
         self.router = router
         self.metrics = router.metrics
         self.closing = closing or asyncio.Event()
+        self.watches_per_caller_max = watches_per_caller_max
+        self._watches: dict[str, int] = {}  # open watches per caller subject (bounded keys:
+        # an entry exists only while its caller has a watch open)
 
     def _deadline(self, context: Ctx) -> float:
         return self.router.deadline(context.time_remaining())
@@ -253,7 +265,18 @@ class KvGateway:
                 return self.router.shards()
             return [self.router.shard_of_key(req.key)]
 
+        who = CALLER.get()
+        subject = who.subject if who is not None else ""
+        if subject and self._watches.get(subject, 0) >= self.watches_per_caller_max:
+            # A bound per caller, so one client cannot hold every stream the gateway serves.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{subject} has {self.watches_per_caller_max} watches open, the most one "
+                "caller may (--watches-per-caller-max): close one first",
+            )
         shard_ids = await _answer(context, shards)
+        if subject:
+            self._watches[subject] = self._watches.get(subject, 0) + 1
 
         failure: NodeStatus | None = None
         metrics = self.metrics
@@ -269,6 +292,12 @@ class KvGateway:
         finally:
             if metrics is not None:
                 metrics.watches -= 1
+            if subject:
+                left = self._watches.get(subject, 1) - 1
+                if left > 0:
+                    self._watches[subject] = left
+                else:
+                    self._watches.pop(subject, None)
         if failure is not None:
             error = failure
 

@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         "directory with model.conf and policy.csv (Casbin): who may read, write and administer "
         "which keys; reloaded when they change. Without it users are not checked",
     )
+    add(
+        "watches-per-caller-max",
+        "watch streams one caller (certificate identity) may hold open at this gateway",
+        _DEFAULTS.watches_per_caller_max,
+    )
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
 
@@ -154,6 +159,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
         auth_policy_dir=args.auth_policy_dir or "",
+        watches_per_caller_max=int_flag(
+            p, "watches-per-caller-max", args.watches_per_caller_max, 1
+        ),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -42,7 +42,7 @@ from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
 from dkv_gateway.envoy_config import FrontDoor, resources, write_sds_files
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.envoy_config import Tracing as EnvoyTracing
-from dkv_gateway.kv_gateway import KvGateway, add_kv_gateway
+from dkv_gateway.kv_gateway import WATCHES_PER_CALLER_MAX, KvGateway, add_kv_gateway
 from dkv_gateway.metrics import GatewayCollector, GatewayMetrics
 from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
 from dkv_gateway.xds import AdsServer
@@ -103,6 +103,8 @@ class GatewayConfig:
     # model.conf and policy.csv (dkv.security.authz): who may read, write, administer.
     # "": users are not checked (components still are, whenever ``tls`` is on).
     auth_policy_dir: str = ""
+    # Watch streams one caller (identity) may hold open here (RESOURCE_EXHAUSTED beyond).
+    watches_per_caller_max: int = WATCHES_PER_CALLER_MAX
 
     def validate(self) -> None:
         self.tracing.validate()
@@ -114,6 +116,8 @@ class GatewayConfig:
             split_host_port(self.advertise_client)
         if not 1 <= self.envoy_port <= 65535:
             raise InvalidArgument(f"--envoy-port must be in 1..65535, got {self.envoy_port}")
+        if self.watches_per_caller_max < 1:
+            raise InvalidArgument("--watches-per-caller-max must be >= 1")
         if self.default_timeout_ms < 1:
             raise InvalidArgument("--default-timeout-ms must be >= 1")
         if self.value_bytes_max < 1:
@@ -228,7 +232,10 @@ class GatewayServer:
             metrics=self.gateway_metrics if recording else None,
             tracer=self.tracing.tracer,
         )
-        add_kv_gateway(self.client_server, KvGateway(self.router, self._closing))
+        add_kv_gateway(
+            self.client_server,
+            KvGateway(self.router, self._closing, cfg.watches_per_caller_max),
+        )
         add_cluster_status(
             self.client_server,
             ClusterStatusService(self.view, self._node_channels, lambda: self.map_changed_at),

@@ -50,7 +50,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
-from dkv.security.access import Access
+from dkv.security.access import CALLER, Access
 from dkv.sizes import message_limits
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 from dkv.telemetry.tracing import (
@@ -224,18 +224,28 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+                who = None
                 if streaming or not isinstance(request, Malformed):
-                    await check(method, None if streaming else request, context)
-                async for item in behavior(request, context):
-                    yield item
+                    who = await check(method, None if streaming else request, context)
+                caller = CALLER.set(who)
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    CALLER.reset(caller)
 
             checked: Callable[..., Any] = checked_gen
         elif inspect.iscoroutinefunction(behavior):
 
             async def checked_call(request: Any, context: Any) -> Any:
+                who = None
                 if streaming or not isinstance(request, Malformed):
-                    await check(method, None if streaming else request, context)
-                return await behavior(request, context)
+                    who = await check(method, None if streaming else request, context)
+                caller = CALLER.set(who)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    CALLER.reset(caller)
 
             checked = checked_call
         else:

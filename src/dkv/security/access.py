@@ -37,6 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from dkv.security.identity import TRUST_DOMAIN, Identity, Kind, identity_from_au
 from dkv.security.xfcc import XFCC_HEADER, identity_from_xfcc
 
 __all__ = [
+    "CALLER",
     "Access",
     "Admin",
     "AuthMetrics",
@@ -60,6 +62,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("dkv.security.access")
+
+CALLER: ContextVar[Identity | None] = ContextVar("dkv_caller", default=None)
+"""The identity of the call being served, set by the handler wrapper once :meth:`Access.check`
+allowed it (None without access control): handlers that bound something per caller read it."""
 
 DENIAL_LOG_INTERVAL_S = 0.05
 """At most one denial line per this long (20/s); the next line counts those not logged."""
