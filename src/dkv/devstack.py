@@ -724,6 +724,15 @@ class DevStack:
                 ),
                 *self._prometheus_banner(),
                 *self._traces_banner(),
+                *(
+                    [
+                        f"  access policy        {lay.auth_dir}/policy.csv (reloaded on save): "
+                        f"{CLIENT_NAME}.crt is an admin, {READER_NAME}.crt a reader; "
+                        f"{dkvctl} auth check --policy-dir {lay.auth_dir} SUBJECT ACTION KEY"
+                    ]
+                    if lay.client_tls
+                    else []
+                ),
                 "",
                 "Try:",
                 *env,
