@@ -17,6 +17,8 @@ translated at one boundary per adapter with ``raise ... from exc``::
     │   ├── Unavailable              the requested index is above the last index
     │   └── SnapshotTemporarilyUnavailable  the snapshot is being produced; retry later
     ├── InvalidArgument(reason)      the request is malformed (bad size, bad id, bad config)
+    ├── PermissionDenied(reason)     the caller may not do this (dkv.security: the policy, a
+    │                                component-only port, a node acting as another)
     ├── Unimplemented(reason)        the endpoint does not serve that method (e.g. a node's Admin
     │                                API asked at the front door); the reason says where it is
     └── DataDirError(reason)         the data directory cannot be used (belongs to another node
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidArgument",
     "InvariantViolation",
     "NotLeader",
+    "PermissionDenied",
     "Overloaded",
     "ProposalDropped",
     "ReadIndexDropped",
@@ -101,6 +104,10 @@ class SnapshotTemporarilyUnavailable(StorageError):
 
 class InvalidArgument(DkvError):
     """A request or configuration is malformed; the message names the problem."""
+
+
+class PermissionDenied(DkvError):
+    """The caller's identity may not do this; the message names the subject and the action."""
 
 
 class Unimplemented(DkvError):

@@ -231,6 +231,23 @@ async def scenario(layout: DevLayout, policy: Path) -> None:
         ).map.version > 0
         join = a.unary(m + "JoinNode", mpb.JoinNodeResponse)
         assert "only node" in await a.refused(join(mpb.JoinNodeRequest(), timeout=10))
+        the_map = await a.unary(m + "GetClusterMap", mpb.GetClusterMapResponse)(
+            mpb.GetClusterMapRequest(), timeout=10
+        )
+        n2 = next(n for n in the_map.map.nodes if n.name == "n2")
+    # A node joins and heartbeats only as itself.
+    async with users(layout, layout.membership_client(1), "n1") as [n1]:
+        as_n2 = mpb.Node()
+        as_n2.CopyFrom(n2)
+        msg = await n1.refused(
+            n1.unary(m + "JoinNode", mpb.JoinNodeResponse)(
+                mpb.JoinNodeRequest(node=as_n2), timeout=10
+            )
+        )
+        assert msg == "node:n1 may not join as node 'n2'"
+        beat = n1.unary(m + "Heartbeat", mpb.HeartbeatResponse)
+        msg = await n1.refused(beat(mpb.HeartbeatRequest(node_id=n2.id), timeout=10))
+        assert msg == "node:n1 may not heartbeat as node 'n2'"
     # The xDS port: Envoy only (an admin certificate is not Envoy's).
     async with users(layout, layout.xds, "admin") as [a]:
         ads = a.channel.stream_stream(

@@ -43,9 +43,11 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
+from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument, PermissionDenied
 from dkv.host import Host
 from dkv.host.grpc_errors import Ctx, LeaderInfo, call
+from dkv.security.access import CALLER
+from dkv.security.identity import Kind
 from dkv.v1 import membership_pb2 as pb
 from dkv.validation import check_heartbeat, check_join_node, check_leave_node
 from dkv_membership.state import MembershipStateMachine, Outcome, validate_command
@@ -155,6 +157,7 @@ class MembershipService:
     async def join_node(self, req: pb.JoinNodeRequest, context: Ctx) -> pb.JoinNodeResponse:
         async def run() -> pb.JoinNodeResponse:
             check_join_node(req)
+            _only_as_itself(req.node.name, "join")
             node = pb.Node()
             node.CopyFrom(req.node)
             node.ClearField("state")  # ignored: the state machine decides
@@ -181,6 +184,9 @@ class MembershipService:
 
         async def run() -> pb.HeartbeatResponse:
             check_heartbeat(req)
+            known = self.sm.state.nodes.get(req.node_id)
+            if known is not None:
+                _only_as_itself(known.name, "heartbeat")
             beat = pb.MembershipCommand(
                 heartbeat=pb.HeartbeatCommand(node_id=req.node_id, unix_ms=self.clock())
             )
@@ -368,6 +374,14 @@ class MembershipService:
     def close(self) -> None:
         """End every watch stream (cleanly, status OK) and the down detector."""
         self._closing.set()
+
+
+def _only_as_itself(name: str, what: str) -> None:
+    """A node may join and heartbeat only as itself: its certificate names it (the access
+    rules already let only nodes call; without mTLS there is no caller to compare)."""
+    who = CALLER.get()
+    if who is not None and who.kind is Kind.NODE and who.name != name:
+        raise PermissionDenied(f"{who.subject} may not {what} as node {name!r}")
 
 
 def add_membership_service(server: grpc.aio.Server, service: MembershipService) -> None:

@@ -27,6 +27,7 @@ from dkv.errors import (
     DkvError,
     InvalidArgument,
     NotLeader,
+    PermissionDenied,
     ProposalDropped,
     ReadIndexDropped,
 )
@@ -80,5 +81,7 @@ async def _abort(context: Ctx, exc: DkvError, info: LeaderInfo) -> None:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     elif isinstance(exc, DeadlineExceeded):
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    elif isinstance(exc, PermissionDenied):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     else:
         await context.abort(grpc.StatusCode.INTERNAL, str(exc))
