@@ -630,6 +630,43 @@ def gateway_envoy() -> Dashboard:
                 w=8,
             )
         )
+        .with_row(Row("Access control"))
+        .with_panel(
+            timeseries(
+                "Calls refused/s by reason",
+                "Refusals by the access policy and the component-only ports, every process "
+                "(docs/security.md): not_permitted (the policy said no), component_only (the "
+                "wrong identity for an internal port), unauthenticated (no identity), no_rule.",
+                "ops",
+                [
+                    Q(
+                        f"sum by (job, reason) (rate(dkv_auth_denied_total[{RATE}]))",
+                        "{{job}} {{reason}}",
+                    )
+                ],
+                w=12,
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Forged XFCC and policy reloads",
+                "x-forwarded-client-cert headers ignored because the peer was not Envoy (a "
+                "forgery or a misconfigured proxy), and reloads of the access policy by result "
+                "(failed: a bad edit, the previous policy kept).",
+                "short",
+                [
+                    Q(
+                        f"sum(increase(dkv_auth_forged_xfcc_total{{{gw}}}[{RATE}]))",
+                        "forged XFCC",
+                    ),
+                    Q(
+                        f"sum by (result) (increase(dkv_auth_policy_reloads_total[{RATE}]))",
+                        "reloads {{result}}",
+                    ),
+                ],
+                w=12,
+            )
+        )
         .with_row(Row("Envoy (front door)"))
         .with_panel(
             timeseries(
