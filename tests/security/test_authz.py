@@ -228,3 +228,11 @@ def test_the_watcher_swaps_policies_while_running(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert store.reloads >= 1
+
+
+def test_refusals_name_long_keys_shortly() -> None:
+    """A refusal's message travels in a trailer: a 4 KiB key must not overflow it."""
+    text = str(K(b"\xff" * 4096))
+    assert len(text) < 300 and text.endswith("...(+4032 bytes)")
+    assert str(KeyRange(b"a", b"b")) == "[b'a', b'b')"
+    assert str(KeyRange.everything()) == "every key"

@@ -148,10 +148,21 @@ class KeyRange:
 
     def __str__(self) -> str:
         if self.end is None:
-            return f"[{self.start!r}, end)" if self.start else "every key"
+            return f"[{_show(self.start)}, end)" if self.start else "every key"
         if self.end == self.start + b"\0":
-            return repr(self.start)
-        return f"[{self.start!r}, {self.end!r})"
+            return _show(self.start)
+        return f"[{_show(self.start)}, {_show(self.end)})"
+
+
+KEY_SHOWN_BYTES_MAX = 64
+"""Refusals name keys in gRPC's status message, which travels in a trailer: a 4 KiB key
+written as bytes would overflow the peer's metadata limit and lose the status."""
+
+
+def _show(key: bytes) -> str:
+    if len(key) <= KEY_SHOWN_BYTES_MAX:
+        return repr(key)
+    return f"{key[:KEY_SHOWN_BYTES_MAX]!r}...(+{len(key) - KEY_SHOWN_BYTES_MAX} bytes)"
 
 
 def pattern_range(pattern: str) -> KeyRange:
