@@ -21,6 +21,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.devstack import DevLayout, DevStack, StackError
+from dkv.host.members import member_id
 from dkv.security import write_dev_pki
 from dkv.v1 import kv_pb2, raft_pb2
 from dkv.v1 import membership_pb2 as mpb
@@ -211,6 +212,18 @@ async def scenario(layout: DevLayout, policy: Path) -> None:
         )
         call = stream(iter([raft_pb2.MessageBatch(from_node=1, cluster_id="dkv-cluster")]))
         await a.refused(anext(aiter(call)))
+    # A node speaks only for itself: n1's certificate, a batch claiming to come from n2.
+    async with users(layout, layout.node_peer(3), "n1") as [n1]:
+        stream = n1.channel.stream_stream(
+            "/dkv.v1.RaftPeer/Stream",
+            request_serializer=raft_pb2.MessageBatch.SerializeToString,
+            response_deserializer=raft_pb2.StreamAck.FromString,
+        )
+        forged_batch = raft_pb2.MessageBatch(
+            from_node=member_id("dkv-cluster", "n2"), cluster_id="dkv-cluster"
+        )
+        msg = await n1.refused(anext(aiter(stream(iter([forged_batch])))))
+        assert msg.startswith("node:n1 (member ") and "a peer speaks only for itself" in msg
     # Membership: joins from nodes only, drains from admins only.
     async with users(layout, layout.membership_client(1), "reader", "admin") as [r, a]:
         m = "/dkv.v1.Membership/"

@@ -184,9 +184,9 @@ class MembershipService:
 
         async def run() -> pb.HeartbeatResponse:
             check_heartbeat(req)
-            known = self.sm.state.nodes.get(req.node_id)
-            if known is not None:
-                _only_as_itself(known.name, "heartbeat")
+            beating = self.sm.state.nodes.get(req.node_id)
+            if beating is not None:
+                _only_as_itself(beating.name, "heartbeat")
             beat = pb.MembershipCommand(
                 heartbeat=pb.HeartbeatCommand(node_id=req.node_id, unix_ms=self.clock())
             )

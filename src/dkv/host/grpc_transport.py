@@ -29,9 +29,11 @@ import grpc.aio
 
 from dkv.errors import InvalidArgument
 from dkv.host.channels import TlsFiles, client_channel
+from dkv.host.members import member_id
 from dkv.host.transport import Delivery
 from dkv.raft import Message, codec
 from dkv.security import tls_reload
+from dkv.security.access import CALLER
 from dkv.telemetry.peer_metrics import PeerMetrics
 from dkv.v1 import raft_pb2 as pb
 
@@ -107,6 +109,11 @@ class RaftPeerService:
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
+        # With mTLS the access rules let only our own kind of component in; its certificate
+        # names it, and so fixes the member id its batches and messages may claim (a node
+        # must not speak for another: a forged vote or append would be believed).
+        who = CALLER.get()
+        sender = member_id(self.cluster_id, who.name) if who is not None and who.name else 0
         try:
             async for req in requests:
                 received += 1
@@ -121,6 +128,14 @@ class RaftPeerService:
                     pairs = decode(req)
                 except InvalidArgument as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if sender and (req.from_node != sender or any(m.frm != sender for _, m in pairs)):
+                    self.refused_batches += 1
+                    assert who is not None
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"{who.subject} (member {sender:x}) sent a batch as member "
+                        f"{req.from_node:x}: a peer speaks only for itself",
+                    )
                 deliver = self._deliver()
                 if deliver is not None:
                     deliver(req.from_node, pairs)

@@ -227,12 +227,12 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
                 who = None
                 if streaming or not isinstance(request, Malformed):
                     who = await check(method, None if streaming else request, context)
-                caller = CALLER.set(who)
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                finally:
-                    CALLER.reset(caller)
+                # Each call runs in a task of its own, whose context ends with it: no reset.
+                # (A watch cancelled mid-stream is closed by asyncio in another context, where
+                # resetting the token raised and logged a traceback.)
+                CALLER.set(who)
+                async for item in behavior(request, context):
+                    yield item
 
             checked: Callable[..., Any] = checked_gen
         elif inspect.iscoroutinefunction(behavior):
