@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dkv_gateway import envoy_config
 
@@ -104,6 +106,20 @@ class DevLayout:
     jaeger: bool = False
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 1.0
+
+    @classmethod
+    def with_free_ports(cls, root: Path, **fields: Any) -> DevLayout:
+        """A layout whose ports are all free on 127.0.0.1 (tests and benchmarks: a port base
+        below the kernel's ephemeral range, where other tests' port-0 servers live)."""
+        rng = random.Random()
+        for _ in range(50):
+            layout = cls(root, port_base=rng.randrange(10_000, 30_000, 200), **fields)
+            try:
+                DevStack(layout).check_ports()
+            except StackError:
+                continue
+            return layout
+        raise StackError("no free range of ports found on 127.0.0.1")
 
     @property
     def front_door(self) -> int:

@@ -14,7 +14,6 @@ import base64
 import http.client
 import json
 import os
-import random
 import ssl
 import subprocess
 import sys
@@ -35,17 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 def free_layout(root: Path) -> DevLayout:
-    """A port base whose ports are all free (below the kernel's ephemeral range, where
-    other tests' port-0 servers live)."""
-    rng = random.Random()
-    for _ in range(50):
-        layout = DevLayout(root, port_base=rng.randrange(10_000, 30_000, 200), shards=4)
-        try:
-            DevStack(layout).check_ports()
-        except StackError:
-            continue
-        return layout
-    raise AssertionError("no free port range found")
+    return DevLayout.with_free_ports(root, shards=4)
 
 
 def b64(data: bytes) -> str:

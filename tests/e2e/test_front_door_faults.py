@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import urllib.request
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pytest
 
 from dkv.client import ClientTls
 from dkv.client.membership import MembershipClient
-from dkv.devstack import DevLayout, DevStack, StackError
+from dkv.devstack import DevLayout, DevStack
 from dkv.testing.cluster import History, Workload, check, lost_writes, read_back
 from dkv.testing.frontdoor import FrontDoorClient
 from dkv.v1 import kv_pb2
@@ -44,20 +43,7 @@ OPS = 30 * int(os.environ.get("DKV_FAULT_OPS", "1"))
 
 
 def free_layout(root: Path) -> DevLayout:
-    rng = random.Random()
-    for _ in range(50):
-        layout = DevLayout(
-            root,
-            port_base=rng.randrange(10_000, 30_000, 200),
-            shards=SHARDS,
-            membership_replicas=3,
-        )
-        try:
-            DevStack(layout).check_ports()
-        except StackError:
-            continue
-        return layout
-    raise AssertionError("no free port range found")
+    return DevLayout.with_free_ports(root, shards=SHARDS, membership_replicas=3)
 
 
 class Ops:

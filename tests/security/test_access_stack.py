@@ -6,7 +6,6 @@ checked by its status and message, and the data is unchanged afterwards."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from dkv.devstack import DevLayout, DevStack, StackError
+from dkv.devstack import DevLayout, DevStack
 from dkv.host.members import member_id
 from dkv.security import write_dev_pki
 from dkv.v1 import kv_pb2, raft_pb2
@@ -34,16 +33,7 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 def free_layout(root: Path) -> DevLayout:
-    """A port base whose ports are all free (below the ephemeral range), as tests/e2e does."""
-    rng = random.Random()
-    for _ in range(50):
-        layout = DevLayout(root, port_base=rng.randrange(10_000, 30_000, 200), shards=4)
-        try:
-            DevStack(layout).check_ports()
-        except StackError:
-            continue
-        return layout
-    raise AssertionError("no free port range found")
+    return DevLayout.with_free_ports(root, shards=4)
 
 
 class As:

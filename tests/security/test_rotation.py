@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
 import socket
 import ssl
@@ -34,7 +33,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dkv.devstack import ENVOY_NAME, GATEWAY_NAME, NODE_NAMES, DevLayout, DevStack, StackError
+from dkv.devstack import ENVOY_NAME, GATEWAY_NAME, NODE_NAMES, DevLayout, DevStack
 from dkv.security.certs import PkiLayout, _key_pem, _write, issue_certificate, uri_for
 from dkv.security.rotation import (
     finish_ca_rotation,
@@ -66,15 +65,7 @@ class ClientCert:
 
 
 def free_layout(root: Path) -> DevLayout:
-    rng = random.Random()
-    for _ in range(50):
-        layout = DevLayout(root, port_base=rng.randrange(10_000, 30_000, 200), shards=SHARDS)
-        try:
-            DevStack(layout).check_ports()
-        except StackError:
-            continue
-        return layout
-    raise AssertionError("no free port range found")
+    return DevLayout.with_free_ports(root, shards=SHARDS)
 
 
 def ports(layout: DevLayout) -> list[Port]:
