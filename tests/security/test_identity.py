@@ -188,3 +188,49 @@ def test_ca_signed_certificates_for_every_component_carry_their_ids(tmp_path: Pa
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
     assert make_ca() is not None
+
+
+@pytest.mark.parametrize("prog", ["dkv_gateway.main", "dkv_node.main", "dkv_membership.main"])
+def test_a_bad_trust_domain_is_refused_in_one_line(prog: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    args = {
+        "dkv_gateway.main": ["--membership", "127.0.0.1:1"],
+        "dkv_node.main": ["--membership", "127.0.0.1:1", "--name", "n1"],
+        "dkv_membership.main": ["--name", "m1", "--initial-cluster", "m1=127.0.0.1:1"],
+    }[prog]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            prog,
+            *args,
+            "--data-dir",
+            str(tmp_path),
+            "--trust-domain",
+            "Evil Corp",
+        ]
+        if prog != "dkv_gateway.main"
+        else [sys.executable, "-m", prog, *args, "--trust-domain", "Evil Corp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode != 0
+    # The reason on one line (dkv-membership, an argparse usage error, prints the usage first).
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert "bad trust domain 'Evil Corp'" in lines[-1], out.stderr
+    assert prog == "dkv_membership.main" or len(lines) == 1, out.stderr
+
+
+def test_identities_of_another_trust_domain() -> None:
+    from dkv.security.identity import check_trust_domain
+
+    check_trust_domain("prod.example")
+    with pytest.raises(InvalidArgument, match="bad trust domain"):
+        check_trust_domain("Prod")
+    ours = {"peer_spiffe_id": [b"spiffe://prod.example/user/alice"]}
+    assert identity_from_auth_context(ours, "prod.example") == Identity.user("alice")
+    assert identity_from_auth_context(ours) is None  # not the default domain's

@@ -964,6 +964,7 @@ def bootstrap(
     downstream_connections_max: int = DOWNSTREAM_CONNECTIONS_MAX,
     ads_tls: TlsFiles | None = None,
     sds_dir: str = "",
+    trust_domain: str = "dkv",
 ) -> bootstrap_pb2.Bootstrap:
     """Envoy's bootstrap: the admin endpoint, the ADS server and the limit on client
     connections, nothing else.
@@ -1007,20 +1008,34 @@ def bootstrap(
             lds_config=ads_source,
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_ads_cluster(ads_host, ads_port, connect_timeout_ms, ads_tls, sds_dir)]
+            clusters=[
+                _ads_cluster(
+                    ads_host,
+                    ads_port,
+                    connect_timeout_ms,
+                    ads_tls,
+                    sds_dir,
+                    f"spiffe://{trust_domain}/gateway",
+                )
+            ]
         ),
         overload_manager=overload_pb2.OverloadManager(resource_monitors=[connections]),
     )
 
 
 def _ads_cluster(
-    host: str, port: int, connect_timeout_ms: int, tls: TlsFiles | None, sds_dir: str = ""
+    host: str,
+    port: int,
+    connect_timeout_ms: int,
+    tls: TlsFiles | None,
+    sds_dir: str = "",
+    gateway_id: str = GATEWAY_SPIFFE_ID,
 ) -> cluster_pb2.Cluster:
     cluster = _static_cluster(ADS_CLUSTER_NAME, [(host, port)], connect_timeout_ms)
     if tls is not None:
         common = _sds_tls(["h2"], sds_dir, ADS_SECRET) if sds_dir else _common_tls(tls, ["h2"])
         context = tls_pb2.UpstreamTlsContext(common_tls_context=common)
-        _match_uri(context.common_tls_context, GATEWAY_SPIFFE_ID)
+        _match_uri(context.common_tls_context, gateway_id)
         cluster.transport_socket.CopyFrom(_transport_socket(context))
     return cluster
 

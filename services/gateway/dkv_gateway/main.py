@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         "--envoy-* files: Envoy then reloads them when they change (without it, once at start)",
     )
     add(
+        "trust-domain",
+        "the SPIFFE trust domain of the identities in client certificates (spiffe://DOMAIN/...)",
+        "dkv",
+    )
+    add(
         "auth-policy-dir",
         "directory with model.conf and policy.csv (Casbin): who may read, write and administer "
         "which keys; reloaded when they change. Without it users are not checked",
@@ -159,6 +164,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
         auth_policy_dir=args.auth_policy_dir or "",
+        trust_domain=args.trust_domain,
         watches_per_caller_max=int_flag(
             p, "watches-per-caller-max", args.watches_per_caller_max, 1
         ),

@@ -33,6 +33,7 @@ from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles, bind, with_port
 from dkv.host.rpc_server import new_server
 from dkv.security.access import ProcessAccess
+from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import gateway_public_rules, xds_rules
 from dkv.sizes import VALUE_BYTES_MAX, message_limits
 from dkv.telemetry import ProcessMetrics
@@ -103,11 +104,14 @@ class GatewayConfig:
     # model.conf and policy.csv (dkv.security.authz): who may read, write, administer.
     # "": users are not checked (components still are, whenever ``tls`` is on).
     auth_policy_dir: str = ""
+    # The SPIFFE trust domain of every identity this process accepts (spiffe://DOMAIN/...).
+    trust_domain: str = TRUST_DOMAIN
     # Watch streams one caller (identity) may hold open here (RESOURCE_EXHAUSTED beyond).
     watches_per_caller_max: int = WATCHES_PER_CALLER_MAX
 
     def validate(self) -> None:
         self.tracing.validate()
+        check_trust_domain(self.trust_domain)
         if not self.membership:
             raise InvalidArgument("--membership is required (host:port,... of membership)")
         for address in (*self.membership, self.listen_client, self.listen_xds):
@@ -139,7 +143,7 @@ class GatewayServer:
         self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-gateway")
         self.metrics = ProcessMetrics.create()  # one registry per gateway instance
         # A bad policy refuses to start (InvalidArgument naming the file and the line).
-        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry, cfg.trust_domain)
         self.rng = rng or random.Random()
         self.view = ClusterMapView()
         self.initialized = asyncio.Event()  # set once the map has shards

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     add("otlp-endpoint", OTLP_ENDPOINT_HELP)
     add("trace-sample-ratio", SAMPLE_RATIO_HELP)
     add(
+        "trust-domain",
+        "the SPIFFE trust domain of the identities in client certificates (spiffe://DOMAIN/...)",
+        "dkv",
+    )
+    add(
         "auth-policy-dir",
         "directory with model.conf and policy.csv (Casbin), reloaded when they change: which "
         "users are admins. Without it users are not checked (components always are)",
@@ -197,6 +202,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         listen_metrics=metrics_address(p, args.listen_metrics),
         tracing=tracing_config(p, args.otlp_endpoint, args.trace_sample_ratio),
         auth_policy_dir=args.auth_policy_dir or "",
+        trust_domain=args.trust_domain,
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -56,6 +56,7 @@ from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.security.access import ProcessAccess
+from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import membership_client_rules, membership_peer_rules
 from dkv.sharding import SLOT_COUNT
 from dkv.sizes import PEER_MESSAGE_LIMITS
@@ -114,9 +115,12 @@ class MembershipConfig:
     # model.conf and policy.csv (dkv.security.authz): which users are admins (cluster
     # operations). "": users are not checked; components always are (mTLS).
     auth_policy_dir: str = ""
+    # The SPIFFE trust domain of every identity this process accepts (spiffe://DOMAIN/...).
+    trust_domain: str = TRUST_DOMAIN
 
     def validate(self) -> None:
         self.tracing.validate()
+        check_trust_domain(self.trust_domain)
         if self.name not in self.initial_cluster:
             raise InvalidArgument(
                 f"--name {self.name!r} is not in --initial-cluster "
@@ -174,7 +178,7 @@ class MembershipServer:
         # when clients use mTLS.
         self._node_channels = ChannelPool(cfg.client_tls)
         self.metrics = ProcessMetrics.create()  # one registry per replica instance
-        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry, cfg.trust_domain)
         self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0

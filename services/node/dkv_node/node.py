@@ -39,6 +39,7 @@ from dkv.host.rpc_server import new_server
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.security.access import ProcessAccess
+from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import node_client_rules, node_peer_rules
 from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
@@ -102,6 +103,8 @@ class NodeConfig:
     # model.conf and policy.csv (dkv.security.authz): which users are admins (the only users
     # a node's client port serves). "": users are not checked; components always are (mTLS).
     auth_policy_dir: str = ""
+    # The SPIFFE trust domain of every identity this process accepts (spiffe://DOMAIN/...).
+    trust_domain: str = TRUST_DOMAIN
 
     @property
     def managed(self) -> bool:
@@ -110,6 +113,7 @@ class NodeConfig:
 
     def validate(self) -> None:
         self.tracing.validate()
+        check_trust_domain(self.trust_domain)
         if not self.initial_cluster and not self.membership:
             raise InvalidArgument(
                 "give --membership (shards placed by the membership service) or "
@@ -154,7 +158,7 @@ class Node:
         self._forward_channels = ChannelPool(cfg.client_tls)
         # One registry per node instance (tests run many in one interpreter).
         self.metrics = ProcessMetrics.create()
-        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry)
+        self.access = ProcessAccess(cfg.auth_policy_dir, self.metrics.registry, cfg.trust_domain)
         self.metrics_server: MetricsServer | None = None
         self.peer_port = 0
         self.client_port = 0

@@ -43,6 +43,9 @@ def certs(
     ] = None,
     dns: Annotated[list[str] | None, typer.Option(help="Extra DNS SAN for every leaf.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing CA and certificates.")] = False,
+    trust_domain: Annotated[
+        str, typer.Option(help="The SPIFFE trust domain of the identities (spiffe://DOMAIN/...).")
+    ] = "dkv",
 ) -> None:
     """Make a local CA and mTLS certificates for development (cert-manager does this in
     Kubernetes). Existing files are kept unless --force. Each certificate names its identity
@@ -62,7 +65,9 @@ def certs(
             raise typer.Exit(2)
         names.append((kind, name))
     try:
-        written = write_dev_pki(out, names, force=force, extra_dns=dns or [])
+        written = write_dev_pki(
+            out, names, force=force, extra_dns=dns or [], trust_domain=trust_domain
+        )
     except (DkvError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -99,6 +104,21 @@ def envoy_bootstrap(
     out: Annotated[
         Path | None, typer.Option(help="Write the bootstrap here (default: stdout).")
     ] = None,
+    cert_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Envoy's certificate: the xDS connection speaks mTLS (a gateway "
+            "with --cert-file serves xDS only to Envoy's identity)."
+        ),
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Envoy's key.")] = None,
+    trusted_ca_file: Annotated[Path | None, typer.Option(help="The CA of the gateway.")] = None,
+    sds_dir: Annotated[
+        str, typer.Option(help="Read those files by SDS from this directory (rotation).")
+    ] = "",
+    trust_domain: Annotated[
+        str, typer.Option(help="Accept only spiffe://DOMAIN/gateway as the xDS server.")
+    ] = "dkv",
 ) -> None:
     """Write Envoy's bootstrap (JSON, also valid YAML): the admin endpoint, the ADS server
     and a limit on client connections; listeners and clusters come from the gateway over
@@ -109,8 +129,24 @@ def envoy_bootstrap(
     ads_host, ads_port = _host_port(xds, "--xds")
     if not node_id:
         raise typer.BadParameter("must not be empty", param_hint="--node-id")
+    files = [cert_file, key_file, trusted_ca_file]
+    if any(files) and not all(files):
+        raise typer.BadParameter("--cert-file, --key-file and --trusted-ca-file go together")
+    ads_tls = (
+        envoy_config.TlsFiles(str(cert_file), str(key_file), str(trusted_ca_file))
+        if all(files)
+        else None
+    )
+    if sds_dir and ads_tls is not None:
+        envoy_config.write_ads_sds_files(sds_dir, ads_tls)
     config = envoy_config.bootstrap(
-        ads_host=ads_host, ads_port=ads_port, admin_port=admin_port, node_id=node_id
+        ads_host=ads_host,
+        ads_port=ads_port,
+        admin_port=admin_port,
+        node_id=node_id,
+        ads_tls=ads_tls,
+        sds_dir=sds_dir if ads_tls is not None else "",
+        trust_domain=trust_domain,
     )
     if out is None:
         typer.echo(envoy_config.bootstrap_json(config), nl=False)

@@ -197,6 +197,7 @@ def write_dev_pki(
     *,
     force: bool = False,
     extra_dns: Sequence[str] = (),
+    trust_domain: str = TRUST_DOMAIN,
 ) -> list[Path]:
     """Create (or complete) a development PKI in ``directory``.
 
@@ -219,7 +220,7 @@ def write_dev_pki(
     for kind, name in names:
         if not name or "/" in name or name.startswith("."):
             raise InvalidArgument(f"bad component name {name!r}")
-        uri = uri_for(kind, name)
+        uri = uri_for(kind, name, trust_domain)
         if (
             not force
             and layout.cert(name).exists()

@@ -23,6 +23,7 @@ from dkv.errors import InvalidArgument
 
 __all__ = [
     "TRUST_DOMAIN",
+    "check_trust_domain",
     "Identity",
     "Kind",
     "identity_from_auth_context",
@@ -90,10 +91,17 @@ class Identity:
         return self.subject
 
 
+def check_trust_domain(trust_domain: str) -> None:
+    """InvalidArgument unless ``trust_domain`` is a SPIFFE trust domain name."""
+    if not _TRUST_DOMAIN.match(trust_domain):
+        raise InvalidArgument(
+            f"bad trust domain {trust_domain!r}: lower-case letters, digits, '.', '-', '_'"
+        )
+
+
 def spiffe_id(kind: str, name: str = "", trust_domain: str = TRUST_DOMAIN) -> str:
     """``spiffe://dkv/user/alice``, ``spiffe://dkv/gateway``."""
-    if not _TRUST_DOMAIN.match(trust_domain):
-        raise InvalidArgument(f"bad trust domain {trust_domain!r}")
+    check_trust_domain(trust_domain)
     ident = Identity(Kind(kind), name)
     tail = f"/{ident.name}" if ident.name else ""
     return f"spiffe://{trust_domain}/{ident.kind}{tail}"
