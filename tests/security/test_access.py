@@ -3,8 +3,6 @@ parsed headers, and forgeries counted."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry
 
 from dkv.security.access import XFCC_CACHE_MAX, Access, AuthMetrics
@@ -39,31 +37,28 @@ def test_only_envoys_xfcc_is_believed_and_forgeries_are_counted() -> None:
     registry = CollectorRegistry()
     acc = access(registry)
     alice = "URI=spiffe://dkv/user/alice"
-    assert acc.caller(Ctx("spiffe://dkv/envoy", alice)) == (Identity.user("alice"), "envoy")
-    assert acc.caller(Ctx("spiffe://dkv/envoy", None)) == (None, "envoy")
-    assert acc.caller(Ctx("spiffe://dkv/envoy", 'Subject="CN=x')) == (None, "envoy")  # malformed
+    assert acc.caller(Ctx("spiffe://dkv/envoy", alice)) == Identity.user("alice")
+    assert acc.caller(Ctx("spiffe://dkv/envoy", None)) is None
+    assert acc.caller(Ctx("spiffe://dkv/envoy", 'Subject="CN=x')) is None  # malformed
     mallory = Identity.user("mallory")
-    assert acc.caller(Ctx("spiffe://dkv/user/mallory", alice)) == (mallory, "certificate")
+    assert acc.caller(Ctx("spiffe://dkv/user/mallory", alice)) == mallory
     node = Identity(Kind.NODE, "n1")
-    assert acc.caller(Ctx("spiffe://dkv/node/n1", alice)) == (node, "certificate")
+    assert acc.caller(Ctx("spiffe://dkv/node/n1", alice)) == node
     assert registry.get_sample_value("dkv_auth_forged_xfcc_total") == 2
 
 
 def test_parsed_headers_are_remembered_within_a_bound() -> None:
     acc = access()
     for i in range(XFCC_CACHE_MAX + 100):
-        who, _ = acc.caller(Ctx("spiffe://dkv/envoy", f"URI=spiffe://dkv/user/u{i}"))
+        who = acc.caller(Ctx("spiffe://dkv/envoy", f"URI=spiffe://dkv/user/u{i}"))
         assert who == Identity.user(f"u{i}")
     assert len(acc._xfcc) == XFCC_CACHE_MAX
     # A remembered header answers the same.
     last = f"URI=spiffe://dkv/user/u{XFCC_CACHE_MAX + 99}"
-    assert acc.caller(Ctx("spiffe://dkv/envoy", last))[0] == Identity.user(
-        f"u{XFCC_CACHE_MAX + 99}"
-    )
+    assert acc.caller(Ctx("spiffe://dkv/envoy", last)) == Identity.user(f"u{XFCC_CACHE_MAX + 99}")
 
 
 def test_envoys_xfcc_is_not_believed_where_the_port_does_not_trust_it() -> None:
     acc = Access("node", {}, trust_xfcc=False)
     envoy = Identity(Kind.ENVOY)
-    got: Any = acc.caller(Ctx("spiffe://dkv/envoy", "URI=spiffe://dkv/user/admin"))
-    assert got == (envoy, "certificate")
+    assert acc.caller(Ctx("spiffe://dkv/envoy", "URI=spiffe://dkv/user/admin")) == envoy

@@ -50,6 +50,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+from dkv.limited_log import RateLimitedLog
 from dkv.security.access import CALLER, Access
 from dkv.sizes import message_limits
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
@@ -77,39 +78,6 @@ class Malformed:
 
     type_name: str
     reason: str
-
-
-class RateLimitedLog:
-    """Log at most one line per ``interval_s``; the next line counts the ones skipped.
-
-    ``clock`` is injected so tests need not wait."""
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval_s: float = BAD_REQUEST_LOG_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
-        self.interval_s = interval_s
-        self.clock = clock
-        self._next_at = float("-inf")
-        self.suppressed = 0
-
-    def warning(self, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless a line was logged less than ``interval_s`` ago.
-        Returns whether it was logged."""
-        now = self.clock()
-        if now < self._next_at:
-            self.suppressed += 1
-            return False
-        self._next_at = now + self.interval_s
-        if self.suppressed:
-            message += " (%d more like it not logged in the last %.0f s)"
-            args = (*args, self.suppressed, self.interval_s)
-            self.suppressed = 0
-        self.logger.warning(message, *args)
-        return True
 
 
 def _type_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -140,7 +108,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         tracer: Tracer | None = None,
         access: Access | None = None,
     ) -> None:
-        self.bad_requests = bad_requests or RateLimitedLog(log)
+        self.bad_requests = bad_requests or RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
         self.metrics = metrics
         self.tracer = tracer
         self.access = access

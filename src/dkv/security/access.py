@@ -35,8 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from dkv.errors import InvalidArgument
+from dkv.limited_log import RateLimitedLog
 from dkv.security.authz import Action, KeyRange, PolicyFiles, PolicyStore
 from dkv.security.identity import TRUST_DOMAIN, Identity, Kind, identity_from_auth_context
 from dkv.security.xfcc import XFCC_HEADER, identity_from_xfcc
@@ -132,28 +132,6 @@ class AuthMetrics:
         self.reloads["ok" if ok else "failed"].inc()
 
 
-class _Limited:
-    """One log line per interval at most; the next says how many were skipped."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._clock = time.monotonic
-        self._interval_s = interval_s
-        self._next = float("-inf")
-        self.skipped = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self.skipped += 1
-            return
-        self._next = now + self._interval_s
-        if self.skipped:
-            message += " (%d more not logged)"
-            args = (*args, self.skipped)
-            self.skipped = 0
-        log.warning(message, *args)
-
-
 def _metadata(context: Any, key: str) -> str | None:
     for k, v in context.invocation_metadata() or ():
         if k == key:
@@ -184,26 +162,27 @@ class Access:
         self.trust_domain = trust_domain
         self.trust_xfcc = trust_xfcc
         self.metrics = metrics
-        self._denials = _Limited(DENIAL_LOG_INTERVAL_S)
+        self._denials = RateLimitedLog(log, DENIAL_LOG_INTERVAL_S)
         self._xfcc: dict[str, Identity | None] = {}
-        self._forged = _Limited(1.0)
+        self._forged = RateLimitedLog(log, 1.0)
 
     # -- who -------------------------------------------------------------------------------------
 
     def peer(self, context: Any) -> Identity | None:
         return identity_from_auth_context(context.auth_context(), self.trust_domain)
 
-    def caller(self, context: Any) -> tuple[Identity | None, str]:
-        """``(identity, how)``: the caller, and ``"certificate"`` or ``"envoy"``."""
+    def caller(self, context: Any) -> Identity | None:
+        """The caller: the client Envoy names, on a port that trusts Envoy's XFCC and a
+        connection from Envoy; else the peer certificate's identity."""
         peer = self.peer(context)
         xfcc = _metadata(context, XFCC_HEADER)
         if peer is not None and peer.kind is Kind.ENVOY and self.trust_xfcc:
             if xfcc is None:
-                return None, "envoy"  # Envoy forwarded no client certificate
+                return None  # Envoy forwarded no client certificate
             # A client sends the same header on every call: parse it once (17 us -> 7 us a
             # call through Envoy, measured), in a bounded cache.
             if xfcc in self._xfcc:
-                return self._xfcc[xfcc], "envoy"
+                return self._xfcc[xfcc]
             try:
                 found = identity_from_xfcc(xfcc, self.trust_domain)
             except InvalidArgument as exc:
@@ -212,7 +191,7 @@ class Access:
             if len(self._xfcc) >= XFCC_CACHE_MAX:
                 self._xfcc.pop(next(iter(self._xfcc)))  # the oldest entry
             self._xfcc[xfcc] = found
-            return found, "envoy"
+            return found
         if xfcc is not None:
             if self.metrics is not None:
                 self.metrics.forged_xfcc.inc()
@@ -223,7 +202,7 @@ class Access:
                 peer.subject if peer else "an anonymous peer",
                 context.peer(),
             )
-        return peer, "certificate"
+        return peer
 
     # -- may they --------------------------------------------------------------------------------
 
@@ -244,7 +223,7 @@ class Access:
         if isinstance(rule, Open):
             return None
         method = _method_name(full_method)
-        who, _how = self.caller(context)
+        who = self.caller(context)
         if rule is None:
             await self._deny(context, "no_rule", who, "call", method, method)
         if who is None:
@@ -333,21 +312,6 @@ class Access:
         else:
             message = f"{subject} may not {action} {resource} ({method})"
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-
-
-def kinds(*ks: Kind) -> frozenset[Kind]:
-    return frozenset(ks)
-
-
-def health_rules() -> dict[str, Rule]:
-    return {
-        "/grpc.health.v1.Health/Check": Open(),
-        "/grpc.health.v1.Health/Watch": Open(),
-    }
-
-
-def all_methods(service: str, methods: Sequence[str], rule: Rule) -> dict[str, Rule]:
-    return {f"/{service}/{m}": rule for m in methods}
 
 
 class ProcessAccess:

@@ -38,7 +38,6 @@ whole, so no request sees half a policy, and a bad edit keeps the old policy (lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -357,8 +356,10 @@ class PolicyStore:
         """Poll until cancelled (loading runs in a thread: Casbin parses files)."""
         while True:
             await asyncio.sleep(self.poll_interval_ms / 1000)
-            with contextlib.suppress(Exception):  # never let the watcher die; _failed logs
+            try:
                 await asyncio.to_thread(self.check_now)
+            except Exception:  # a bug in loading: say so, keep the policy and the watcher
+                log.exception("access policy watcher")
 
 
 def write_default_policy(directory: Path, extra: str = "") -> PolicyFiles:
