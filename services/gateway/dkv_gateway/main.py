@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from dkv.cli.flags import (
-    OTLP_ENDPOINT_HELP,
-    SAMPLE_RATIO_HELP,
     int_flag,
     metrics_address,
+    shared_flags,
     tls_files,
     tracing_config,
 )
@@ -77,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2375",
     )
-    add("otlp-endpoint", OTLP_ENDPOINT_HELP + "; Envoy exports its spans there too")
-    add("trace-sample-ratio", SAMPLE_RATIO_HELP + "; Envoy samples at the same ratio")
+    for flag, help_, default in shared_flags(envoy=True):
+        add(flag, help_, default)
     add("membership", "host:port,... of the membership service's client addresses (required)")
     add(
         "default-timeout-ms",
@@ -105,16 +104,6 @@ def _parser() -> argparse.ArgumentParser:
         "envoy-sds-dir",
         "a directory Envoy reads, where the gateway writes Envoy's SDS files naming the "
         "--envoy-* files: Envoy then reloads them when they change (without it, once at start)",
-    )
-    add(
-        "trust-domain",
-        "the SPIFFE trust domain of the identities in client certificates (spiffe://DOMAIN/...)",
-        "dkv",
-    )
-    add(
-        "auth-policy-dir",
-        "directory with model.conf and policy.csv (Casbin): who may read, write and administer "
-        "which keys; reloaded when they change. Without it users are not checked",
     )
     add(
         "watches-per-caller-max",

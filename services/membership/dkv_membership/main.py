@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dkv.cli.flags import (
-    OTLP_ENDPOINT_HELP,
-    SAMPLE_RATIO_HELP,
     int_flag,
     membership_flags,
     metrics_address,
+    shared_flags,
     tls_files,
     tracing_config,
 )
@@ -78,18 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2481",
     )
-    add("otlp-endpoint", OTLP_ENDPOINT_HELP)
-    add("trace-sample-ratio", SAMPLE_RATIO_HELP)
-    add(
-        "trust-domain",
-        "the SPIFFE trust domain of the identities in client certificates (spiffe://DOMAIN/...)",
-        "dkv",
-    )
-    add(
-        "auth-policy-dir",
-        "directory with model.conf and policy.csv (Casbin), reloaded when they change: which "
-        "users are admins. Without it users are not checked (components always are)",
-    )
+    for flag, help_, default in shared_flags():
+        add(flag, help_, default)
     add("advertise-peer", "peer address announced to others (default: --listen-peer)")
     add("advertise-client", "client address announced to others (default: --listen-client)")
     add("initial-cluster", "name=peer-address,... of the membership replicas")

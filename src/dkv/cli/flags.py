@@ -19,6 +19,7 @@ __all__ = [
     "SAMPLE_RATIO_HELP",
     "int_flag",
     "membership_flags",
+    "shared_flags",
     "tls_files",
     "tracing_config",
 ]
@@ -31,6 +32,30 @@ SAMPLE_RATIO_HELP = (
     "share of requests without a sampled parent that are traced, 0..1 (sampler "
     f"parentbased_traceidratio; default: ${SAMPLE_RATIO_ENV}, else 1.0)"
 )
+
+
+def shared_flags(envoy: bool = False) -> list[tuple[str, str, str | None]]:
+    """``(flag, help, default)`` of the tracing and access flags every server process takes
+    (``envoy``: the gateway, whose Envoy follows its tracing flags)."""
+    also = "; Envoy exports its spans there too" if envoy else ""
+    same = "; Envoy samples at the same ratio" if envoy else ""
+    return [
+        ("otlp-endpoint", OTLP_ENDPOINT_HELP + also, None),
+        ("trace-sample-ratio", SAMPLE_RATIO_HELP + same, None),
+        (
+            "trust-domain",
+            "the SPIFFE trust domain of the identities in client certificates "
+            "(spiffe://DOMAIN/...)",
+            "dkv",
+        ),
+        (
+            "auth-policy-dir",
+            "directory with model.conf and policy.csv (Casbin), reloaded when they change: "
+            "who may read, write and administer which keys. Without it users are not checked "
+            "(components always are, over mTLS)",
+            None,
+        ),
+    ]
 
 
 def tls_files(args: argparse.Namespace, prefix: str, p: argparse.ArgumentParser) -> TlsFiles | None:
