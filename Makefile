@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry sim dashboards jaeger trace-backend clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads sim dashboards jaeger trace-backend clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
+	@echo "make bench-overheads  tracing and access checks per request and hop, in isolation (~10 s)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
 
@@ -78,6 +79,10 @@ bench: setup
 # Metrics off vs on (vs tracing at 0.01 where present), alternating rounds (see docs/benchmarks.md).
 bench-telemetry: setup
 	$(BIN)/python -m dkv.testing.bench_telemetry
+
+# Per request and hop, in isolation: spans, the unsampled fast path, access checks.
+bench-overheads: setup
+	$(BIN)/python -m dkv.testing.bench_overheads
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
