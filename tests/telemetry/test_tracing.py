@@ -94,15 +94,12 @@ class _Svc:
         return kv_pb2.PutResponse()
 
 
-def _server(tracing: Tracing) -> tuple[grpc.aio.Server, int]:
+def _server(tracing: Tracing, put: Any = None) -> tuple[grpc.aio.Server, int]:
     de, se = kv_pb2.PutRequest.FromString, kv_pb2.PutResponse.SerializeToString
     server = new_server(tracer=tracing.tracer)
+    handler = grpc.unary_unary_rpc_method_handler(put or _Svc().put, de, se)
     server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "dkv.v1.KV", {"Put": grpc.unary_unary_rpc_method_handler(_Svc().put, de, se)}
-            ),
-        )
+        (grpc.method_handlers_generic_handler("dkv.v1.KV", {"Put": handler}),)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     return server, server.add_insecure_port("127.0.0.1:0")
@@ -215,16 +212,7 @@ def test_a_caller_that_did_not_sample_gets_no_span_and_its_header_is_passed_on()
             return kv_pb2.PutResponse()
 
     async def scenario() -> None:
-        de, se = kv_pb2.PutRequest.FromString, kv_pb2.PutResponse.SerializeToString
-        server = new_server(tracer=tracing.tracer)
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "dkv.v1.KV", {"Put": grpc.unary_unary_rpc_method_handler(Svc().put, de, se)}
-                ),
-            )
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
+        server, port = _server(tracing, Svc().put)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
