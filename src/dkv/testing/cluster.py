@@ -35,6 +35,7 @@ unknown is recorded with return time ``math.inf`` and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import re
@@ -1084,7 +1085,12 @@ async def recorded_get(
 
 class Workload:
     """``workers`` concurrent clients, each doing ``ops_per_worker`` operations (fewer if
-    :meth:`stop` is called), recorded in ``history``.
+    :meth:`stop` is called; ``None``: until :meth:`stop` is called or the task is cancelled),
+    recorded in ``history``.
+
+    A scenario that waits for "N more answers" after steps of unknown length (a restart, a
+    promotion) must load until stopped: a fixed budget can run out on a slow machine before
+    the last wait, which then fails although the cluster serves.
 
     Default: random put/get on ``keys`` keys ``<prefix>0``.. with unique values. With
     ``fresh_keys``, every operation is a put to a key of its own (``<prefix><client>/<n>``):
@@ -1097,7 +1103,7 @@ class Workload:
         history: History,
         *,
         workers: int = 5,
-        ops_per_worker: int = 40,
+        ops_per_worker: int | None = 40,
         keys: int = 5,
         prefix: bytes = b"k/",
         read_fraction: float = 0.5,
@@ -1125,6 +1131,8 @@ class Workload:
 
     @property
     def total(self) -> int:
+        if self.ops_per_worker is None:
+            raise ValueError("a workload that runs until stopped has no total")
         return self.workers * self.ops_per_worker
 
     def key_set(self) -> list[bytes]:
@@ -1150,7 +1158,8 @@ class Workload:
         rng = random.Random(self.seed * 1000 + index)
         cid = self.history.new_client()
         loop = asyncio.get_running_loop()
-        for n in range(self.ops_per_worker):
+        numbers = itertools.count() if self.ops_per_worker is None else range(self.ops_per_worker)
+        for n in numbers:
             if self.stopping:
                 return
             deadline = loop.time() + self.op_timeout_s
