@@ -39,6 +39,8 @@ class Net:
             for h in list(self.hosts.values()):
                 if not h.alive:
                     continue
+                if h.raw().has_ready():
+                    moved = True  # a Ready without messages can still commit (one voter)
                 for m in h.process_ready():
                     moved = True
                     dst = self.hosts.get(m.to)

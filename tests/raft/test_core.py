@@ -218,6 +218,9 @@ def test_leader_never_commits_an_old_term_entry_by_counting() -> None:
     assert r.trk.committed_index() == 2  # on a majority...
     assert r.log.committed == 1  # ...but from term 1: not committed by counting
     r.step(Message(MT.APP_RESP, to=1, frm=2, term=3, index=3))
+    # The leader's own no-op is not written yet (thesis §10.2.1): one durable copy of 3.
+    assert r.log.committed == 1
+    r.on_persisted(3, 3)
     assert r.log.committed == 3  # the term-3 no-op commits, and index 2 with it
 
 

@@ -445,10 +445,10 @@ class Raft:
                     f"uncommitted log tail would exceed {limit} bytes; retry when it commits"
                 )
             self.uncommitted_bytes += size
-        li = self.log.append(ents)
-        self.trk.progress[self.id].maybe_update(li)
-        # A single-voter group commits on append.
-        self.maybe_commit()
+        self.log.append(ents)
+        # Our own match moves only once the host has written these entries (on_persisted):
+        # the host sends our appends while its own write is in flight (thesis §10.2.1), so
+        # counting them now could commit an entry that a quorum does not hold durably.
 
     def propose_entries(self, datas: list[bytes], types: list[EntryType] | None = None) -> int:
         """Leader only: append one entry per payload. Returns the index of the last one."""
@@ -478,6 +478,25 @@ class Raft:
 
     def maybe_commit(self) -> bool:
         return self.log.maybe_commit(self.trk.committed_index(), self.term)
+
+    def on_persisted(self, index: int, term: int) -> None:
+        """The host wrote our log up to ``index`` (whose entry has ``term``) to stable storage.
+
+        A leader writes its log in parallel with replicating it (thesis §10.2.1) and counts its
+        own copy toward a commit only from here on: like a follower's acknowledgement, but for
+        ourselves. A single-voter group commits here.
+
+        (With one Ready in flight at a time, as our hosts work, an entry counted early could
+        not leak anyway: whatever a commit produces waits for the next Ready, after the
+        write. The rule keeps the core safe for a host that pipelines its writes.)"""
+        if self.role is not Role.LEADER:
+            return
+        pr = self.trk.progress.get(self.id)
+        if pr is None or self.log.term_or_zero(index) != term:
+            return  # removed from the group, or the entry was replaced since
+        if pr.maybe_update(index) and self.maybe_commit():
+            self._release_pending_read_index()
+            self.bcast_append()
 
     def committed_entry_in_current_term(self) -> bool:
         return self.log.term_or_zero(self.log.committed) == self.term

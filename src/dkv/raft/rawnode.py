@@ -243,6 +243,7 @@ class RawNode:
         if rd.entries:
             last = rd.entries[-1]
             log.stable_to(last.index, last.term)
+            r.on_persisted(last.index, last.term)
         if rd.snapshot is not None:
             log.stable_snap_to(rd.snapshot.metadata.index)
             log.applied = max(log.applied, rd.snapshot.metadata.index)

@@ -18,6 +18,7 @@ from dkv.errors import InvalidArgument
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
     "NONE",
+    "SEND_BEFORE_PERSIST",
     "ConfChange",
     "ConfChangeType",
     "ConfState",
@@ -93,6 +94,9 @@ class MessageType(enum.IntEnum):
     PRE_VOTE_RESP = 18
     SNAP_RESP = 19  # acknowledgement of one InstallSnapshot chunk
 
+
+SEND_BEFORE_PERSIST = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
+"""A leader's messages: they assert nothing about the sender's durable state (Ready, step 2)."""
 
 _LOCAL = frozenset(
     {
@@ -290,7 +294,11 @@ class Ready:
        stored replaces it and everything after it), then ``hard_state`` (if not None) — all to
        stable storage, fsynced when ``must_sync`` is set.
     2. Only then send ``messages``. (A vote or an acknowledgement sent before the state that
-       justifies it is durable can break election safety after a crash.)
+       justifies it is durable can break election safety after a crash.) The exception is
+       ``early_messages()``: a leader's appends, heartbeats and snapshot chunks claim nothing
+       about its own disk, so a host may send them before step 1, writing its log in parallel
+       with the followers (thesis §10.2.1); the leader counts its own copy toward a commit
+       only once ``advance()`` says it is written. ``late_messages()`` are the rest.
     3. Apply ``snapshot`` to the state machine if any, then apply ``committed_entries`` in order.
        CONF_CHANGE entries are applied with ``RawNode.apply_conf_change``. Empty NORMAL entries
        are leader no-ops: skip them.
@@ -309,3 +317,11 @@ class Ready:
     messages: tuple[Message, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
+
+    def early_messages(self) -> list[Message]:
+        """The messages that may be sent before this Ready is persisted (see step 2)."""
+        return [m for m in self.messages if m.type in SEND_BEFORE_PERSIST]
+
+    def late_messages(self) -> list[Message]:
+        """The messages that must wait until this Ready is persisted."""
+        return [m for m in self.messages if m.type not in SEND_BEFORE_PERSIST]

@@ -31,6 +31,7 @@ from dkv.raft import (
     Message,
     RawNode,
     ReadState,
+    Ready,
     Snapshot,
 )
 
@@ -117,6 +118,7 @@ class MemoryHost:
         # simulator's state-machine-safety check compares these between hosts.
         self.applied_entries: dict[int, tuple[int, EntryType, bytes]] = {}
         self.read_states: list[ReadState] = []
+        self._in_flight: Ready | None = None  # taken by begin_ready, not yet written
         self.snapshots_taken = 0
         self.snapshots_installed = 0
         self.on_apply: Callable[[MemoryHost, Entry], None] | None = None
@@ -145,8 +147,10 @@ class MemoryHost:
         self.read_states = []
 
     def crash(self) -> None:
-        """Lose everything volatile: the RawNode (unpersisted entries) and the state machine."""
+        """Lose everything volatile: the RawNode (unpersisted entries), a Ready being
+        written, and the state machine."""
         self.node = None
+        self._in_flight = None
         self.read_states = []
 
     def restart(self) -> None:
@@ -157,11 +161,33 @@ class MemoryHost:
     # -- the host loop --------------------------------------------------------------------------
 
     def process_ready(self) -> list[Message]:
-        """Handle one Ready if there is one; returns the messages to send."""
-        node = self.raw()
-        if not node.has_ready():
+        """Handle one Ready if there is one, start to end; returns the messages to send."""
+        if not self.raw().has_ready():
             return []
-        rd = node.ready()
+        early = self.begin_ready()
+        return early + self.finish_ready()
+
+    @property
+    def ready_in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def begin_ready(self) -> list[Message]:
+        """Take a Ready (there must be one) and return the messages that may be sent before
+        it is persisted (``Ready.early_messages``, thesis §10.2.1). Until
+        :meth:`finish_ready`, the Ready is being written: a crash loses it, and messages may
+        still be stepped into the node."""
+        rd = self.raw().ready()
+        self._in_flight = rd
+        return rd.early_messages()
+
+    def finish_ready(self) -> list[Message]:
+        """The Ready taken by :meth:`begin_ready` is written: persist, apply, advance; returns
+        the rest of its messages."""
+        node = self.raw()
+        rd = self._in_flight
+        if rd is None:
+            raise InvariantViolation(f"host {self.id}: no Ready in flight")
+        self._in_flight = None
         # 1. Persist: snapshot, entries, hard state.
         if rd.snapshot is not None:
             self.storage.apply_snapshot(rd.snapshot)
@@ -179,7 +205,7 @@ class MemoryHost:
         self.read_states.extend(rd.read_states)
         node.advance()
         self._maybe_snapshot()
-        return list(rd.messages)
+        return rd.late_messages()
 
     def _install_snapshot(self, snap: Snapshot) -> None:
         self.sm.restore(snap.data)

@@ -14,9 +14,11 @@ A run has two phases:
    reorders messages and is partitioned (isolated node, split, one-way links); in some seeds
    the transport tells a sender about its lost messages (``report_unreachable``), in others
    losses are silent. Nodes crash,
-   losing whatever they had not persisted (``MemoryHost.crash`` between Readys: a node's
-   Ready is processed after a random "disk" delay, so a crash often falls between a step and
-   its persist), and restart from their storage. The leader is asked to transfer leadership;
+   losing whatever they had not persisted (``MemoryHost.crash``: a node takes its Ready,
+   sends the messages a Ready allows before persisting -- a leader's appends, thesis
+   §10.2.1 -- and finishes the write after a random "disk" delay, so a crash often falls
+   between a step and its persist, or after a leader's appends went out but before its own
+   copy was written), and restart from their storage. The leader is asked to transfer leadership;
    membership changes add learners with new ids, promote them, remove voters (never below 3).
    Hosts snapshot and compact so lagging nodes need InstallSnapshot.
 2. **Liveness**: the network heals, every node restarts, faults and new client requests stop.
@@ -400,7 +402,7 @@ class _Client:
 
 # -- the simulator -------------------------------------------------------------------------------
 
-_TICK, _DELIVER, _READY = 0, 1, 2
+_TICK, _DELIVER, _READY, _WRITTEN = 0, 1, 2, 3
 
 
 class Simulator:
@@ -553,8 +555,8 @@ class Simulator:
         heapq.heappush(self._queue, (at, self._seq, kind, payload))
 
     def _poke(self, nid: int) -> None:
-        """The node has input to handle: process its Ready after a random disk latency. Until
-        then what it did is volatile, so a crash in between loses it."""
+        """The node has input to handle: take its Ready after a random latency. Until it is
+        written (``_run_written``) what it did is volatile, so a crash in between loses it."""
         if nid in self._ready_scheduled:
             return
         self._ready_scheduled.add(nid)
@@ -618,11 +620,29 @@ class Simulator:
     # -- the host loop ---------------------------------------------------------------------
 
     def _run_ready(self, nid: int) -> None:
+        """Take the node's Ready and send what may go before it is written; the write
+        finishes (``_WRITTEN``) after a random disk delay. ``_ready_scheduled`` holds the node
+        until then: one Ready at a time, as a real host does."""
+        host = self.hosts[nid]
+        if host.node is None or not host.node.has_ready():
+            self._ready_scheduled.discard(nid)
+            return
+        for m in host.begin_ready():
+            self._send(m)
+        d = self.params.disk_delay_max_subticks
+        self._push(self.now + (self.rng.randint(0, d) if d else 0), _WRITTEN, nid)
+
+    def _run_written(self, nid: int) -> None:
         self._ready_scheduled.discard(nid)
         host = self.hosts[nid]
         if host.node is None:
             return
-        for m in host.process_ready():
+        if not host.ready_in_flight:
+            # The node crashed during the write (and may have restarted): the Ready is lost.
+            if host.node.has_ready():
+                self._poke(nid)
+            return
+        for m in host.finish_ready():
             self._send(m)
         if host.snapshots_installed != self._snap_installs_seen[nid]:
             self._snap_installs_seen[nid] = host.snapshots_installed
@@ -1136,6 +1156,9 @@ class Simulator:
                     self._check_nodes((dst,))
             elif kind == _READY:
                 self._run_ready(payload)
+                self._check_nodes((payload,))
+            elif kind == _WRITTEN:
+                self._run_written(payload)
                 self._check_nodes((payload,))
             else:
                 self._on_tick()
