@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads sim dashboards jaeger trace-backend clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -16,12 +16,13 @@ help:
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make dashboards  regenerate the Grafana dashboards grafana/dashboards/*.json from grafana/dashboards.py"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
-	@echo "make bench-node  3 dkv nodes vs 3 etcd members with h2load (needs apt nghttp2-client etcd-server etcd-client)"
-	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd with h2load (same apt packages)"
+	@echo "make bench-node  3 dkv nodes vs 3 etcd members (3.6 when Go can build it, and 3.4) with h2load (needs apt nghttp2-client etcd-server etcd-client)"
+	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd 3.6 and 3.4 with h2load (same apt packages)"
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
 	@echo "make bench-overheads  tracing and access checks per request and hop, in isolation (~10 s)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
+	@echo "make etcd36      build etcd 3.6 (etcd, etcdctl) from its Go modules once, for the benchmarks (~1 min; needs Go)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,14 +67,16 @@ proto: setup
 bench-raft: setup
 	$(BIN)/python -m dkv.testing.bench_raft
 
-# Side by side with etcd, driven by h2load; DKV_BENCH_SCALE=n runs each row n times longer,
-# DKV_BENCH_PROFILE=1 adds a py-spy profile of the dkv leader (see docs/benchmarks.md).
-bench-node: setup
+# Side by side with etcd 3.6 (when it could be built) and 3.4, driven by h2load;
+# DKV_BENCH_SCALE=n runs each row n times longer, DKV_BENCH_PROFILE=1 adds a py-spy profile of
+# the dkv leader (see docs/benchmarks.md).
+bench-node: setup | bench-etcd36
 	$(BIN)/python -m dkv.testing.bench_node
 
 # The front door's cost: Envoy -> gateway -> leader, the gateway alone, the leader directly and
-# etcd, one after the other (~3.5 min); DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
-bench: setup
+# etcd 3.6 and 3.4, one after the other (~3.5 min, ~1 min more with etcd 3.6);
+# DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
+bench: setup | bench-etcd36
 	$(BIN)/python -m dkv.testing.bench_front_door
 
 # Metrics off vs on (vs tracing at 0.01 where present), alternating rounds (see docs/benchmarks.md).
@@ -106,6 +109,22 @@ trace-backend: setup
 	if [ $$rc -eq 0 ]; then rm -f .jaeger-build.log; \
 	elif [ $$rc -eq 3 ]; then rm -f .jaeger-build.log; echo "note: no Go toolchain, so no Jaeger: make run has no trace backend, and the trace test uses its OTLP receiver"; \
 	else tail -5 .jaeger-build.log; echo "note: building Jaeger failed (log in .jaeger-build.log): the trace test uses its OTLP receiver"; fi
+
+# Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/etcd/<version>/ (etcd, etcdctl); prints etcd's path.
+etcd36:
+	tools/etcd/build.sh
+
+# etcd 3.6 for `make bench` and `make bench-node` (an order-only prerequisite), built once when a
+# Go toolchain is here. Without Go (exit 3), or when the build fails, the benchmarks run etcd 3.4
+# alone and say so: say so here too, and go on.
+ETCD36_VERSION := $(shell sed -n 's/^ETCD_VERSION=//p' tools/etcd/build.sh)
+bench-etcd36:
+	@test -x "$${DKV_CACHE_DIR:-$$HOME/.cache/dkv}/etcd/$(ETCD36_VERSION)/etcd" \
+	    || echo "etcd $(ETCD36_VERSION) not built yet: building it from its Go modules when Go is here, once (about 1 min on 2 cores) ..."
+	@tools/etcd/build.sh >/dev/null 2>.etcd-build.log; rc=$$?; \
+	if [ $$rc -eq 0 ]; then rm -f .etcd-build.log; \
+	elif [ $$rc -eq 3 ]; then rm -f .etcd-build.log; echo "note: no Go toolchain, so no etcd 3.6: the benchmark compares with etcd 3.4 only"; \
+	else tail -5 .etcd-build.log; echo "note: building etcd 3.6 failed (log in .etcd-build.log): the benchmark compares with etcd 3.4 only"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """``make bench``: the front door's cost — Envoy → gateway → leader, the gateway alone, the
-leader directly, and etcd, driven by h2load.
+leader directly, and etcd (3.6 and 3.4), driven by h2load.
 
-Two systems on 127.0.0.1, one after the other (never both at once: they would compete for the
+Systems on 127.0.0.1, one after the other (never two at once: they would compete for the
 CPUs):
 
 - the dkv platform as ``make run`` starts it (:class:`dkv.devstack.DevStack`: one membership
@@ -15,7 +15,9 @@ CPUs):
   * **direct**: the leader of the key's shard (from the membership map's leaders table,
     confirmed by a put it answers as leader);
 
-- **etcd**: a 3-member etcd cluster's leader, as in ``make bench-node``.
+- **etcd 3.6** and **etcd 3.4**: a 3-member etcd cluster's leader, as in ``make bench-node``
+  (etcd 3.6 built by ``make etcd36``, skipped with a note when it is not; Debian's etcd 3.4),
+  one cluster after the other. Path ``etcd`` selects each that is there.
 
 The request bodies, the h2load runner, the row sizing (a warm-up run sizes the measured run to
 about ``--seconds``), the verification and the CPU accounting are ``make bench-node``'s
@@ -26,12 +28,14 @@ the shard's revision by exactly that on the direct path, at least that through t
 (retried attempts take Raft entries; reported); gets must return
 exactly requests x the framed response in DATA bytes, after one Python probe call of the same
 body through the same path returned the value. A failed row is marked FAILED, exit status 1.
-Missing h2load/etcd/etcdctl: one line, exit status 2.
+Missing h2load/etcd/etcdctl (or etcd 3.6 asked for by name and not built): one line, exit
+status 2.
 
 Per row: requests/s, h2load's mean and max "time for request", and the CPU (in cores) used
 during the measured run by Envoy, the gateway, the leader, all three nodes, membership, h2load
 (with this script) and processes not ours. The summary gives front door / direct and gateway /
-direct (the aim: the front door keeps at least 70% of direct throughput) and direct / etcd.
+direct (the aim: the front door keeps at least 70% of direct throughput) and direct / etcd
+for each etcd that ran (etcd 3.6, the primary comparison, first).
 
 ``DKV_BENCH_PROFILE=1`` (or ``=gil``) records the gateway with py-spy during an EXTRA run of the
 front-door put row at 64 in flight, after the measured one (so the table is not slowed by the
@@ -64,7 +68,7 @@ from dkv.devstack import NODE_NAMES, DevLayout, DevStack, StackError
 from dkv.errors import DkvError
 from dkv.testing.bench_node import (
     DKV,
-    ETCD,
+    ETCDS,
     KEY,
     TOOLS,
     VALUE,
@@ -74,12 +78,14 @@ from dkv.testing.bench_node import (
     Row,
     System,
     _check_bodies,
+    _norm,
     _raise_on_sigterm,
     _rpc_code,
     _sized,
     _trailers,
     _version,
     _warmup_requests,
+    etcd_versions,
     grpc_frame,
     local_cpu_s,
     machine_busy_s,
@@ -89,6 +95,7 @@ from dkv.testing.bench_node import (
     read_key,
     rss_kib,
     run_h2load,
+    select_etcds,
     start_etcd,
     summarize_profile,
     unary,
@@ -113,7 +120,8 @@ AIM = 0.70  # the front door keeps at least this share of direct throughput (the
 LEADER_TIMEOUT_S = 30.0
 OTHERS_CPU_WARN = 0.2
 STACK_PATHS = ("front door", "gateway", "direct")
-PATHS = (*STACK_PATHS, "etcd")
+ETCD_PATHS = tuple(e.name for e in ETCDS)  # "etcd 3.6" (the primary comparison), "etcd 3.4"
+PATHS = (*STACK_PATHS, *ETCD_PATHS)
 # CPU classes, in table order (stack rows have them all, etcd rows "leader" and "nodes").
 CPU_CLASSES = ("envoy", "gateway", "leader", "nodes", "membership", "h2load", "others")
 OURS = ("envoy", "gateway", "nodes", "membership")  # every server process (leader is in nodes)
@@ -215,28 +223,37 @@ def _fmt_ratio(q: float | None) -> str:
     return "-" if q is None else f"{q:.2f}"
 
 
+def etcd_paths_in(results: Sequence[Result]) -> list[str]:
+    """The etcd paths (every path not into the dkv stack) that have results, in PATHS order:
+    the primary comparison (etcd 3.6) first."""
+    found = dict.fromkeys(r.path for r in results if r.path not in STACK_PATHS)
+    return sorted(found, key=lambda p: PATHS.index(p) if p in PATHS else len(PATHS))
+
+
 def summary_table(results: Sequence[Result]) -> str:
-    """requests/s and mean latency per path, with the ratios, one line per row."""
+    """requests/s and mean latency per path, with the ratios, one line per row: the dkv paths
+    always, each etcd that ran, then door/direct, gateway/direct and direct/<each etcd>."""
     by = {(r.path, r.key): r for r in results}
+    etcds = etcd_paths_in(results)
     head = "| op | in flight |"
     rule = "|---|---:|"
-    for p in PATHS:
+    for p in (*STACK_PATHS, *etcds):
         head += f" {p} req/s | {p} mean ms |"
         rule += "---:|---:|"
-    head += " door/direct | gateway/direct | direct/etcd |"
-    rule += "---:|---:|---:|"
+    head += " door/direct | gateway/direct |" + "".join(f" direct/{e} |" for e in etcds)
+    rule += "---:|---:|" + "---:|" * len(etcds)
     lines = [head, rule]
     for key in _row_keys(results):
         line = f"| {key[0]} | {key[1]} |"
-        for p in PATHS:
+        for p in (*STACK_PATHS, *etcds):
             r = by.get((p, key))
             mean = f"{r.h2load.mean_ms:.2f}" if r is not None and r.h2load is not None else "-"
             line += f" {_fmt_rate(r)} | {mean} |"
         line += (
             f" {_fmt_ratio(ratio(results, 'front door', 'direct', key))} |"
             f" {_fmt_ratio(ratio(results, 'gateway', 'direct', key))} |"
-            f" {_fmt_ratio(ratio(results, 'direct', 'etcd', key))} |"
         )
+        line += "".join(f" {_fmt_ratio(ratio(results, 'direct', e, key))} |" for e in etcds)
         lines.append(line)
     return "\n".join(lines)
 
@@ -586,14 +603,16 @@ def bench_etcd(
     seconds: float,
     results: list[Result],
     rss: dict[str, int],
+    sysm: System = ETCDS[-1],
 ) -> None:
+    """Every row against a 3-member cluster of ``sysm`` (etcd 3.6 or 3.4: the path's name)."""
     procs = Procs()
-    sysroot = root / "etcd"
+    sysroot = root / sysm.slug
     sysroot.mkdir()
     try:
-        cluster = start_etcd(procs, sysroot)
+        cluster = start_etcd(procs, sysroot, sysm)
         print(
-            f"etcd: leader {cluster.leader.name} (pid {cluster.leader.popen.pid}) "
+            f"{sysm.name}: leader {cluster.leader.name} (pid {cluster.leader.popen.pid}) "
             f"at {cluster.leader.client_address}",
             flush=True,
         )
@@ -602,7 +621,7 @@ def bench_etcd(
             "nodes": [m.popen.pid for m in cluster.members],
         }
         target = Target(
-            "etcd", cluster.leader.client_address, ETCD, cluster.leader.client_address, classes
+            sysm.name, cluster.leader.client_address, sysm, cluster.leader.client_address, classes
         )
 
         def check_alive() -> None:
@@ -611,7 +630,7 @@ def bench_etcd(
                     raise RuntimeError(f"{m.name} exited with {m.popen.returncode}")
 
         _run_rows(
-            ["etcd"],
+            [sysm.name],
             lambda _: (target, ""),
             rows,
             bodies,
@@ -656,7 +675,11 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="target duration of each measured run (times DKV_BENCH_SCALE)",
     )
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated: {', '.join(PATHS)}")
+    p.add_argument(
+        "--paths",
+        default=",".join((*STACK_PATHS, "etcd")),
+        help=f"comma-separated: {', '.join(PATHS)}, etcd (each etcd that is there)",
+    )
     p.add_argument("--ops", default="", help="only rows whose op contains this text")
     p.add_argument("--in-flight", default="", help="only these depths, comma-separated (1,64)")
     p.add_argument("--shards", type=int, default=1, help="shards of the dkv cluster")
@@ -674,9 +697,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    unknown = [x for x in paths if x not in PATHS]
+    asked_etcd = [x for x in paths if x not in STACK_PATHS]
+    unknown = [x for x in asked_etcd if _norm(x) not in {"etcd", *map(_norm, ETCD_PATHS)}]
     if unknown:
-        p.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
+        p.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}, etcd")
+    etcds, notes = select_etcds(asked_etcd)
+    for note in notes:
+        print(f"bench: {note}", file=sys.stderr)
+    if any(n.startswith("error:") for n in notes):
+        return 2
+    paths = [x for x in paths if x in STACK_PATHS] + [e.name for e in etcds]
     if any(x in STACK_PATHS for x in paths):
         why = _envoy_missing()
         if why is not None:
@@ -708,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     rss: dict[str, int] = {}
     print(
-        f"bench: front door vs gateway vs direct vs etcd; {len(KEY)}-byte key, "
+        f"bench: {' vs '.join(paths)}; {len(KEY)}-byte key, "
         f"{len(VALUE)}-byte value, fsync on, ~{seconds:g} s per row; data in {root}; "
         f"machine busy before the start: {idle_busy:.2f} cores",
         flush=True,
@@ -727,12 +757,12 @@ def main(argv: list[str] | None = None) -> int:
             except (StackError, RuntimeError, grpc.RpcError) as exc:
                 print(f"!!! dkv: {type(exc).__name__}: {exc}", flush=True)
                 _not_run(results, stack_paths, rows, str(exc).splitlines()[0])
-        if "etcd" in paths:
+        for etcd in etcds:  # one cluster after the other, each stopped before the next
             try:
-                bench_etcd(root, rows, bodies, seconds, results, rss)
+                bench_etcd(root, rows, bodies, seconds, results, rss, etcd)
             except (RuntimeError, grpc.RpcError) as exc:
-                print(f"!!! etcd: {type(exc).__name__}: {exc}", flush=True)
-                _not_run(results, ["etcd"], rows, str(exc).splitlines()[0])
+                print(f"!!! {etcd.name}: {type(exc).__name__}: {exc}", flush=True)
+                _not_run(results, [etcd.name], rows, str(exc).splitlines()[0])
     finally:
         if args.keep:
             print(f"bench: kept {root}")
@@ -781,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize_profile(profile_out, entry="dkv_gateway/main.py"))
     print(
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{_version(['etcd', '--version'])}, {_version(['h2load', '--version'])}, "
+        f"{etcd_versions(etcds)}, {_version(['h2load', '--version'])}, "
         f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
         f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"total {time.monotonic() - started:.0f} s"

@@ -1,11 +1,14 @@
 """``make bench-node``: a dkv storage node cluster side by side with etcd, driven by h2load.
 
-Two 3-member clusters on 127.0.0.1, one after the other (never both at once, so they do not
-compete for the CPUs): dkv (three ``dkv-node`` processes, one shard, fsync on as by default)
-and etcd (three ``etcd`` processes, defaults, fsync on). h2load, a C HTTP/2 load generator,
-sends the SAME pre-framed gRPC request bodies to each cluster's LEADER over plain HTTP/2 (h2c)
-with the same number of requests in flight, so the client costs the same for both and is not
-the bottleneck (a Python client would be: see ../shared/FIELD-NOTES.md).
+3-member clusters on 127.0.0.1, one after the other (never two at once, so they do not compete
+for the CPUs): dkv (three ``dkv-node`` processes, one shard, fsync on as by default), etcd 3.6
+(built from its Go modules by ``make etcd36``: :mod:`dkv.testing.etcd_build`; skipped with a
+note when it has not been built) and Debian's etcd 3.4 (on PATH), each three ``etcd``
+processes with the same flags: defaults, fsync on. h2load, a C HTTP/2 load generator, sends
+the SAME pre-framed gRPC request bodies to each cluster's LEADER over plain HTTP/2 (h2c) with
+the same number of requests in flight, so the client costs the same for all and is not the
+bottleneck (a Python client would be: see ../shared/FIELD-NOTES.md). The ratios dkv/etcd are
+given against each etcd; etcd 3.6 is the primary one.
 
 Rows: put, linearizable get and serializable get of one 16-byte key with a 256-byte value, at
 1 request in flight (``-c1 -m1``), 64 (``-c4 -m16``: 4 connections x 16 streams) and 1024
@@ -57,6 +60,7 @@ from types import FrameType
 
 import grpc
 
+from dkv.testing.etcd_build import EtcdBinaries, find_etcd34, find_etcd36
 from dkv.v1 import kv_pb2
 
 __all__ = ["H2loadResult", "RowResult", "main", "parse_h2load"]
@@ -67,13 +71,14 @@ CLUSTER_START_TIMEOUT_S = 60.0
 RPC_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 OTHERS_CPU_WARN = 0.2  # cores used by processes not ours during a row: worth a note
-# Which Debian package provides each tool we run (never installed by this script).
+# Which Debian package provides each tool we run (never installed by this script); etcd 3.6
+# comes from `make etcd36` instead.
 TOOLS = {"h2load": "nghttp2-client", "etcd": "etcd-server", "etcdctl": "etcd-client"}
 
 # -- request bodies ---------------------------------------------------------------------------
 #
 # One body per operation serves BOTH systems, because the field numbers we use agree with
-# etcd's etcdserverpb (api/etcdserverpb/rpc.proto, etcd 3.4):
+# etcd's etcdserverpb (api/etcdserverpb/rpc.proto, the same in etcd 3.4 and 3.6):
 #   PutRequest   key = 1 (bytes), value = 2 (bytes)                  -- ours: the same;
 #   RangeRequest key = 1 (bytes), serializable = 7 (bool)             -- ours: key = 1 and
 #                consistency = 7, an enum with READ_CONSISTENCY_SERIALIZABLE = 1. A proto3 bool
@@ -161,16 +166,68 @@ PROFILE_ROW = ROWS[1]  # put, 64 in flight
 
 @dataclass(frozen=True)
 class System:
-    name: str  # "dkv" or "etcd"
+    name: str  # "dkv", "etcd 3.6" or "etcd 3.4"
     put_path: str
     range_path: str
 
     def path(self, row: Row) -> str:
         return self.put_path if row.is_put else self.range_path
 
+    @property
+    def slug(self) -> str:
+        """The name without spaces: for directories and process names."""
+        return self.name.replace(" ", "")
+
 
 DKV = System("dkv", "/dkv.v1.KV/Put", "/dkv.v1.KV/Range")
-ETCD = System("etcd", "/etcdserverpb.KV/Put", "/etcdserverpb.KV/Range")
+ETCD36 = System("etcd 3.6", "/etcdserverpb.KV/Put", "/etcdserverpb.KV/Range")
+ETCD34 = System("etcd 3.4", "/etcdserverpb.KV/Put", "/etcdserverpb.KV/Range")
+ETCDS = (ETCD36, ETCD34)  # the primary comparison first
+
+
+def etcd_binaries(sysm: System) -> EtcdBinaries | None:
+    """etcd and etcdctl of ``sysm`` (None: not built / not installed)."""
+    return find_etcd36() if sysm is ETCD36 else find_etcd34()
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace(" ", "").replace(".", "")
+
+
+def select_etcds(names: Sequence[str]) -> tuple[list[System], list[str]]:
+    """The etcd systems named (``etcd``: every one that is there, ``etcd 3.6``/``etcd3.6``/
+    ``etcd36``, ``etcd 3.4``...), and notes or errors: (systems, notes). A build named
+    explicitly but missing is an error (``notes`` starting with "error:"); ``etcd`` skips a
+    missing etcd 3.6 with a note."""
+    wanted = {_norm(n) for n in names}
+    out: list[System] = []
+    notes: list[str] = []
+    for e in ETCDS:
+        explicit = _norm(e.name) in wanted
+        if not explicit and "etcd" not in wanted:
+            continue
+        if etcd_binaries(e) is not None:
+            out.append(e)
+        elif e is ETCD36:
+            how = "run `make etcd36` (needs Go)"
+            notes.append(
+                f"error: etcd 3.6 is not built; {how}"
+                if explicit
+                else f"note: etcd 3.6 is not built, so no etcd 3.6 rows; {how}"
+            )
+        else:
+            notes.append("error: etcd 3.4 (etcd, etcdctl) not on PATH")
+    return out, notes
+
+
+def etcd_versions(systems: Sequence[System]) -> str:
+    """``etcd Version: 3.6.17 (etcd 3.6)``, ... for the machine line."""
+    out = []
+    for s in systems:
+        b = etcd_binaries(s)
+        if b is not None:
+            out.append(f"{_version([b.etcd, '--version'])} ({s.name})")
+    return ", ".join(out) or "no etcd"
 
 
 @dataclass(frozen=True)
@@ -547,9 +604,9 @@ def _dkv_leader(members: list[Proc], deadline: float) -> Proc:
     raise RuntimeError(f"no dkv leader within {CLUSTER_START_TIMEOUT_S} s (last: {last})")
 
 
-def _etcdctl_status(endpoints: Sequence[str]) -> list[dict[str, object]]:
+def _etcdctl_status(etcdctl: str, endpoints: Sequence[str]) -> list[dict[str, object]]:
     done = subprocess.run(
-        ["etcdctl", "--endpoints", ",".join(endpoints), "endpoint", "status", "-w", "json"],
+        [etcdctl, "--endpoints", ",".join(endpoints), "endpoint", "status", "-w", "json"],
         capture_output=True,
         text=True,
         timeout=15,
@@ -568,7 +625,12 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "ETCDCTL_"))}
 
 
-def start_etcd(procs: Procs, root: Path) -> Cluster:
+def start_etcd(procs: Procs, root: Path, sysm: System = ETCD34) -> Cluster:
+    """A 3-member cluster of ``sysm`` (etcd 3.6 or 3.4: the same flags serve both) on
+    127.0.0.1, data under ``root``; returns once one leader is agreed and answers a put."""
+    binaries = etcd_binaries(sysm)
+    if binaries is None:
+        raise RuntimeError(f"{sysm.name}: etcd/etcdctl not found")
     ports = free_ports(6)
     names = ("e1", "e2", "e3")
     peers = {n: f"http://127.0.0.1:{ports[i]}" for i, n in enumerate(names)}
@@ -577,7 +639,7 @@ def start_etcd(procs: Procs, root: Path) -> Cluster:
     members = []
     for n in names:
         cmd = [
-            "etcd",
+            binaries.etcd,
             "--name",
             n,
             "--data-dir",
@@ -597,12 +659,12 @@ def start_etcd(procs: Procs, root: Path) -> Cluster:
             "--initial-cluster-token",
             f"dkv-bench-{os.getpid()}",
         ]
-        members.append(procs.start(f"etcd-{n}", cmd, root, clients[n], env=_clean_env()))
+        members.append(procs.start(f"{sysm.slug}-{n}", cmd, root, clients[n], env=_clean_env()))
     deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
     by_address = {p.client_address: p for p in members}
     while time.monotonic() < deadline:
         _ensure_running(members)
-        status = _etcdctl_status(list(by_address))
+        status = _etcdctl_status(binaries.etcdctl, list(by_address))
         leaders = set()
         for s in status:
             st = s.get("Status")
@@ -614,14 +676,16 @@ def start_etcd(procs: Procs, root: Path) -> Cluster:
             leader = next(p for p in members if p.member_id == leader_id)
             raw = unary(
                 leader.client_address,
-                ETCD.put_path,
+                sysm.put_path,
                 kv_pb2.PutRequest(key=KEY, value=VALUE).SerializeToString(),
             )
             if kv_pb2.PutResponse.FromString(raw).header.member_id != leader_id:
-                raise RuntimeError("etcd's put was answered by another member than its leader")
-            return Cluster(ETCD, leader, members)
+                raise RuntimeError(
+                    f"{sysm.name}'s put was answered by another member than its leader"
+                )
+            return Cluster(sysm, leader, members)
         time.sleep(0.3)
-    raise RuntimeError(f"etcd cluster without a leader after {CLUSTER_START_TIMEOUT_S} s")
+    raise RuntimeError(f"{sysm.name} cluster without a leader after {CLUSTER_START_TIMEOUT_S} s")
 
 
 # -- profiling ------------------------------------------------------------------------------
@@ -782,9 +846,9 @@ def bench_system(
     rss: dict[str, int],
 ) -> None:
     """Start ``sysm``'s cluster, run every row against its leader, record RSS, stop it."""
-    sysroot = root / sysm.name
+    sysroot = root / sysm.slug
     sysroot.mkdir()
-    cluster = (start_dkv if sysm is DKV else start_etcd)(procs, sysroot)
+    cluster = start_dkv(procs, sysroot) if sysm is DKV else start_etcd(procs, sysroot, sysm)
     print(
         f"{sysm.name}: leader {cluster.leader.name} "
         f"(pid {cluster.leader.popen.pid}) at {cluster.leader.client_address}",
@@ -829,25 +893,35 @@ def _fmt_ms(r: RowResult) -> str:
     return f"{r.h2load.mean_ms:.2f}" if r.h2load is not None else "-"
 
 
+def _ratio(d: RowResult | None, e: RowResult | None) -> str:
+    if d and e and d.h2load and e.h2load and e.h2load.req_per_s > 0:
+        return f"{d.h2load.req_per_s / e.h2load.req_per_s:.2f}"
+    return "-"
+
+
+def etcds_in(results: Sequence[RowResult]) -> list[str]:
+    """The etcd systems that have results, the primary comparison (etcd 3.6) first."""
+    names = dict.fromkeys(r.system for r in results if r.system != DKV.name)
+    order = [e.name for e in ETCDS]
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
 def markdown_table(results: Sequence[RowResult]) -> str:
+    """dkv, then each etcd that ran (requests/s, mean ms), then dkv/<each etcd>."""
     by = {(r.system, r.op, r.in_flight): r for r in results}
-    lines = [
-        "| op | in flight | dkv req/s | dkv mean ms | etcd req/s | etcd mean ms | dkv/etcd |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    systems = [DKV.name, *etcds_in(results)]
+    etcds = systems[1:]
+    head = "| op | in flight |" + "".join(f" {s} req/s | {s} mean ms |" for s in systems)
+    head += "".join(f" dkv/{e} |" for e in etcds)
+    lines = [head, "|---|---:|" + "---:|---:|" * len(systems) + "---:|" * len(etcds)]
     for row in ROWS:
-        d = by.get(("dkv", row.op, row.in_flight))
-        e = by.get(("etcd", row.op, row.in_flight))
-        if d is None and e is None:
+        rs = [by.get((s, row.op, row.in_flight)) for s in systems]
+        if all(r is None for r in rs):
             continue
-        ratio = "-"
-        if d and e and d.h2load and e.h2load and e.h2load.req_per_s > 0:
-            ratio = f"{d.h2load.req_per_s / e.h2load.req_per_s:.2f}"
-        lines.append(
-            f"| {row.op} | {row.in_flight} | {_fmt_rate(d) if d else '-'} | "
-            f"{_fmt_ms(d) if d else '-'} | {_fmt_rate(e) if e else '-'} | "
-            f"{_fmt_ms(e) if e else '-'} | {ratio} |"
-        )
+        line = f"| {row.op} | {row.in_flight} |"
+        line += "".join(f" {_fmt_rate(r) if r else '-'} | {_fmt_ms(r) if r else '-'} |" for r in rs)
+        line += "".join(f" {_ratio(rs[0], e)} |" for e in rs[1:])
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -897,7 +971,11 @@ def main(argv: list[str] | None = None) -> int:
         default=8.0,
         help="target duration of each measured run (times DKV_BENCH_SCALE)",
     )
-    p.add_argument("--systems", default="dkv,etcd", help="comma-separated: dkv, etcd")
+    p.add_argument(
+        "--systems",
+        default="dkv,etcd",
+        help="comma-separated: dkv, etcd (each etcd that is there), etcd3.6, etcd3.4",
+    )
     p.add_argument("--ops", default="", help="only rows whose op contains this text")
     p.add_argument("--json", action="store_true", help="also print machine-readable results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data and logs)")
@@ -917,7 +995,17 @@ def main(argv: list[str] | None = None) -> int:
     profile_mode = os.environ.get("DKV_BENCH_PROFILE", "")
     profile_out = Path(tempfile.gettempdir()) / f"dkv-bench-node-profile-{os.getpid()}.txt"
     profile = Profile(profile_out, profile_mode == "gil") if profile_mode else None
-    systems = [s for s in (DKV, ETCD) if s.name in args.systems.split(",")]
+    names = [x.strip() for x in args.systems.split(",") if x.strip()]
+    known = {"dkv", "etcd", *(_norm(e.name) for e in ETCDS)}
+    unknown = [x for x in names if _norm(x) not in known]
+    if unknown:
+        p.error(f"unknown system(s) {unknown}; choose from dkv, etcd, etcd3.6, etcd3.4")
+    etcds, notes = select_etcds(names)
+    for note in notes:
+        print(f"bench-node: {note}", file=sys.stderr)
+    if any(n.startswith("error:") for n in notes):
+        return 2
+    systems = ([DKV] if "dkv" in {_norm(n) for n in names} else []) + etcds
     rows = [r for r in ROWS if args.ops in r.op]
 
     put_msg = kv_pb2.PutRequest(key=KEY, value=VALUE).SerializeToString()
@@ -935,8 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RowResult] = []
     rss: dict[str, int] = {}
     print(
-        f"bench-node: 3 members each, 1 shard, fsync on, {len(KEY)}-byte key, "
-        f"{len(VALUE)}-byte value, ~{seconds:g} s per row; data in {root}",
+        f"bench-node: {' then '.join(s.name for s in systems)}, one at a time; 3 members "
+        f"each, 1 shard, fsync on, {len(KEY)}-byte key, {len(VALUE)}-byte value, "
+        f"~{seconds:g} s per row; data in {root}",
         flush=True,
     )
     try:
@@ -975,16 +1064,17 @@ def main(argv: list[str] | None = None) -> int:
             "RSS after the run (VmRSS): "
             + ", ".join(f"{n} {k / 1024:.0f} MiB" for n, k in rss.items())
         )
-    short = [
-        f"{d.op} @{d.in_flight}"
-        for d in results
-        if d.system == "dkv"
-        for e in results
-        if e.system == "etcd" and (e.op, e.in_flight) == (d.op, d.in_flight)
-        if d.h2load and e.h2load and d.h2load.req_per_s < 0.5 * e.h2load.req_per_s
-    ]
-    if short:
-        print("dkv below half of etcd: " + ", ".join(short))
+    for etcd in etcds_in(results):  # the primary comparison (etcd 3.6) first
+        short = [
+            f"{d.op} @{d.in_flight}"
+            for d in results
+            if d.system == DKV.name
+            for e in results
+            if e.system == etcd and (e.op, e.in_flight) == (d.op, d.in_flight)
+            if d.h2load and e.h2load and d.h2load.req_per_s < 0.5 * e.h2load.req_per_s
+        ]
+        if short:
+            print(f"dkv below half of {etcd}: " + ", ".join(short))
     busy = [f"{r.system} {r.op} @{r.in_flight}" for r in results if r.other_cpu > OTHERS_CPU_WARN]
     if busy:
         print(
@@ -1000,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize_profile(profile_out))
     print(
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{_version(['etcd', '--version'])}, {_version(['h2load', '--version'])}, "
+        f"{etcd_versions(etcds)}, {_version(['h2load', '--version'])}, "
         f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
         f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds etcd 3.6 (the server, `etcd`, and `etcdctl`) from its Go modules, once, and caches both
+# by version. Prints the etcd binary's path on stdout (etcdctl is next to it). Debian ships
+# etcd 3.4 (/usr/bin/etcd); the benchmarks compare dkv with both, and this machine may not
+# download release binaries, so the Go module proxy is the only way to get a current etcd.
+#
+# `go install go.etcd.io/etcd/server/v3@<version>` is refused: the server's and etcdctl's
+# go.mod files carry `replace` directives (../api, ../client/v3, ...). So, as for Jaeger, a
+# throwaway module pins both at one release (replace directives of dependencies are ignored,
+# and api/v3, client/v3, pkg/v3 resolve to the same release from the proxy) and builds them.
+# The server module's main package would be installed as `server` (its path ends in /v3):
+# it is built with -o etcd.
+#
+# Exit codes: 0 built or cached (path on stdout); 3 no Go toolchain (callers fall back or skip);
+# anything else: the build failed (Go's output is on stderr).
+set -euo pipefail
+
+# The one pinned release: bump deliberately (src/dkv/testing/etcd_build.py reads the same path).
+ETCD_VERSION=v3.6.17
+ETCD_SERVER_PKG=go.etcd.io/etcd/server/v3
+ETCDCTL_PKG=go.etcd.io/etcd/etcdctl/v3
+
+cache_dir="${DKV_CACHE_DIR:-$HOME/.cache/dkv}/etcd/$ETCD_VERSION"
+binary="$cache_dir/etcd"
+ctl="$cache_dir/etcdctl"
+
+if [[ -x $binary && -x $ctl ]]; then
+    echo "$binary"
+    exit 0
+fi
+
+# $GO picks a toolchain explicitly; otherwise go on PATH, then the official tarball's location
+# (often not on PATH in non-login shells).
+go_bin="${GO:-$(command -v go || true)}"
+if [[ -z ${GO:-} && -z $go_bin && -x /usr/local/go/bin/go ]]; then
+    go_bin=/usr/local/go/bin/go
+fi
+if [[ -z $go_bin || ! -x $go_bin ]]; then
+    echo "build.sh: no Go toolchain (${GO:-go not on PATH nor at /usr/local/go/bin/go}); cannot build etcd $ETCD_VERSION" >&2
+    exit 3
+fi
+
+mkdir -p "$cache_dir"
+# Two builds at once (make etcd36 while a benchmark builds) would race on the module dir; the
+# second waits and then finds the binaries.
+exec 9>"$cache_dir/.lock"
+if command -v flock >/dev/null; then
+    flock 9
+fi
+if [[ -x $binary && -x $ctl ]]; then
+    echo "$binary"
+    exit 0
+fi
+
+# The pinning module stays in the cache so a rebuild after a deleted binary skips `go get`.
+module_dir="$cache_dir/module"
+mkdir -p "$module_dir"
+cd "$module_dir"
+# -mod=mod: no vendor dir, go.sum is written by `go get`; GOTOOLCHAIN=local so a Go older than
+# etcd's go.mod asks for (1.26.0 for v3.6.17) fails loudly instead of fetching another
+# toolchain behind our back.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod" GOTOOLCHAIN=local
+if [[ ! -f go.mod ]]; then
+    "$go_bin" mod init dkv.local/etcd-build >&2
+fi
+"$go_bin" get -tool "$ETCD_SERVER_PKG@$ETCD_VERSION" "$ETCDCTL_PKG@$ETCD_VERSION" >&2
+
+# Write under temporary names and rename (atomic on one filesystem): an interrupted build leaves
+# no half binary that the -x checks above would take for a finished one. etcdctl first, so a
+# present `etcd` always means a finished pair.
+tmp_ctl="$ctl.tmp.$$" tmp="$binary.tmp.$$"
+trap 'rm -f "$tmp" "$tmp_ctl"' EXIT
+# As etcd's release build: static (CGO_ENABLED=0), -trimpath; -s -w drop the symbol and DWARF
+# tables (a smaller binary, a lighter link). etcd's version string is a constant of api/v3.
+export CGO_ENABLED=0
+"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp_ctl" "$ETCDCTL_PKG" >&2
+"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp" "$ETCD_SERVER_PKG" >&2
+mv -f "$tmp_ctl" "$ctl"
+mv -f "$tmp" "$binary"
+echo "$binary"
