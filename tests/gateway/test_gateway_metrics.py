@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from dkv_gateway.metrics import RETRY_REASONS
 from gateway_stack import SHARDS, WAIT_S, Stack, key_in_shard, running_stack
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,7 +41,7 @@ def test_gateway_metrics_follow_calls_hints_retries_fanout_and_watches(tmp_path:
             assert v(s, "dkv_gateway_cluster_map_version") >= 1
             assert 0 <= v(s, "dkv_gateway_cluster_map_age_seconds") < WAIT_S
             assert v(s, "dkv_gateway_watches") == 0
-            for reason in ("not_leader", "unavailable", "cancelled", "deadline"):
+            for reason in RETRY_REASONS:
                 assert v(s, "dkv_gateway_retries_total", reason=reason) == 0
 
             key = key_in_shard(1)

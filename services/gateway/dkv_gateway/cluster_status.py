@@ -18,10 +18,10 @@ import grpc
 import grpc.aio
 
 from dkv.client.cluster_map import ClusterMapView
-from dkv.host.channels import ChannelPool
 from dkv.host.grpc_errors import Ctx
 from dkv.v1 import admin_pb2, cluster_pb2
 from dkv.v1 import membership_pb2 as mpb
+from dkv_gateway.router import Channels
 
 __all__ = ["ClusterStatusService", "NODE_STATUS_TIMEOUT_MS", "add_cluster_status", "snapshot_map"]
 
@@ -43,7 +43,7 @@ class ClusterStatusService:
     def __init__(
         self,
         view: ClusterMapView,
-        channels: ChannelPool,
+        channels: Channels,
         map_changed_at: Callable[[], float],
     ) -> None:
         self._view = view

@@ -3,10 +3,14 @@
 - Put, single-key Delete and single-key Range go to the key's shard (key -> slot -> shard from
   the cluster map) through :class:`dkv_gateway.router.Router`, which finds the leader and
   retries within the caller's deadline. A serializable read may be answered by any replica.
+  These pass bytes through (:mod:`dkv_gateway.wire`): the request is decoded once, for the
+  checks and the route, and the node receives the bytes the caller sent; the caller receives
+  the bytes the node answered. So do a Range and a range Delete that name their shard.
 - A write without a ``request_id`` gets a fresh one here, before the first attempt, so that
-  every retry carries the same id and the shard applies the write at most once. When the
-  write fails with UNAVAILABLE its outcome is unknown: the trailer ``dkv-request-id`` names
-  the id, and retrying with it is safe.
+  every retry carries the same id and the shard applies the write at most once (appended to
+  the bytes: :func:`dkv_gateway.wire.with_request_id`). When the write fails with UNAVAILABLE
+  its outcome is unknown: the trailer ``dkv-request-id`` names the id, and retrying with it
+  is safe.
 - Every request is checked first (:mod:`dkv.validation`): a request that makes no sense is
   INVALID_ARGUMENT naming the field, before anything is routed.
 - A Range over a key range or prefix asks every shard for its first page after the
@@ -37,11 +41,12 @@ import asyncio
 import heapq
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
 
+from dkv.errors import DkvError
 from dkv.host.grpc_errors import Ctx, call
 from dkv.keys import range_limit
 from dkv.paging import merge_pages
@@ -56,6 +61,7 @@ from dkv_gateway.router import (
     ShardUnreachable,
 )
 from dkv_gateway.watch import merged_watch
+from dkv_gateway.wire import Decoder, Received, with_request_id
 
 __all__ = ["WATCHES_PER_CALLER_MAX", "KvGateway", "add_kv_gateway"]
 
@@ -119,20 +125,18 @@ async def _all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _naming_request_id(
-    req: kv_pb2.PutRequest | kv_pb2.DeleteRequest, fn: Callable[[], Awaitable[T]]
-) -> Callable[[], Awaitable[T]]:
-    """``fn``, whose ShardUnreachable names the write's request id (read when it fails: the
-    gateway may have chosen it meanwhile), so the caller can retry the very same write."""
+async def _fail(context: Ctx, exc: DkvError, request_id: str = "") -> NoReturn:
+    """Answer with ``exc``'s status (:func:`_answer`). ``request_id``: the write's (maybe chosen
+    by the gateway), named when its outcome is unknown, so the caller can retry the very same
+    write."""
+    if request_id and isinstance(exc, (ShardUnreachable, CallerDeadline)):
+        exc.request_id = request_id
 
-    async def run() -> T:
-        try:
-            return await fn()
-        except (ShardUnreachable, CallerDeadline) as exc:
-            exc.request_id = req.request_id
-            raise
+    async def again() -> NoReturn:
+        raise exc
 
-    return run
+    await _answer(context, again)
+    raise AssertionError("unreachable")  # _answer aborts the call
 
 
 class KvGateway:
@@ -156,36 +160,40 @@ class KvGateway:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def put(self, req: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:
-        async def run() -> kv_pb2.PutResponse:
-            check_put(req)
+    async def put(self, req: Received[kv_pb2.PutRequest], context: Ctx) -> bytes:
+        msg = req.msg
+        try:
+            check_put(msg)
             deadline = self._deadline(context)
-            if not req.request_id:
-                req.request_id = uuid.uuid4().hex  # before the first attempt: retries share it
-            shard = self.router.shard_of_key(req.key)
-            return await self.router.unary(
-                shard, "Put", req, kv_pb2.PutResponse.FromString, deadline, write=True
-            )
+            data = req.data
+            if not msg.request_id:
+                # Before the first attempt: retries share it.
+                msg.request_id = uuid.uuid4().hex
+                data = with_request_id(data, msg.request_id)
+            shard = self.router.shard_of_key(msg.key)
+            return await self.router.unary_raw(shard, "Put", data, deadline, write=True)
+        except DkvError as exc:
+            return await _fail(context, exc, msg.request_id)
 
-        return await _answer(context, _naming_request_id(req, run))
-
-    async def delete(self, req: kv_pb2.DeleteRequest, context: Ctx) -> kv_pb2.DeleteResponse:
-        async def run() -> kv_pb2.DeleteResponse:
-            check_delete(req)
+    async def delete(self, req: Received[kv_pb2.DeleteRequest], context: Ctx) -> bytes:
+        msg = req.msg
+        try:
+            check_delete(msg)
             deadline = self._deadline(context)
-            if not req.request_id:
-                req.request_id = uuid.uuid4().hex
-            if req.shard_id:
-                shard = self.router.check_shard(req.shard_id)
-            elif req.range_end:
-                return await self._delete_range(req, deadline)
+            data = req.data
+            if not msg.request_id:
+                msg.request_id = uuid.uuid4().hex
+                data = with_request_id(data, msg.request_id)
+            if msg.shard_id:
+                shard = self.router.check_shard(msg.shard_id)
+            elif msg.range_end:
+                merged = await self._delete_range(msg, deadline)
+                return merged.SerializeToString()
             else:
-                shard = self.router.shard_of_key(req.key)
-            return await self.router.unary(
-                shard, "Delete", req, kv_pb2.DeleteResponse.FromString, deadline, write=True
-            )
-
-        return await _answer(context, _naming_request_id(req, run))
+                shard = self.router.shard_of_key(msg.key)
+            return await self.router.unary_raw(shard, "Delete", data, deadline, write=True)
+        except DkvError as exc:
+            return await _fail(context, exc, msg.request_id)
 
     async def _delete_range(
         self, req: kv_pb2.DeleteRequest, deadline: float
@@ -212,21 +220,21 @@ class KvGateway:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    async def range(self, req: kv_pb2.RangeRequest, context: Ctx) -> kv_pb2.RangeResponse:
-        async def run() -> kv_pb2.RangeResponse:
-            check_range(req)
+    async def range(self, req: Received[kv_pb2.RangeRequest], context: Ctx) -> bytes:
+        msg = req.msg
+        try:
+            check_range(msg)
             deadline = self._deadline(context)
-            if req.shard_id:
-                shard = self.router.check_shard(req.shard_id)
-            elif req.prefix or req.range_end:
-                return await self._range_all(req, deadline)
+            if msg.shard_id:
+                shard = self.router.check_shard(msg.shard_id)
+            elif msg.prefix or msg.range_end:
+                merged = await self._range_all(msg, deadline)
+                return merged.SerializeToString()
             else:
-                shard = self.router.shard_of_key(req.key)
-            return await self.router.unary(
-                shard, "Range", req, kv_pb2.RangeResponse.FromString, deadline
-            )
-
-        return await _answer(context, run)
+                shard = self.router.shard_of_key(msg.key)
+            return await self.router.unary_raw(shard, "Range", req.data, deadline)
+        except DkvError as exc:
+            return await _fail(context, exc)
 
     async def _range_all(self, req: kv_pb2.RangeRequest, deadline: float) -> kv_pb2.RangeResponse:
         limit = range_limit(req.limit)
@@ -308,22 +316,23 @@ class KvGateway:
 
 
 def add_kv_gateway(server: grpc.aio.Server, gateway: KvGateway) -> None:
-    """Serve ``gateway`` as ``dkv.v1.KV`` on ``server``."""
+    """Serve ``gateway`` as ``dkv.v1.KV`` on ``server``. Put, Delete and Range answer with
+    the bytes they return (:mod:`dkv_gateway.wire`: a node's answer passes through as it is)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Put": grpc.unary_unary_rpc_method_handler(
             gateway.put,
-            request_deserializer=kv_pb2.PutRequest.FromString,
-            response_serializer=kv_pb2.PutResponse.SerializeToString,
+            request_deserializer=Decoder(kv_pb2.PutRequest).decode,
+            response_serializer=None,
         ),
         "Delete": grpc.unary_unary_rpc_method_handler(
             gateway.delete,
-            request_deserializer=kv_pb2.DeleteRequest.FromString,
-            response_serializer=kv_pb2.DeleteResponse.SerializeToString,
+            request_deserializer=Decoder(kv_pb2.DeleteRequest).decode,
+            response_serializer=None,
         ),
         "Range": grpc.unary_unary_rpc_method_handler(
             gateway.range,
-            request_deserializer=kv_pb2.RangeRequest.FromString,
-            response_serializer=kv_pb2.RangeResponse.SerializeToString,
+            request_deserializer=Decoder(kv_pb2.RangeRequest).decode,
+            response_serializer=None,
         ),
         "Watch": grpc.unary_stream_rpc_method_handler(
             gateway.watch,

@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         "watch streams one caller (certificate identity) may hold open at this gateway",
         _DEFAULTS.watches_per_caller_max,
     )
+    add(
+        "channels-per-node",
+        "HTTP/2 connections the gateway keeps to each node (calls take them in turn)",
+        _DEFAULTS.channels_per_node,
+    )
     add("log-level", ", ".join(LOG_LEVELS), "info")
     return p
 
@@ -157,6 +162,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         watches_per_caller_max=int_flag(
             p, "watches-per-caller-max", args.watches_per_caller_max, 1
         ),
+        channels_per_node=int_flag(p, "channels-per-node", args.channels_per_node, 1),
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -21,7 +21,9 @@ from dkv.telemetry import GrpcClientMetrics
 
 __all__ = ["FANOUT_BUCKETS", "RETRY_REASONS", "GatewayCollector", "GatewayMetrics", "retry_reason"]
 
-RETRY_REASONS = ("not_leader", "unavailable", "cancelled", "deadline")
+RETRY_REASONS = ("not_leader", "unavailable", "cancelled", "leader_moved")
+"""``leader_moved``: an attempt given up because the shard's leadership moved to another node
+while it waited (dkv_gateway.router). An attempt that runs out of time is not retried."""
 FANOUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -30,8 +32,6 @@ def retry_reason(code: grpc.StatusCode, names_leader: bool) -> str:
     answer carried a ``dkv-leader-id`` trailer, i.e. NOT_LEADER)."""
     if code is grpc.StatusCode.CANCELLED:
         return "cancelled"
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "deadline"
     return "not_leader" if names_leader else "unavailable"
 
 

@@ -8,20 +8,33 @@ may be served by a follower through ReadIndex, so reads teach nothing). Hints be
 which learns of a new leader only at the next heartbeat; a hint is dropped when its node stops
 answering or when the map reports a newer leadership for the shard.
 
-One call (:meth:`Router.unary`) tries, in order, the hinted leader, the map's leader and then
-every replica (voters first, nodes marked DOWN last). UNAVAILABLE and CANCELLED (the node went
-away with the call in flight) are retried: at the leader the answer names, when it names
-another node, else at the next replica. Writes are safe to retry because every write carries
-a request id the shard deduplicates (the gateway sets one before the first attempt). After
-each full round without an answer it backs off with jitter, and it gives up shortly before
-the caller's deadline so that the caller hears why: UNAVAILABLE naming the shard, with a
-``grpc-retry-pushback-ms`` hint, when replicas were tried and said they could not serve;
-DEADLINE_EXCEEDED (:class:`CallerDeadline`) when nothing but the caller's own deadline went
-wrong -- too short to try a replica, or every attempt ran out of it. Any other status is the
-node's final word and is passed through unchanged (:class:`NodeStatus`).
+One call (:meth:`Router.unary_raw`: request and answer as encoded bytes, passed through
+unchanged; :meth:`Router.unary` for messages) tries, in order, the hinted leader, the map's
+leader and then every replica (voters first, nodes marked DOWN last). UNAVAILABLE and
+CANCELLED (the node went away with the call in flight, or its connection failed) are retried:
+at the leader the answer names, when it names another node, else at the next replica. Writes
+are safe to retry because every write carries a request id the shard deduplicates (the
+gateway sets one before the first attempt). After each full round without an answer it backs
+off with jitter, and it gives up shortly before the caller's deadline so that the caller
+hears why: UNAVAILABLE naming the shard, with a ``grpc-retry-pushback-ms`` hint, when
+replicas were tried and said they could not serve; DEADLINE_EXCEEDED (:class:`CallerDeadline`)
+when nothing but the caller's own deadline went wrong -- too short to try a replica, or the
+attempt took all of it. Any other status is the node's final word and is passed through
+unchanged (:class:`NodeStatus`).
 
-Channels: one pooled ``grpc.aio`` channel per node client address, created on first use and
-closed when the node leaves the map (or changes address) or when the gateway stops.
+An attempt may take all the time left before that point. A node that answers slowly (under
+overload a write waits behind hundreds of others) is waited for: sending the write again
+elsewhere would only add Raft entries where the leader is already the bottleneck (until
+2026-12 an attempt got half the time left and 1024-in-flight puts were proposed twice). What
+ends an attempt early is the node's UNAVAILABLE (not the leader, shutting down, connection
+lost) or news that the shard's leadership moved to another node (a newer map leader, or a
+write answered by another node in a known term): a deposed leader may hold a write until its
+deadline, so its attempts are cancelled and sent to the new leader (``leader_moved`` in
+``dkv_gateway_retries_total``).
+
+Channels: :class:`NodeChannels`, ``CHANNELS_PER_NODE`` pooled ``grpc.aio`` channels (separate
+connections) per node client address, created on first use and closed when the node leaves
+the map (or changes address) or when the gateway stops.
 """
 
 from __future__ import annotations
@@ -29,17 +42,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import Span, Tracer
 
 from dkv.client.cluster_map import ClusterMapView
 from dkv.errors import DeadlineExceeded, DkvError, InvalidArgument
-from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool
+from dkv.host.channels import CHANNEL_OPTIONS, ChannelPool, TlsFiles
 from dkv.telemetry.tracing import (
     UNSAMPLED_PARENT,
     end_rpc_span,
@@ -51,7 +65,6 @@ from dkv.v1 import membership_pb2 as mpb
 from dkv_gateway.metrics import GatewayMetrics, retry_reason
 
 __all__ = [
-    "ATTEMPT_TIMEOUT_MIN_S",
     "BACKOFF_BASE_MS",
     "BACKOFF_MAX_MS",
     "CallerDeadline",
@@ -59,6 +72,9 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "RETRY_PUSHBACK_MS",
     "ChannelPool",
+    "CHANNELS_PER_NODE",
+    "Channels",
+    "NodeChannels",
     "NodeStatus",
     "NotInitialized",
     "Router",
@@ -74,12 +90,11 @@ BACKOFF_BASE_MS = 25
 """Pause after the first full round of replicas without an answer; doubles per round."""
 BACKOFF_MAX_MS = 500
 """Largest pause between rounds (an election takes about one election timeout, 1 s)."""
-ATTEMPT_TIMEOUT_MIN_S = 0.5
-"""One attempt gets half of the time left, at least this: a leader that lost its quorum
-holds a write until the caller's deadline, and the other half is for the next leader."""
 DEADLINE_MARGIN_MAX_S = 0.25
 """Give up this long (at most 10% of the budget) before the caller's deadline, so that the
 caller receives the reason rather than its own DEADLINE_EXCEEDED."""
+CHANNELS_PER_NODE = 1
+"""HTTP/2 connections to each node (:class:`NodeChannels`)."""
 RETRY_PUSHBACK_MS = 500
 """``grpc-retry-pushback-ms`` sent with UNAVAILABLE: when a shard may have a leader again."""
 
@@ -155,6 +170,62 @@ class _Hint:
     address: str  # from the trailer, for a node the map does not list yet
 
 
+class Channels(Protocol):
+    """What the router needs of a channel pool (:class:`NodeChannels`, or one
+    :class:`~dkv.host.channels.ChannelPool`)."""
+
+    def get(self, address: str) -> grpc.aio.Channel: ...
+
+    @property
+    def addresses(self) -> set[str]: ...
+
+    def discard(self, address: str) -> None: ...
+
+
+class NodeChannels:
+    """``per_node`` channels to every node, each its own HTTP/2 connection, used in turn.
+
+    gRPC shares one connection among the channels to one address that have the same
+    arguments; each pool here differs by one argument (``dkv.gateway.connection``), so
+    ``per_node`` pools make ``per_node`` connections. TLS files are watched by each pool
+    (:class:`~dkv.host.channels.ChannelPool` rebuilds its channels when they change)."""
+
+    def __init__(
+        self,
+        tls: TlsFiles | None,
+        per_node: int = CHANNELS_PER_NODE,
+        options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
+    ) -> None:
+        if per_node < 1:
+            raise InvalidArgument(f"channels per node must be >= 1, got {per_node}")
+        self.pools = [
+            ChannelPool(tls, (*options, ("dkv.gateway.connection", i))) for i in range(per_node)
+        ]
+        self._turn = 0
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        pools = self.pools
+        if len(pools) == 1:
+            return pools[0].get(address)
+        self._turn = turn = (self._turn + 1) % len(pools)
+        return pools[turn].get(address)
+
+    @property
+    def addresses(self) -> set[str]:
+        out: set[str] = set()
+        for pool in self.pools:
+            out |= pool.addresses
+        return out
+
+    def discard(self, address: str) -> None:
+        for pool in self.pools:
+            pool.discard(address)
+
+    async def close(self) -> None:
+        for pool in self.pools:
+            await pool.close()
+
+
 class Router:
     """See the module docstring. ``view`` is read at every attempt, so a map change takes
     effect at once; call :meth:`on_map_change` after every change (it evicts channels and
@@ -163,7 +234,7 @@ class Router:
     def __init__(
         self,
         view: ClusterMapView,
-        pool: ChannelPool,
+        pool: Channels,
         *,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         rng: random.Random | None = None,
@@ -179,6 +250,8 @@ class Router:
         self.rng = rng or random.Random()
         self._hints: dict[int, _Hint] = {}
         self._map_leaders: dict[int, tuple[int, int]] = {}  # shard -> (leader, term) last seen
+        # Attempts waiting at a node, by shard (given up when the leadership moves).
+        self._in_flight: dict[int, dict[_Attempt, None]] = {}
         # Counters for tests and metrics.
         self.attempts = 0
         self.retries = 0
@@ -194,6 +267,7 @@ class Router:
             if self._map_leaders.get(sid) == now:
                 continue
             self._map_leaders[sid] = now
+            self._on_leader_moved(sid, *now)
             hint = self._hints.get(sid)
             # The map reports a leadership (a heartbeat after an election): it wins over a
             # hint learned before, unless the hint is known to be newer.
@@ -267,9 +341,14 @@ class Router:
         if not node_id:
             return
         old = self._hints.get(shard_id)
-        if old is not None and old.term > term > 0:
-            return  # an older term's news
+        if old is not None:
+            if old.term > term > 0:
+                return  # an older term's news
+            if old.node_id == node_id and old.term >= term and old.address == address:
+                return  # nothing new (every write's answer says it again)
         self._hints[shard_id] = _Hint(node_id, max(term, 0), address)
+        if term > 0 and (old is None or old.node_id != node_id):
+            self._on_leader_moved(shard_id, node_id, term)
 
     def forget_leader(self, shard_id: int, node_id: int) -> None:
         h = self._hints.get(shard_id)
@@ -316,11 +395,39 @@ class Router:
         *,
         write: bool = False,
     ) -> R:
-        """Call ``/dkv.v1.KV/<method>`` for ``shard_id`` (see the module docstring).
+        """:meth:`unary_raw` with a message: ``request`` is encoded, the answer decoded with
+        ``response_type`` (the response message's ``FromString``)."""
+        data: bytes = request.SerializeToString()
+        raw, target = await self._call(shard_id, method, data, deadline)
+        resp = response_type(raw)
+        if write:
+            self._learned(shard_id, resp.header.member_id, resp.header.raft_term, target)
+        return resp
 
-        ``response_type`` is the response message's ``FromString``. ``write``: the answer's
-        header names the leader (learn it). Raises NodeStatus (the node's final answer) or
-        ShardUnreachable (the deadline came first)."""
+    async def unary_raw(
+        self, shard_id: int, method: str, request: bytes, deadline: float, *, write: bool = False
+    ) -> bytes:
+        """Call ``/dkv.v1.KV/<method>`` for ``shard_id`` with ``request`` as it is encoded and
+        return the node's answer as it was encoded (see the module docstring).
+
+        ``write``: the answer's header names the leader (learn it). Raises NodeStatus (the
+        node's final answer), ShardUnreachable or CallerDeadline (the deadline came first)."""
+        resp, target = await self._call(shard_id, method, request, deadline)
+        if write:
+            member_id, term = _leader_of(method, resp)
+            self._learned(shard_id, member_id, term, target)
+        return resp
+
+    def _learned(self, shard_id: int, member_id: int, term: int, target: Target) -> None:
+        """A write's answer names the leader that applied it."""
+        if member_id:
+            address = "" if self.view.client_address(member_id) else target.address
+            self.learn_leader(shard_id, member_id, term, address)
+
+    async def _call(
+        self, shard_id: int, method: str, request: bytes, deadline: float
+    ) -> tuple[bytes, Target]:
+        """The answer to ``request`` and the node that gave it."""
         loop = asyncio.get_running_loop()
         budget = deadline - loop.time()
         stop_at = deadline - min(DEADLINE_MARGIN_MAX_S, 0.1 * max(0.0, budget))
@@ -337,16 +444,7 @@ class Router:
         while True:
             remaining = stop_at - loop.time()
             if remaining <= 0:
-                if not last_error:
-                    # Nothing but the caller's own (short) deadline went wrong: no replica
-                    # could be tried, or every attempt ran out of the caller's time.
-                    raise CallerDeadline(shard_id, budget)
-                if metrics is not None:
-                    metrics.shard_unreachable.inc()
-                raise ShardUnreachable(
-                    shard_id,
-                    f"shard {shard_id} has no reachable leader (no quorum?): {last_error}",
-                )
+                raise self._gave_up(shard_id, budget, last_error)
             target = follow if follow is not None and follow.address not in tried else None
             follow = None
             if target is not None:
@@ -365,12 +463,6 @@ class Router:
             tried.add(target.address)
             self.attempts += 1
             attempt += 1
-            stub = self.pool.get(target.address).unary_unary(
-                full_method,
-                request_serializer=_serialize,
-                response_deserializer=response_type,
-            )
-            timeout = min(remaining, max(ATTEMPT_TIMEOUT_MIN_S, remaining / 2))
             at_hint = first and hinted != 0 and target.node_id == hinted
             first = False
             t0 = metrics.client.start(full_method) if metrics is not None else 0.0
@@ -391,14 +483,41 @@ class Router:
                     },
                 )
                 metadata = inject_metadata(span)
+            # The attempt may take all the time left: a leader that is slow (writes queued
+            # behind others) is waited for, never asked again elsewhere (that would only add
+            # Raft entries under overload). What moves on: the node's UNAVAILABLE (not the
+            # leader, shutting down, a connection that failed) and a leadership that moved
+            # away from the node while the attempt waited (_on_leader_moved).
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.pool.get(
+                target.address
+            ).unary_unary(full_method, request_serializer=None, response_deserializer=None)
+            call = stub(request, timeout=remaining, metadata=metadata)
+            waiting = _Attempt(target.node_id, call)
+            in_flight = self._in_flight.setdefault(shard_id, {})
+            in_flight[waiting] = None
             try:
-                resp: R = await stub(request, timeout=timeout, metadata=metadata)
-            except asyncio.CancelledError:  # the caller went away (or a fan-out sibling failed)
+                resp: bytes = await call
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not waiting.moved or (task is not None and task.cancelling()):
+                    # The caller went away (or a fan-out sibling failed).
+                    if metrics is not None:
+                        metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
+                    if span is not None:
+                        end_rpc_span(span, grpc.StatusCode.CANCELLED, "the caller went away")
+                    raise
+                # The shard's leadership moved away from this node while it held the call.
+                self.retries += 1
                 if metrics is not None:
                     metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
+                    metrics.retries["leader_moved"].inc()
+                    if at_hint:
+                        metrics.hint_misses.inc()
                 if span is not None:
-                    end_rpc_span(span, grpc.StatusCode.CANCELLED, "the caller went away")
-                raise
+                    end_rpc_span(span, grpc.StatusCode.CANCELLED, "the leadership moved")
+                last_error = f"{target.address}: the shard's leadership moved away from it"
+                tried.discard(target.address)  # it may lead again
+                continue
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 trailers = text_trailers(exc)
@@ -406,11 +525,10 @@ class Router:
                     metrics.client.observe(full_method, code, t0)
                 if span is not None:
                     end_rpc_span(span, code, details)
-                # DEADLINE_EXCEEDED of one attempt while time is left: the node could not
-                # finish (a leader without quorum); a retry elsewhere is safe (request ids).
-                # Without time left, the loop's top answers for the caller's deadline.
-                retry = code in RETRYABLE or code is grpc.StatusCode.DEADLINE_EXCEEDED
-                if not retry:
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # The attempt had all the time left: the caller's deadline is here.
+                    raise self._gave_up(shard_id, budget, last_error) from exc
+                if code not in RETRYABLE:
                     if at_hint and metrics is not None:
                         metrics.hint_hits.inc()  # the leader's final word
                     raise NodeStatus(code, details, _passthrough(trailers)) from exc
@@ -419,26 +537,75 @@ class Router:
                     metrics.retries[retry_reason(code, "dkv-leader-id" in trailers)].inc()
                     if at_hint:
                         metrics.hint_misses.inc()
-                if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
-                    last_error = f"{target.address}: {code.name}: {details}"
+                last_error = f"{target.address}: {code.name}: {details}"
                 log.debug("shard %d %s at %s: %s", shard_id, method, target.address, last_error)
                 follow = self._hint_from(shard_id, target, trailers)
                 continue
+            finally:
+                in_flight.pop(waiting, None)
             if metrics is not None:
                 metrics.client.observe(full_method, None, t0)
                 if at_hint:
                     metrics.hint_hits.inc()
             if span is not None:
                 end_rpc_span(span, None)
-            if write and resp.header.member_id:
-                address = "" if self.view.client_address(resp.header.member_id) else target.address
-                self.learn_leader(shard_id, resp.header.member_id, resp.header.raft_term, address)
-            return resp
+            return resp, target
+
+    def _gave_up(self, shard_id: int, budget_s: float, last_error: str) -> DkvError:
+        """Why a call ends at its deadline: DEADLINE_EXCEEDED when nothing but the caller's
+        own (short) deadline went wrong -- no replica could be tried, or the attempt took all
+        the time -- else UNAVAILABLE naming the last trouble."""
+        if not last_error:
+            return CallerDeadline(shard_id, budget_s)
+        if self.metrics is not None:
+            self.metrics.shard_unreachable.inc()
+        return ShardUnreachable(
+            shard_id, f"shard {shard_id} has no reachable leader (no quorum?): {last_error}"
+        )
+
+    def _on_leader_moved(self, shard_id: int, leader: int, term: int) -> None:
+        """``leader`` leads ``shard_id`` in ``term``: the attempts waiting at other nodes are
+        given up and sent again (to the leader: writes carry request ids, reads change
+        nothing). A deposed leader may hold a write until the caller's deadline; a leader
+        that is merely slow keeps its calls. News older than the hint changes nothing."""
+        waiting = self._in_flight.get(shard_id)
+        if not waiting or not leader:
+            return
+        hint = self._hints.get(shard_id)
+        if hint is not None and hint.term > term:
+            return
+        for a in list(waiting):
+            if a.node_id and a.node_id != leader and not a.moved:
+                a.moved = True
+                a.call.cancel()
 
 
-def _serialize(m: Any) -> bytes:
-    data: bytes = m.SerializeToString()
-    return data
+@dataclass(eq=False, slots=True)
+class _Attempt:
+    """One call waiting at a node (identity-hashed: a key of Router._in_flight)."""
+
+    node_id: int
+    call: grpc.aio.UnaryUnaryCall[bytes, bytes]
+    moved: bool = False
+
+
+_WRITE_ANSWERS: dict[str, Callable[[bytes], _WithHeader]] = {
+    "Put": kv_pb2.PutResponse.FromString,
+    "Delete": kv_pb2.DeleteResponse.FromString,
+}
+
+
+def _leader_of(method: str, data: bytes) -> tuple[int, int]:
+    """(``header.member_id``, ``header.raft_term``) of a write's answer; (0, 0) when it does
+    not decode (the caller receives it as it is; the router learns nothing from it)."""
+    decode = _WRITE_ANSWERS.get(method)
+    if decode is None:
+        return 0, 0
+    try:
+        header = decode(data).header
+    except DecodeError:
+        return 0, 0
+    return header.member_id, header.raft_term
 
 
 def _passthrough(trailers: dict[str, str]) -> tuple[tuple[str, str], ...]:

@@ -45,7 +45,13 @@ from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.envoy_config import Tracing as EnvoyTracing
 from dkv_gateway.kv_gateway import WATCHES_PER_CALLER_MAX, KvGateway, add_kv_gateway
 from dkv_gateway.metrics import GatewayCollector, GatewayMetrics
-from dkv_gateway.router import DEFAULT_TIMEOUT_S, ChannelPool, Router
+from dkv_gateway.router import (
+    CHANNELS_PER_NODE,
+    DEFAULT_TIMEOUT_S,
+    ChannelPool,
+    NodeChannels,
+    Router,
+)
 from dkv_gateway.xds import AdsServer
 
 __all__ = ["GatewayConfig", "GatewayServer", "split_host_port"]
@@ -108,6 +114,8 @@ class GatewayConfig:
     trust_domain: str = TRUST_DOMAIN
     # Watch streams one caller (identity) may hold open here (RESOURCE_EXHAUSTED beyond).
     watches_per_caller_max: int = WATCHES_PER_CALLER_MAX
+    # HTTP/2 connections to each node (dkv_gateway.router.NodeChannels).
+    channels_per_node: int = CHANNELS_PER_NODE
 
     def validate(self) -> None:
         self.tracing.validate()
@@ -120,6 +128,8 @@ class GatewayConfig:
             split_host_port(self.advertise_client)
         if not 1 <= self.envoy_port <= 65535:
             raise InvalidArgument(f"--envoy-port must be in 1..65535, got {self.envoy_port}")
+        if self.channels_per_node < 1:
+            raise InvalidArgument("--channels-per-node must be >= 1")
         if self.watches_per_caller_max < 1:
             raise InvalidArgument("--watches-per-caller-max must be >= 1")
         if self.default_timeout_ms < 1:
@@ -152,7 +162,7 @@ class GatewayServer:
         self.health: health.HealthServicer | None = None
         self.ads: AdsServer | None = None
         self.router: Router | None = None
-        self._node_channels: ChannelPool | None = None
+        self._node_channels: NodeChannels | None = None
         self._membership_channels: ChannelPool | None = None
         self._follow: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -226,7 +236,7 @@ class GatewayServer:
         self.ads = AdsServer(clusters=clusters, listeners=listeners)
         self.ads.add_to_server(self.xds_server)
 
-        self._node_channels = ChannelPool(cfg.tls)
+        self._node_channels = NodeChannels(cfg.tls, cfg.channels_per_node)
         self._membership_channels = ChannelPool(cfg.tls)
         self.router = Router(
             self.view,
