@@ -506,20 +506,18 @@ class Router:
                     if span is not None:
                         end_rpc_span(span, grpc.StatusCode.CANCELLED, "the caller went away")
                     raise
-                # The shard's leadership moved away from this node while it held the call.
-                self.retries += 1
-                if metrics is not None:
-                    metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
-                    metrics.retries["leader_moved"].inc()
-                    if at_hint:
-                        metrics.hint_misses.inc()
-                if span is not None:
-                    end_rpc_span(span, grpc.StatusCode.CANCELLED, "the leadership moved")
+                self._moved_on(full_method, target, at_hint, t0, span)
                 last_error = f"{target.address}: the shard's leadership moved away from it"
                 tried.discard(target.address)  # it may lead again
                 continue
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
+                if waiting.moved and code is grpc.StatusCode.CANCELLED:
+                    # Our own cancellation, reported as a status (grpc.aio does either).
+                    self._moved_on(full_method, target, at_hint, t0, span)
+                    last_error = f"{target.address}: the shard's leadership moved away from it"
+                    tried.discard(target.address)
+                    continue
                 trailers = text_trailers(exc)
                 if metrics is not None:
                     metrics.client.observe(full_method, code, t0)
@@ -550,6 +548,21 @@ class Router:
             if span is not None:
                 end_rpc_span(span, None)
             return resp, target
+
+    def _moved_on(
+        self, full_method: str, target: Target, at_hint: bool, t0: float, span: Span | None
+    ) -> None:
+        """Count an attempt given up because the shard's leadership moved away from it."""
+        self.retries += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.client.observe(full_method, grpc.StatusCode.CANCELLED, t0)
+            metrics.retries["leader_moved"].inc()
+            if at_hint:
+                metrics.hint_misses.inc()
+        if span is not None:
+            end_rpc_span(span, grpc.StatusCode.CANCELLED, "the leadership moved")
+        log.debug("%s at %s: the leadership moved away from it", full_method, target.address)
 
     def _gave_up(self, shard_id: int, budget_s: float, last_error: str) -> DkvError:
         """Why a call ends at its deadline: DEADLINE_EXCEEDED when nothing but the caller's
