@@ -336,6 +336,21 @@ class Router:
                 out.append(Target(nid, address))
         return out
 
+    def _first_candidate(self, shard_id: int) -> Target | None:
+        """``candidates(shard_id)[0]`` when it is the hinted or the map's leader (nearly
+        always), without building the whole list; None: ask :meth:`candidates`."""
+        h = self._hints.get(shard_id)
+        if h is not None:
+            address = self._address(h.node_id, h.address)
+            if address:
+                return Target(h.node_id, address)
+        leader = self.view.leader(shard_id)
+        if leader:
+            address = self._address(leader)
+            if address:
+                return Target(leader, address)
+        return None
+
     def learn_leader(self, shard_id: int, node_id: int, term: int, address: str = "") -> None:
         """Remember ``node_id`` as the leader of ``shard_id`` (from an answer)."""
         if not node_id:
@@ -398,11 +413,7 @@ class Router:
         """:meth:`unary_raw` with a message: ``request`` is encoded, the answer decoded with
         ``response_type`` (the response message's ``FromString``)."""
         data: bytes = request.SerializeToString()
-        raw, target = await self._call(shard_id, method, data, deadline)
-        resp = response_type(raw)
-        if write:
-            self._learned(shard_id, resp.header.member_id, resp.header.raft_term, target)
-        return resp
+        return response_type(await self.unary_raw(shard_id, method, data, deadline, write=write))
 
     async def unary_raw(
         self, shard_id: int, method: str, request: bytes, deadline: float, *, write: bool = False
@@ -412,22 +423,6 @@ class Router:
 
         ``write``: the answer's header names the leader (learn it). Raises NodeStatus (the
         node's final answer), ShardUnreachable or CallerDeadline (the deadline came first)."""
-        resp, target = await self._call(shard_id, method, request, deadline)
-        if write:
-            member_id, term = _leader_of(method, resp)
-            self._learned(shard_id, member_id, term, target)
-        return resp
-
-    def _learned(self, shard_id: int, member_id: int, term: int, target: Target) -> None:
-        """A write's answer names the leader that applied it."""
-        if member_id:
-            address = "" if self.view.client_address(member_id) else target.address
-            self.learn_leader(shard_id, member_id, term, address)
-
-    async def _call(
-        self, shard_id: int, method: str, request: bytes, deadline: float
-    ) -> tuple[bytes, Target]:
-        """The answer to ``request`` and the node that gave it."""
         loop = asyncio.get_running_loop()
         budget = deadline - loop.time()
         stop_at = deadline - min(DEADLINE_MARGIN_MAX_S, 0.1 * max(0.0, budget))
@@ -449,7 +444,9 @@ class Router:
             follow = None
             if target is not None:
                 self.hint_follows += 1
-            else:
+            elif not tried:
+                target = self._first_candidate(shard_id)
+            if target is None:
                 target = next(
                     (t for t in self.candidates(shard_id) if t.address not in tried), None
                 )
@@ -547,7 +544,12 @@ class Router:
                     metrics.hint_hits.inc()
             if span is not None:
                 end_rpc_span(span, None)
-            return resp, target
+            if write:
+                member_id, term = _leader_of(method, resp)
+                if member_id:
+                    address = "" if self.view.client_address(member_id) else target.address
+                    self.learn_leader(shard_id, member_id, term, address)
+            return resp
 
     def _moved_on(
         self, full_method: str, target: Target, at_hint: bool, t0: float, span: Span | None
