@@ -344,6 +344,9 @@ def test_three_replicas_serve_membership(tmp_path: Path) -> None:
                 pb.HeartbeatRequest(node_id=1, leaders=[pb.LeaderEntry(shard_id=1, term=8)]),
                 pb.HeartbeatResponse,
             )
+            # Followers learn a commit from the leader's next append or heartbeat: wait until
+            # they applied it, then the one delta holds all three changes.
+            await c.converged()
             w = Watcher(c.stubs[followers[1]], seen.version, have=seen)
             d = await w.next()
             assert not d.full and d.version == 8
@@ -425,6 +428,7 @@ def test_leader_marks_silent_nodes_down(tmp_path: Path) -> None:
             )
             await leader.join(node(1))
             await leader.join(node(2))
+            await c.converged()  # the follower learns the commit with the next heartbeat
             w = Watcher(c.stubs[next(n for n in NAMES if n != lname)], 0)
             assert (await w.next()).version == 2
             now[0] += 500

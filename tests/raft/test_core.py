@@ -6,6 +6,7 @@ invariants under faults. These pin down the individual rules and the error contr
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -146,7 +147,9 @@ def test_inflight_window_bounds_messages_to_a_silent_follower() -> None:
     assert 0 < len(to3) <= 4
     pr = net[1].raw().status().progress[3]
     assert pr.state is ProgressState.REPLICATE
-    # Meanwhile 2 received everything: one slow follower does not hold back the others.
+    # Meanwhile 2 received everything: one slow follower does not hold back the others
+    # (it learns the last commit index from the next heartbeat).
+    net.tick(1, only=[1])
     assert net[2].applied_index == net[1].applied_index
 
 
@@ -182,11 +185,68 @@ def test_uncommitted_tail_is_bounded() -> None:
     net[1].raw().propose(put(3, 1500))  # the tail committed, so there is room again
 
 
+def test_leader_sends_appends_before_its_write_and_counts_itself_once_written() -> None:
+    """Thesis §10.2.1: the leader's appends are early messages (sent while its own write is
+    in flight); its own copy counts toward a commit only after advance() says it is written,
+    so one follower's acknowledgement of an unwritten entry commits nothing."""
+    net = Net([1, 2, 3])
+    net.elect(1)
+    leader = net[1].raw()
+    index = leader.propose(put(1))
+    rd = leader.ready()
+    early = rd.early_messages()
+    assert {m.to for m in early if m.type is MT.APP and m.entries} == {2, 3}
+    assert rd.late_messages() == []
+    assert [e.index for e in rd.entries] == [index]
+    # Follower 2 holds the entry (and says so) before the leader's write ended.
+    leader.step(Message(MT.APP_RESP, to=1, frm=2, term=leader.hard_state().term, index=index))
+    assert leader.status().commit == index - 1  # one durable copy of two needed
+    net[1].storage.append(rd.entries)
+    leader.advance()  # written: now two copies
+    assert leader.status().commit == index
+
+
+def test_commit_index_travels_with_the_next_append_or_heartbeat() -> None:
+    """No empty append (and no acknowledgement of it) only to tell followers a new commit
+    index: they learn it from the next append or heartbeat."""
+    net = Net([1, 2, 3])
+    net.elect(1)
+    net.tick(1, only=[1])
+    net[1].raw().propose(put(1))
+    msgs = net.stabilize()
+    index = net[1].raw().status().commit
+    assert net[1].sm.get("k") == "1"
+    assert not [m for m in msgs if m.type is MT.APP and not m.entries]
+    assert [net[i].raw().status().commit for i in (2, 3)] == [index - 1, index - 1]
+    net[1].raw().propose(put(2))  # the next append carries it
+    msgs = net.stabilize()
+    assert all(m.commit == index for m in msgs if m.type is MT.APP)
+    assert [net[i].sm.get("k") for i in (2, 3)] == ["1", "1"]
+    net.tick(1, only=[1])  # and a heartbeat carries the last one
+    assert [net[i].sm.get("k") for i in (1, 2, 3)] == ["2", "2", "2"]
+
+
+def test_follower_answers_the_appends_of_one_ready_once() -> None:
+    """Appends stepped while a Ready was being written are acknowledged by one message with
+    the highest index (the leader keeps only the highest match); a rejection is kept."""
+    storage = MemoryStorage(ConfState.of([1, 2, 3]))  # holds index 1 (term 1)
+    storage.set_hard_state(HardState(term=2, vote=1, commit=1))
+    node = RawNode(Config(id=2), storage, random.Random(1))
+    for i in (2, 3, 4):
+        prev_term = 1 if i == 2 else 2
+        app = Message(MT.APP, to=2, frm=1, term=2, index=i - 1, log_term=prev_term)
+        node.step(dataclasses.replace(app, entries=(Entry(2, i, data=put(i)),)))
+    node.step(Message(MT.APP, to=2, frm=1, term=2, index=9, log_term=2))  # a gap: rejected
+    acks = [m for m in node.ready().messages if m.type is MT.APP_RESP]
+    assert [(m.index, m.reject) for m in acks] == [(4, False), (9, True)]
+
+
 def test_follower_forwards_proposals_to_the_leader() -> None:
     net = Net([1, 2, 3])
     net.elect(1)
     assert net[2].raw().propose(put(7)) is None
     net.stabilize()
+    net.tick(1, only=[1])  # the heartbeat carries the commit index to the followers
     assert all(net[i].sm.get("k") == "7" for i in (1, 2, 3))
 
 

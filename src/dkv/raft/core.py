@@ -364,6 +364,24 @@ class Raft:
             if nid != self.id:
                 self.send_append(nid)
 
+    def bcast_commit(self, before: int) -> None:
+        """The commit index moved past ``before``. A follower with entries to receive gets them
+        now, and the append carries the new commit index; the others learn it from the next
+        append or heartbeat rather than from an empty append of its own (and its
+        acknowledgement): at one write in flight those were four of the ten messages of a
+        put, and an entry is durable and answered once the leader applies it, whatever the
+        followers know.
+
+        Except a configuration change (or a new leader's no-op, which ``pending_conf_index``
+        also marks): it takes effect where it is *applied* (thesis §4.1), so every member is
+        told at once. A leader that fails right after committing one would otherwise leave
+        members that never applied it, deciding elections with the old configuration (seen:
+        a group grown from one replica to three could not elect once the first one left)."""
+        urgent = before < self.pending_conf_index <= self.log.committed
+        for nid in self.trk.progress:
+            if nid != self.id:
+                self.send_append(nid, send_if_empty=urgent)
+
     def _send_heartbeat(self, to: int, ctx: bytes) -> None:
         # Never tell a follower to commit beyond what we know it holds: its log may still
         # diverge from ours after ``match`` (etcd-io/raft does the same).
@@ -494,9 +512,10 @@ class Raft:
         pr = self.trk.progress.get(self.id)
         if pr is None or self.log.term_or_zero(index) != term:
             return  # removed from the group, or the entry was replaced since
+        before = self.log.committed
         if pr.maybe_update(index) and self.maybe_commit():
             self._release_pending_read_index()
-            self.bcast_append()
+            self.bcast_commit(before)
 
     def committed_entry_in_current_term(self) -> bool:
         return self.log.term_or_zero(self.log.committed) == self.term
@@ -788,9 +807,10 @@ class Raft:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
 
+        before = self.log.committed
         if self.maybe_commit():
             self._release_pending_read_index()
-            self.bcast_append()
+            self.bcast_commit(before)
         elif old_paused:
             # The window reopened: the follower may be missing entries we held back.
             self.send_append(m.frm)
@@ -1131,8 +1151,9 @@ class Raft:
                 self.become_follower(self.term, NONE)
             return
         # The quorum may have shrunk, so more may be committed now.
+        committed = self.log.committed
         if self.maybe_commit():
-            self.bcast_append()
+            self.bcast_commit(committed)
         else:
             # Probe new members at once instead of letting them wait for a heartbeat.
             for nid in sorted(set(self.trk.progress) - before - {self.id}):

@@ -219,7 +219,7 @@ class RawNode:
             entries=entries,
             snapshot=snap,
             committed_entries=tuple(log.next_committed_entries()),
-            messages=tuple(r.msgs),
+            messages=_coalesce_acks(r.msgs),
             read_states=tuple(r.read_states),
             must_sync=bool(entries) or snap is not None or self._vote_or_term_changed(hard),
         )
@@ -289,3 +289,23 @@ class RawNode:
             conf_state=r.trk.conf_state(),
             progress=progress,
         )
+
+
+def _coalesce_acks(msgs: list[Message]) -> tuple[Message, ...]:
+    """Drop an accepting append acknowledgement when a later one in the same Ready tells the
+    same leader, in the same term, about an index at least as high: the leader keeps only the
+    highest match (``Progress.maybe_update``, ``Inflights.free_le``), so the earlier one is
+    a message sent for nothing. A follower that took several appends in one iteration thus
+    answers once (one acknowledgement per loop iteration, as etcd batches them)."""
+    last: dict[tuple[int, int], int] = {}  # (to, term) -> position of the latest accept
+    drop: set[int] = set()
+    for i, m in enumerate(msgs):
+        if m.type is MessageType.APP_RESP and not m.reject:
+            key = (m.to, m.term)
+            j = last.get(key)
+            if j is not None and msgs[j].index <= m.index:
+                drop.add(j)
+            last[key] = i
+    if not drop:
+        return tuple(msgs)
+    return tuple(m for i, m in enumerate(msgs) if i not in drop)
