@@ -553,7 +553,7 @@ def gateway_envoy() -> Dashboard:
             timeseries(
                 "Retries/s by reason",
                 "Calls the gateway retried: not_leader (followed a leader hint), unavailable, "
-                "cancelled, deadline.",
+                "cancelled, leader_moved (the shard's leadership moved while an attempt waited).",
                 "ops",
                 [
                     Q(

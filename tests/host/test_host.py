@@ -136,6 +136,31 @@ def test_hosts_replicate_with_group_commit_and_survive_restart(tmp_path: Path) -
     asyncio.run(scenario())
 
 
+def test_concurrent_reads_share_one_read_index_round(tmp_path: Path) -> None:
+    """Reads that arrive together are confirmed by one ReadIndex round (one heartbeat round
+    instead of one per read), and each still gets a read index at least the commit index
+    of when it started (thesis §6.4)."""
+
+    async def scenario() -> None:
+        c = Cluster(tmp_path)
+        await c.start(bootstrap=True)
+        try:
+            gid = GROUPS[0]
+            await c.put(gid, put_cmd(b"a", b"1", "ra"))
+            lead = c.leader(gid)
+            host, g = c.hosts[lead], c.hosts[lead].groups[gid]
+            rounds_before, requests_before = g.read_rounds, g.read_indexes
+            started_at = g.node.status().commit
+            indexes = await asyncio.gather(*(host.read_index(gid, 10) for _ in range(50)))
+            assert all(i >= started_at for i in indexes)
+            assert g.read_indexes - requests_before == 50
+            assert 1 <= g.read_rounds - rounds_before <= 2, g.read_rounds - rounds_before
+        finally:
+            await c.stop()
+
+    asyncio.run(scenario())
+
+
 def test_lagging_follower_catches_up_by_snapshot_after_compaction(tmp_path: Path) -> None:
     async def scenario() -> None:
         net = MemoryNetwork()

@@ -33,6 +33,7 @@ from opentelemetry import trace as otel_trace
 
 from dkv.errors import (
     DeadlineExceeded,
+    DkvError,
     InvalidArgument,
     NotLeader,
     ProposalDropped,
@@ -123,6 +124,8 @@ class _Group:
     traced: dict[int, ProposalTrace] = field(default_factory=dict)
     # read context -> future waiting for its ReadState; then (index, future) until applied.
     reads: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
+    # Reads that arrived since the last iteration: one ReadIndex request for all of them.
+    read_batch: asyncio.Future[int] | None = None
     read_waiters: list[tuple[int, asyncio.Future[int]]] = field(default_factory=list)
     known_leader: int = 0
     # The applied index whose batch is written. ``storage.applied_index`` moves when an apply
@@ -136,6 +139,7 @@ class _Group:
     entries_applied: int = 0
     proposals_failed: int = 0
     read_indexes: int = 0
+    read_rounds: int = 0  # ReadIndex requests given to Raft (each confirms a batch of reads)
 
 
 class Host:
@@ -353,24 +357,49 @@ class Host:
         return await self._read_index(group_id, timeout_s)
 
     async def _read_index(self, group_id: int, timeout_s: float) -> int:
+        # Reads are coalesced (as etcd's server does): every read that arrives before the
+        # loop's next iteration joins one ReadIndex request, so one heartbeat round confirms
+        # them all. Still linearizable: the read index is taken when the loop submits the
+        # request, after each of these reads arrived (thesis §6.4).
         g = self._group(group_id)
-        self._read_seq += 1
-        ctx = self._read_seq.to_bytes(8, "big")
         g.read_indexes += 1
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        g.reads[ctx] = fut
+        batch = g.read_batch
+        if batch is None:
+            batch = asyncio.get_running_loop().create_future()
+            batch.add_done_callback(_retrieve)
+            g.read_batch = batch
+            self._wake.set()
         try:
-            g.node.read_index(ctx)
-        except Exception:
-            g.reads.pop(ctx, None)
-            raise
-        self._wake.set()
-        try:
-            return await _answer(fut, timeout_s)
+            # Shielded: a reader that gives up must not cancel the others' batch.
+            return await asyncio.wait_for(asyncio.shield(batch), timeout_s)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"read not confirmed within {timeout_s:.3f} s") from exc
-        finally:
-            g.reads.pop(ctx, None)
+
+    def _submit_reads(self) -> None:
+        """Turn each group's batch of waiting reads into one ReadIndex request. A leader runs
+        one round at a time (as etcd's server does): reads that arrive meanwhile form the
+        next batch, sent when the round ends, so under load a round costs one heartbeat
+        exchange per follower for however many reads. (A leader's round ends or it steps
+        down: its heartbeats carry the round until a quorum answers. A follower's round is a
+        message to the leader that may be lost, so followers do not wait for it.)"""
+        for g in self.groups.values():
+            batch = g.read_batch
+            if batch is None:
+                continue
+            if g.reads and g.node.soft_state().role is Role.LEADER:
+                continue  # a round is under way; this batch is next
+            g.read_batch = None
+            if batch.done():
+                continue
+            self._read_seq += 1
+            ctx = self._read_seq.to_bytes(8, "big")
+            try:
+                g.node.read_index(ctx)
+            except DkvError as exc:  # NotLeader, ReadIndexDropped: the readers learn why
+                batch.set_exception(exc)
+                continue
+            g.reads[ctx] = batch
+            g.read_rounds += 1
 
     async def propose_conf_change(
         self, group_id: int, cc: ConfChange, timeout_s: float
@@ -465,6 +494,7 @@ class Host:
                     self._changed.notify_all()
 
     async def _iteration(self) -> None:
+        self._submit_reads()
         readies = [(g, g.node.ready()) for g in self.groups.values() if g.node.has_ready()]
         if not readies:
             return
@@ -557,8 +587,13 @@ class Host:
                 for rfut in g.reads.values():
                     if not rfut.done():
                         rfut.set_exception(ReadIndexDropped("leader changed; retry the read"))
+                g.reads.clear()
+                if g.read_batch is not None:
+                    self._wake.set()  # the waiting batch goes to the new leader (or fails)
             for rs in rd.read_states:
-                fut = g.reads.get(rs.request_ctx)
+                fut = g.reads.pop(rs.request_ctx, None)
+                if g.read_batch is not None:
+                    self._wake.set()  # the round ended: send the next batch
                 if fut is not None and not fut.done():
                     g.read_waiters.append((rs.index, fut))
             applied = g.storage.applied_index
@@ -710,12 +745,19 @@ async def _answer(fut: asyncio.Future[_T], timeout_s: float) -> _T:
     return await asyncio.wait_for(fut, timeout_s)  # cancels fut on timeout and cancellation
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared future's exception as seen: its readers may all have given up."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _fail_pending(g: _Group, proposal_error: Exception) -> None:
     """Fail what waits on group ``g``: proposals with ``proposal_error``, reads with
     ProposalDropped (a read never changed anything)."""
     for _, fut in g.proposals.values():
         if not fut.done():
             fut.set_exception(proposal_error)
-    for rfut in [*g.reads.values(), *(f for _, f in g.read_waiters)]:
+    batch = [g.read_batch] if g.read_batch is not None else []
+    for rfut in [*g.reads.values(), *(f for _, f in g.read_waiters), *batch]:
         if not rfut.done():
             rfut.set_exception(ProposalDropped("host stopped or group removed"))
