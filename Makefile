@@ -73,6 +73,12 @@ bench-raft: setup
 bench-node: setup | bench-etcd36
 	$(BIN)/python -m dkv.testing.bench_node
 
+# Issue 12 "as the work grows": 1 million keys loaded (rows before/after), a new member caught
+# up by snapshot, a kill -9 restart on a ~1-GB data dir with a long log, 1/8/64 shards and
+# the idle CPU of 64 (~20 min at full size; DKV_BENCH_SCALE=0.05 for a small run).
+bench-scale: setup
+	$(BIN)/python -m dkv.testing.bench_scale
+
 # The front door's cost: Envoy -> gateway -> leader, the gateway alone, the leader directly and
 # etcd 3.6 and 3.4, one after the other (~3.5 min, ~1 min more with etcd 3.6);
 # DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
