@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from dkv.cli.event_loop import check_event_loop
+from dkv.cli.event_loop import run as run_event_loop
 from dkv.cli.flags import (
     int_flag,
     metrics_address,
@@ -119,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
+def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str, str]:
     p = _parser()
     args = p.parse_args(argv)
     level = str(args.log_level or "info").lower()
@@ -168,7 +170,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str]:
         cfg.validate()  # a backstop: the checks above already name the flags
     except InvalidArgument as exc:
         p.error(str(exc))
-    return cfg, level
+    return cfg, level, check_event_loop(p, args.event_loop)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
@@ -209,12 +211,12 @@ async def _serve(cfg: GatewayConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, level = _parse(argv)
+    cfg, level, event_loop = _parse(argv)
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(_serve(cfg))
+        run_event_loop(_serve(cfg), event_loop)
     except DkvError as exc:
         print(f"{PROG}: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line
         return 1

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dkv.cli.event_loop import check_event_loop
+from dkv.cli.event_loop import run as run_event_loop
 from dkv.cli.flags import (
     int_flag,
     membership_flags,
@@ -154,7 +156,7 @@ def _driver(args: argparse.Namespace, p: argparse.ArgumentParser) -> DriverConfi
     return None if args.placement == "off" else cfg
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
+def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str, str]:
     p = _parser()
     args = p.parse_args(argv)
     cluster = membership_flags(args, p)
@@ -197,7 +199,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[MembershipConfig, str]:
         cfg.validate()  # a backstop: the checks above already name the flags
     except InvalidArgument as exc:
         p.error(str(exc))
-    return cfg, args.log_level.lower()
+    return cfg, args.log_level.lower(), check_event_loop(p, args.event_loop)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> MembershipConfig:
@@ -232,12 +234,12 @@ async def _serve(cfg: MembershipConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, level = _parse(argv)
+    cfg, level, event_loop = _parse(argv)
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(_serve(cfg))
+        run_event_loop(_serve(cfg), event_loop)
     except DkvError as exc:
         print(f"{PROG}: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line
         return 1

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dkv.cli.event_loop import check_event_loop
+from dkv.cli.event_loop import run as run_event_loop
 from dkv.cli.flags import (
     int_flag,
     membership_flags,
@@ -103,8 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     return _parse(argv)[0]
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
-    """The node's configuration and the log level (exit 2 on misuse)."""
+def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str, str]:
+    """The node's configuration, the log level and the event loop (exit 2 on misuse)."""
     p = _parser()
     args = p.parse_args(argv)
     level = str(args.log_level or "info")
@@ -158,7 +160,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         auth_policy_dir=args.auth_policy_dir or "",
         trust_domain=args.trust_domain,
     )
-    return cfg, level
+    return cfg, level, check_event_loop(p, args.event_loop)
 
 
 def metrics_banner(node: Node) -> str:
@@ -207,13 +209,13 @@ async def _serve(cfg: NodeConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, level = _parse(argv)
+    cfg, level, event_loop = _parse(argv)
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(_serve(cfg))
+        run_event_loop(_serve(cfg), event_loop)
     except DkvError as exc:
         print(f"dkv-node: {exc}", file=sys.stderr)
         return 1

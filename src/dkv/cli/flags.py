@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dkv.cli.event_loop import EVENT_LOOP_HELP
 from dkv.errors import InvalidArgument
 from dkv.host.grpc_transport import TlsFiles
 from dkv.telemetry.http import parse_listen
@@ -48,6 +49,7 @@ def shared_flags(envoy: bool = False) -> list[tuple[str, str, str | None]]:
             "(spiffe://DOMAIN/...)",
             "dkv",
         ),
+        ("event-loop", EVENT_LOOP_HELP, None),
         (
             "auth-policy-dir",
             "directory with model.conf and policy.csv (Casbin), reloaded when they change: "
