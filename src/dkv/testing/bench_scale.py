@@ -51,13 +51,14 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from dkv.keys import RANGE_LIMIT_MAX
+from dkv.keys import RANGE_LIMIT_DEFAULT
 from dkv.sharding import shard_for_key
 from dkv.testing.bench_node import (
     DKV,
     KEY,
     VALUE,
     Cluster,
+    CpuMeter,
     Proc,
     Procs,
     Row,
@@ -112,6 +113,7 @@ class Config:
     keys: int  # keys loaded in part 1
     value_bytes: int  # their values
     load_in_flight: int  # the loader's concurrency while loading
+    load_max_seconds: float  # the load stops there, loaded or not
     connections: int  # the loader's connections per node
     seconds: float  # each h2load row, and each shard-count throughput run
     restart_bytes: int  # part 3's data dir target
@@ -134,6 +136,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     p.add_argument("--keys", type=int, default=FULL_KEYS, help="keys loaded (times the scale)")
     p.add_argument("--value-bytes", type=int, default=len(VALUE))
     p.add_argument("--load-in-flight", type=int, default=256)
+    p.add_argument("--load-max-seconds", type=float, default=900.0, help="times the scale, >= 60")
     p.add_argument("--connections", type=int, default=4, help="loader connections per node")
     p.add_argument("--seconds", type=float, default=5.0, help="per row (times the scale, >= 2)")
     p.add_argument(
@@ -169,6 +172,7 @@ def parse_args(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
         keys=max(1, round(args.keys * scale)),
         value_bytes=args.value_bytes,
         load_in_flight=args.load_in_flight,
+        load_max_seconds=max(60.0, args.load_max_seconds * scale),
         connections=args.connections,
         seconds=max(2.0, args.seconds * scale),
         restart_bytes=max(1 << 20, round(args.restart_mb * scale * 2**20)),
@@ -214,7 +218,8 @@ class Route:
     """Where each shard's puts go: its leader's client address."""
 
     shards: int
-    leaders: dict[int, str]
+    leaders: dict[int, str]  # shard -> its leader's client address
+    members: dict[int, str] = field(default_factory=dict)  # member id -> client address
 
     def address(self, key: bytes) -> str:
         return self.leaders[shard_for_key(key, self.shards)]
@@ -241,10 +246,16 @@ def route(cluster: Cluster, shards: int, deadline: float) -> Route:
                     if s.role == admin_pb2.ROLE_LEADER and s.leader_id in by_id:
                         leaders[s.shard_id] = by_id[s.leader_id]
         if len(leaders) == shards:
-            return Route(shards, leaders)
+            return Route(shards, leaders, by_id)
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(leaders)} of {shards} shards have a leader")
         time.sleep(0.2)
+
+
+def follow_leader(cluster: Cluster) -> None:
+    """Point ``cluster.leader`` at shard 1's leader now (it may have moved under load)."""
+    address = route(cluster, 1, time.monotonic() + 60).leaders[1]
+    cluster.leader = next(m for m in cluster.members if m.client_address == address)
 
 
 def _channel(address: str, i: int) -> grpc.aio.Channel:
@@ -261,38 +272,53 @@ async def _load(
     in_flight: int,
     connections: int,
     until: float | None,
+    stop_at: float | None,
     refresh: Callable[[], Route] | None,
+    progress: str,
 ) -> LoadResult:
-    addresses = sorted(set(rt.leaders.values()))
-    chans = {a: [_channel(a, i) for i in range(connections)] for a in addresses}
-    calls: dict[str, list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {
-        a: [c.unary_unary("/dkv.v1.KV/Put") for c in cs]  # bytes in, bytes out
-        for a, cs in chans.items()
-    }
+    """The loader: ``in_flight`` workers, each putting the next key and waiting for it. A put
+    answered UNAVAILABLE goes again to the leader the answer names (``dkv-leader-id``) or,
+    without a hint, after a pause to the leaders one shared ``refresh()`` finds."""
+    chans: dict[str, list[grpc.aio.Channel]] = {}
+    calls: dict[str, list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
+
+    def call(addr: str, w: int) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        if addr not in calls:
+            chans[addr] = [_channel(addr, j) for j in range(connections)]
+            calls[addr] = [c.unary_unary("/dkv.v1.KV/Put") for c in chans[addr]]  # raw bytes
+        return calls[addr][w % connections]
+
     res = LoadResult()
     nxt = 0
     total = len(keys)
     loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Route] | None = None
+
+    async def refreshed() -> None:
+        nonlocal pending, rt
+        if refresh is None:
+            return
+        if pending is None or pending.done():
+            pending = asyncio.ensure_future(asyncio.to_thread(refresh))
+        rt = await asyncio.shield(pending)
+
+    def stopped() -> bool:
+        now = loop.time()
+        if (until is not None and now >= until) or (stop_at is not None and now >= stop_at):
+            return True
+        return until is None and nxt >= total
 
     async def worker(w: int) -> None:
-        nonlocal nxt, rt
-        while True:
-            if until is not None and loop.time() >= until:
-                return
-            if until is None and nxt >= total:
-                return
-            i = nxt
+        nonlocal nxt
+        while not stopped():
+            k = keys[nxt % total]
             nxt += 1
-            k = keys[i % total]
             key = k if isinstance(k, bytes) else key_for(k)
             body = put_request(key, value)
-            for attempt in range(20):
+            for attempt in range(50):
                 addr = rt.address(key)
-                if addr not in calls:
-                    chans[addr] = [_channel(addr, j) for j in range(connections)]
-                    calls[addr] = [c.unary_unary("/dkv.v1.KV/Put") for c in chans[addr]]
                 try:
-                    await calls[addr][w % connections](body, timeout=30)
+                    await call(addr, w)(body, timeout=30)
                     res.puts += 1
                     break
                 except grpc.aio.AioRpcError as exc:
@@ -302,15 +328,31 @@ async def _load(
                         res.failed += 1
                         break
                     res.retried += 1
-                    await asyncio.sleep(0.2 * (attempt + 1))
-                    rt = await asyncio.to_thread(refresh)
+                    hint = dict(exc.trailing_metadata() or ()).get("dkv-leader-id", "")
+                    moved = rt.members.get(int(hint)) if str(hint).isdigit() else None
+                    if moved and moved != addr:
+                        rt.leaders[shard_for_key(key, rt.shards)] = moved
+                        continue
+                    await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
+                    await refreshed()
             else:
                 res.failed += 1
 
+    async def report() -> None:
+        t0 = loop.time()
+        while True:
+            await asyncio.sleep(60)
+            elapsed = loop.time() - t0
+            errs = sum(res.errors.values())
+            _say(f"  {progress}: {res.puts:,} puts in {elapsed:.0f} s, {errs} errors so far")
+
     cpu0, t0 = local_cpu_s(), time.monotonic()
+    reporter = asyncio.create_task(report()) if progress else None
     try:
         await asyncio.gather(*(worker(w) for w in range(in_flight)))
     finally:
+        if reporter is not None:
+            reporter.cancel()
         res.seconds = time.monotonic() - t0
         res.client_cpu = (local_cpu_s() - cpu0) / max(1e-9, res.seconds)
         for cs in chans.values():
@@ -327,14 +369,20 @@ def load(
     connections: int,
     seconds: float | None = None,
     refresh: Callable[[], Route] | None = None,
+    max_seconds: float | None = None,
+    progress: str = "",
 ) -> LoadResult:
     """Put every key of ``keys`` (ints are numbered with :func:`key_for`) once, or, with
-    ``seconds``, cycle over them for that long; ``in_flight`` puts at once. A put answered
-    UNAVAILABLE (leader moved) is retried after ``refresh()`` finds the leaders again."""
+    ``seconds``, cycle over them for that long; ``in_flight`` puts at once; never longer than
+    ``max_seconds``. ``progress``: a line every minute, under that name."""
 
     async def run() -> LoadResult:
-        until = None if seconds is None else asyncio.get_running_loop().time() + seconds
-        return await _load(rt, keys, value, in_flight, connections, until, refresh)
+        now = asyncio.get_running_loop().time()
+        until = None if seconds is None else now + seconds
+        stop_at = None if max_seconds is None else now + max_seconds
+        return await _load(
+            rt, keys, value, in_flight, connections, until, stop_at, refresh, progress
+        )
 
     return asyncio.run(run())
 
@@ -373,9 +421,10 @@ def dir_bytes(path: Path) -> int:
 
 
 def count_keys(address: str, prefix: bytes) -> int:
-    """Keys under ``prefix``, by linearizable counts at ``address``, page by page."""
+    """Keys under ``prefix``, by linearizable counts at ``address``, page by page (pages of
+    the default size: a page is read in the node's event loop)."""
     total = 0
-    req = kv_pb2.RangeRequest(prefix=prefix, count_only=True, limit=RANGE_LIMIT_MAX)
+    req = kv_pb2.RangeRequest(prefix=prefix, count_only=True, limit=RANGE_LIMIT_DEFAULT)
     with grpc.insecure_channel(address) as ch:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
             DKV.range_path, request_serializer=_ident, response_deserializer=_ident
@@ -524,24 +573,50 @@ def part_load(
     cluster = start_dkv(procs, d)
     _say(f"\n## 1. {cfg.keys:,} keys loaded ({cfg.value_bytes}-byte values), 3 members, 1 shard")
     empty = _bench_rows(cluster, bodies, cfg.seconds)
-    rt = Route(1, {1: cluster.leader.client_address})
 
     def refresh() -> Route:
         return route(cluster, 1, time.monotonic() + 30)
 
     value = os.urandom(cfg.value_bytes)
-    res = load(rt, range(cfg.keys), value, cfg.load_in_flight, cfg.connections, refresh=refresh)
-    count = count_keys(refresh().leaders[1], PREFIX)
+    term0 = status(cluster.leader.client_address).shards[0].term
+    meter = CpuMeter([m.popen.pid for m in cluster.members], cluster.leader.popen.pid)
+    res = load(
+        refresh(),
+        range(cfg.keys),
+        value,
+        cfg.load_in_flight,
+        cfg.connections,
+        refresh=refresh,
+        max_seconds=cfg.load_max_seconds,
+        progress="load",
+    )
+    cpu_leader, cpu_members, cpu_others = meter.stop()
+    follow_leader(cluster)
+    term1 = status(cluster.leader.client_address).shards[0].term
+    count = count_keys(cluster.leader.client_address, PREFIX)
+    follow_leader(cluster)  # the rows go to the leader of now
     _say(LOAD_HEAD)
     _say(load_line(f"{cfg.keys:,} keys, {cfg.load_in_flight} in flight", res))
-    if count != cfg.keys or res.failed:
-        failures.append(f"load: {count:,} keys counted, {cfg.keys:,} put, {res.failed} failed")
+    term2 = status(cluster.leader.client_address).shards[0].term
+    _say(
+        f"CPU during the load (cores): first leader {cpu_leader:.2f}, the 3 members "
+        f"{cpu_members:.2f}, processes not ours {cpu_others:.2f}"
+    )
+    _say(f"Raft term of the shard: {term0} before the load, {term1} after, {term2} after the count")
+    if res.puts < cfg.keys:
+        failures.append(
+            f"load: only {res.puts:,} of {cfg.keys:,} keys put within {cfg.load_max_seconds:.0f} s"
+        )
+        _say(f"!!! {failures[-1]}; the rows below ran with {count:,} keys")
+    if not res.puts <= count <= res.puts + res.failed + cfg.load_in_flight:
+        failures.append(f"load: {count:,} keys counted, {res.puts:,} puts succeeded")
         _say(f"!!! {failures[-1]}")
     else:
         _say(f"(checked: a linearizable count finds {count:,} keys)")
     st = status(cluster.leader.client_address)
     _say(f"leader's data: {mib(st.db_size_bytes)} (db_size_bytes), dir {mib(dir_bytes(d / 'n1'))}")
     loaded = _bench_rows(cluster, bodies, cfg.seconds)
+    follow_leader(cluster)
     rss = ", ".join(
         f"{member_name(m)} {rss_kib(m.popen.pid) / 1024:.0f} MiB" for m in cluster.members
     )
@@ -549,7 +624,7 @@ def part_load(
     _say("")
     _say(ROW_PAIR_HEAD)
     for e, lo in zip(empty, loaded, strict=True):
-        _say(row_pair(e, lo, cfg.keys))
+        _say(row_pair(e, lo, count))
         if not (e.verified and lo.verified):
             failures.append(f"load: {e.op} @{e.in_flight}")
     return cluster
@@ -625,22 +700,35 @@ def part_restart(cfg: Config, procs: Procs, root: Path, failures: list[str]) -> 
     )
     with node_flags(snapshot_count=cfg.snapshot_count):
         cluster = start_dkv(procs, d)
-    follower = next(m for m in cluster.members if m is not cluster.leader)
-    fdir = d / member_name(follower)
-    rt = Route(1, {1: cluster.leader.client_address})
+    watched = next(m for m in cluster.members if m is not cluster.leader)
+
+    def refresh() -> Route:
+        return route(cluster, 1, time.monotonic() + 30)
+
     value = os.urandom(cfg.restart_value_bytes)
     chunk = max(256, cfg.restart_bytes // cfg.restart_value_bytes // 20)
     done = 0
     puts = LoadResult()
-    deadline = time.monotonic() + 2 * WAIT_S
-    while dir_bytes(fdir) < cfg.restart_bytes and time.monotonic() < deadline:
+    deadline = time.monotonic() + WAIT_S
+    while dir_bytes(d / member_name(watched)) < cfg.restart_bytes:
+        if time.monotonic() > deadline:
+            failures.append(f"restart: the data dir did not grow to the target in {WAIT_S:.0f} s")
+            _say(f"!!! {failures[-1]}")
+            break
         keys = [key_for(i, b"big/") for i in range(done, done + chunk)]
-        r = load(rt, keys, value, 64, cfg.connections)
+        r = load(refresh(), keys, value, 64, cfg.connections, refresh=refresh)
         done += chunk
         puts.puts += r.puts
         puts.failed += r.failed
         puts.seconds += r.seconds
         _ensure_running(cluster.members)
+    follow_leader(cluster)
+    follower = (
+        watched
+        if watched is not cluster.leader
+        else next(m for m in cluster.members if m is not cluster.leader)
+    )
+    fdir = d / member_name(follower)
     target = status(cluster.leader.client_address).shards[0].applied_index
     wait_applied(follower.client_address, target, follower, time.monotonic() + WAIT_S)
     fst = status(follower.client_address).shards[0]
