@@ -44,6 +44,9 @@ CF_DATA = "data"
 CF_WATCH = "watch"
 COLUMN_FAMILIES = (CF_RAFT_LOG, CF_RAFT_STATE, CF_DATA, CF_WATCH)
 FORMAT_VERSION = 1
+MEMTABLES_BYTES_MAX = 64 << 20
+"""What the memtables of every column family together may hold before RocksDB flushes the
+largest (``db_write_buffer_size``)."""
 _IDENTITY_KEY = b"dkv/identity"
 
 
@@ -164,6 +167,10 @@ class Engine:
             if path.exists() and any(path.iterdir()):
                 raise DataDirError(f"data dir {path} is not empty and holds no dkv data")
         opts = Options(raw_mode=True)
+        # One budget for the memtables of all column families: RocksDB's default is 64 MiB
+        # per family with two of them each, up to 640 MiB for our five, so a node's memory
+        # grew with the write rate (issue 12: RSS at most 200 MB under the put rows).
+        opts.set_db_write_buffer_size(MEMTABLES_BYTES_MAX)
         opts.create_if_missing(create)
         opts.create_missing_column_families(True)
         try:
