@@ -30,6 +30,7 @@ from dkv.cli.flags import (
     tls_files,
     tracing_config,
 )
+from dkv.cli.malloc import limit_malloc_arenas
 from dkv.errors import DkvError
 from dkv.host.grpc_transport import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
@@ -209,6 +210,7 @@ async def _serve(cfg: NodeConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()  # before any thread starts (dkv.cli.malloc)
     cfg, level, event_loop = _parse(argv)
     logging.basicConfig(
         level=level.upper(),
