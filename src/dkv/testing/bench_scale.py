@@ -300,7 +300,9 @@ async def _load(
             return
         if pending is None or pending.done():
             pending = asyncio.ensure_future(asyncio.to_thread(refresh))
-        rt = await asyncio.shield(pending)
+        # No leader found in time: keep the old route, and try again after the next failure.
+        with contextlib.suppress(RuntimeError):
+            rt = await asyncio.shield(pending)
 
     def stopped() -> bool:
         now = loop.time()
@@ -497,6 +499,14 @@ def _rate(r: RowResult) -> float:
     return r.h2load.req_per_s if r.h2load is not None else 0.0
 
 
+def row_line(r: RowResult) -> str:
+    """One h2load row alone, as it is measured (before the loaded one exists)."""
+    h = r.h2load
+    shown = f"{h.req_per_s:,.0f} req/s, mean {h.mean_ms:.2f} ms" if h else "no result"
+    check = "ok" if r.verified else "FAILED: " + "; ".join(r.problems)
+    return f"{r.op} @{r.in_flight}: {shown}, others' CPU {r.other_cpu:.2f}; {check}"
+
+
 def row_pair(empty: RowResult, loaded: RowResult, keys: int) -> str:
     """One markdown row: the same h2load row on the empty and on the loaded cluster."""
 
@@ -573,6 +583,9 @@ def part_load(
     cluster = start_dkv(procs, d)
     _say(f"\n## 1. {cfg.keys:,} keys loaded ({cfg.value_bytes}-byte values), 3 members, 1 shard")
     empty = _bench_rows(cluster, bodies, cfg.seconds)
+    _say("bench_node's rows on the empty cluster:")
+    for e in empty:
+        _say(f"  {row_line(e)}")
 
     def refresh() -> Route:
         return route(cluster, 1, time.monotonic() + 30)
@@ -677,14 +690,15 @@ def part_join(cluster: Cluster, procs: Procs, root: Path, failures: list[str]) -
     snap = st4.shards[0].snapshot_index if st4.shards else 0
     how = f"snapshot at index {snap:,}" if snap else "NO snapshot (caught up from the log)"
     _say(
-        "| learner (member id) | leader's applied index | leader's data | serving after "
-        "| caught up after | MB/s | how | n4's data dir |\n"
-        "|---|---:|---:|---:|---:|---:|---|---:|"
+        "| learner (member id) | leader's applied index | leader's data (db_size_bytes) "
+        "| serving after | caught up after | MB/s of it | how | n4's data dir | MB/s of that |\n"
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|"
     )
+    got = dir_bytes(root / "load" / "n4")
     _say(
         f"| n4 ({added.member.id:x}, learner: {added.member.is_learner}) | {target:,} | "
         f"{mib(data)} | {serving:.1f} s | {caught:.1f} s | {mb_per_s(data, caught):.1f} | "
-        f"{how} | {mib(dir_bytes(root / 'load' / 'n4'))} |"
+        f"{how} | {mib(got)} | {mb_per_s(got, caught):.1f} |"
     )
     if not snap:
         failures.append("join: the learner caught up without a snapshot")
