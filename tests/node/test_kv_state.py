@@ -292,6 +292,33 @@ def test_watch_history_is_bounded_and_reports_compaction(make_shard: Callable[..
     assert not compacted and [e.kv.mod_revision for e in events] == [8, 9, 10, 11] and last == 11
 
 
+def test_rocksdb_watch_history_is_trimmed_a_tenth_at_a_time(tmp_path: Path) -> None:
+    """Over its bound the history loses a tenth at once (one range delete per tenth of the
+    bound, not one per write: range tombstones slow every later scan) and never holds more
+    than the bound."""
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        store = RocksKvStore(engine, group_id=1, watch_history_max_events=100)
+        sm = KvStateMachine(store, shard_id=1, member_id=1)
+        compactions = set()
+        for i in range(2, 1002):
+            batch = engine.batch()
+            store.begin(batch)
+            put = kv_pb2.PutRequest(key=b"k%d" % (i % 7), value=b"v")
+            sm.apply(i, kv_pb2.KvCommand(put=put).SerializeToString())
+            engine.write(batch, sync=False)
+            store.end()
+            kept, compact_rev = store.events_since(0, 1000)
+            assert 0 < len(kept) <= 100
+            compactions.add(compact_rev)
+        # 1,000 events over a bound of 100: nine hundred forgotten, ten at a time.
+        assert len(compactions) <= 900 // 10 + 1, len(compactions)
+        kept, compact_rev = store.events_since(0, 1000)
+        assert len(kept) >= 90 and kept[-1][0] == 1001 and kept[0][0] == compact_rev + 1
+    finally:
+        engine.close()
+
+
 def test_prefix_end() -> None:
     assert prefix_end(b"a") == b"b"
     assert prefix_end(b"a\xff") == b"b"
