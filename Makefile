@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
+.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd 3.6 and 3.4 with h2load (same apt packages)"
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
 	@echo "make bench-overheads  tracing and access checks per request and hop, in isolation (~10 s)"
+	@echo "make bench-scale 1M keys loaded, snapshot catch-up, restart on a 1-GB data dir, 1/8/64 shards (DKV_BENCH_SCALE sizes it)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
 	@echo "make etcd36      build etcd 3.6 (etcd, etcdctl) from its Go modules once, for the benchmarks (~1 min; needs Go)"
