@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -315,6 +316,45 @@ def test_rocksdb_watch_history_is_trimmed_a_tenth_at_a_time(tmp_path: Path) -> N
         assert len(compactions) <= 900 // 10 + 1, len(compactions)
         kept, compact_rev = store.events_since(0, 1000)
         assert len(kept) >= 90 and kept[-1][0] == 1001 and kept[0][0] == compact_rev + 1
+    finally:
+        engine.close()
+
+
+def test_rocksdb_request_ids_are_forgotten_oldest_first_without_rescanning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oldest request id is looked for past the last one forgotten, never from the start
+    of the table again (which steps over every forgotten id's tombstone), and the newest
+    ``max_request_ids`` ids are still recalled."""
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        store = RocksKvStore(engine, group_id=1, max_request_ids=3)
+        sm = KvStateMachine(store, shard_id=1, member_id=1)
+        starts: list[bytes] = []
+        scan = engine.scan
+
+        def recording_scan(cf: str, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+            if hi.endswith(b"S"):
+                starts.append(lo)
+            return scan(cf, lo, hi)
+
+        monkeypatch.setattr(engine, "scan", recording_scan)
+        for i in range(2, 12):
+            batch = engine.batch()
+            store.begin(batch)
+            put = kv_pb2.PutRequest(key=b"k", value=b"%d" % i)
+            sm.apply(i, kv_pb2.KvCommand(request_id=f"r{i}", put=put).SerializeToString())
+            engine.write(batch, sync=False)
+            store.end()
+        assert len(starts) == 7  # ids 2..8 forgotten, one scan each
+        assert all(a < b for a, b in itertools.pairwise(starts)), starts
+        assert [store.recall_request(f"r{i}") is not None for i in range(7, 12)] == [
+            False,
+            False,
+            True,
+            True,
+            True,
+        ]
     finally:
         engine.close()
 
