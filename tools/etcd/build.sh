@@ -29,41 +29,17 @@ if [[ -x $binary && -x $ctl ]]; then
     exit 0
 fi
 
-# $GO picks a toolchain explicitly; otherwise go on PATH, then the official tarball's location
-# (often not on PATH in non-login shells).
-go_bin="${GO:-$(command -v go || true)}"
-if [[ -z ${GO:-} && -z $go_bin && -x /usr/local/go/bin/go ]]; then
-    go_bin=/usr/local/go/bin/go
-fi
-if [[ -z $go_bin || ! -x $go_bin ]]; then
-    echo "build.sh: no Go toolchain (${GO:-go not on PATH nor at /usr/local/go/bin/go}); cannot build etcd $ETCD_VERSION" >&2
-    exit 3
-fi
-
-mkdir -p "$cache_dir"
-# Two builds at once (make etcd36 while a benchmark builds) would race on the module dir; the
-# second waits and then finds the binaries.
-exec 9>"$cache_dir/.lock"
-if command -v flock >/dev/null; then
-    flock 9
-fi
+# shellcheck source=../lib/go_module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/go_module.sh"
+go_toolchain "etcd $ETCD_VERSION"
+lock_cache "$cache_dir"
 if [[ -x $binary && -x $ctl ]]; then
     echo "$binary"
     exit 0
 fi
-
-# The pinning module stays in the cache so a rebuild after a deleted binary skips `go get`.
-module_dir="$cache_dir/module"
-mkdir -p "$module_dir"
-cd "$module_dir"
-# -mod=mod: no vendor dir, go.sum is written by `go get`; GOTOOLCHAIN=local so a Go older than
-# etcd's go.mod asks for (1.26.0 for v3.6.17) fails loudly instead of fetching another
-# toolchain behind our back.
-export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod" GOTOOLCHAIN=local
-if [[ ! -f go.mod ]]; then
-    "$go_bin" mod init dkv.local/etcd-build >&2
-fi
-"$go_bin" get -tool "$ETCD_SERVER_PKG@$ETCD_VERSION" "$ETCDCTL_PKG@$ETCD_VERSION" >&2
+# Go 1.26.0 or newer for v3.6.17 (etcd's go.mod).
+pinning_module "$cache_dir/module" dkv.local/etcd-build \
+    "$ETCD_SERVER_PKG@$ETCD_VERSION" "$ETCDCTL_PKG@$ETCD_VERSION"
 
 # Write under temporary names and rename (atomic on one filesystem): an interrupted build leaves
 # no half binary that the -x checks above would take for a finished one. etcdctl first, so a

@@ -20,42 +20,16 @@ if [[ -x $binary ]]; then
     exit 0
 fi
 
-# $GO picks a toolchain explicitly; otherwise go on PATH, then the official tarball's location
-# (often not on PATH in non-login shells).
-go_bin="${GO:-$(command -v go || true)}"
-if [[ -z ${GO:-} && -z $go_bin && -x /usr/local/go/bin/go ]]; then
-    go_bin=/usr/local/go/bin/go
-fi
-if [[ -z $go_bin || ! -x $go_bin ]]; then
-    echo "build.sh: no Go toolchain (${GO:-go not on PATH nor at /usr/local/go/bin/go}); cannot build Jaeger $JAEGER_VERSION" >&2
-    exit 3
-fi
-
-mkdir -p "$cache_dir"
-# Two builds at once (make jaeger while a test builds) would race on the module dir; the second
-# waits and then finds the binary.
-exec 9>"$cache_dir/.lock"
-if command -v flock >/dev/null; then
-    flock 9
-fi
+# shellcheck source=../lib/go_module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/go_module.sh"
+go_toolchain "Jaeger $JAEGER_VERSION"
+lock_cache "$cache_dir"
 if [[ -x $binary ]]; then
     echo "$binary"
     exit 0
 fi
-
-# A throwaway module whose only purpose is to pin Jaeger's version (and through its go.sum, every
-# dependency's); it stays in the cache so a rebuild after a deleted binary skips `go get`.
-module_dir="$cache_dir/module"
-mkdir -p "$module_dir"
-cd "$module_dir"
-# -mod=mod: the module has no vendor dir and go.sum is written by `go get`; GOTOOLCHAIN=local so
-# a Go older than Jaeger's go.mod asks for (1.24.6 for v1.75.0) fails loudly instead of
-# fetching another toolchain behind our back.
-export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod" GOTOOLCHAIN=local
-if [[ ! -f go.mod ]]; then
-    "$go_bin" mod init dkv.local/jaeger-build >&2
-fi
-"$go_bin" get -tool "$JAEGER_PKG@$JAEGER_VERSION" >&2
+# Go 1.24.6 or newer for v1.75.0 (Jaeger's go.mod).
+pinning_module "$cache_dir/module" dkv.local/jaeger-build "$JAEGER_PKG@$JAEGER_VERSION"
 
 # Write under a temporary name and rename (atomic on one filesystem): an interrupted build leaves
 # no half binary that the -x check above would take for a finished one.
