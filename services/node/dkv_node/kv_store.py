@@ -52,7 +52,6 @@ class RocksKvStore:
         self._overlay: dict[bytes, KeyRecord | None] = {}
         self._pending_requests: dict[str, bytes] = {}
         # Request-id index keys deleted in the open batch (a scan cannot see staged deletes).
-        self._evicted: set[bytes] = set()
         # Where the scan for the oldest request id starts: past the last one forgotten. A
         # scan from the start of the table steps over the tombstone of every id forgotten
         # since RocksDB last compacted them, which made each write with an id slower than
@@ -111,7 +110,6 @@ class RocksKvStore:
         self._pending_requests.clear()
         self._pending_order.clear()
         self._staged_events.clear()
-        self._evicted.clear()
         self._evict_after = None
         rev = compact = events = requests = keys = 0
         pos = 0
@@ -150,7 +148,6 @@ class RocksKvStore:
         self._batch = None
         self._overlay.clear()
         self._pending_requests.clear()
-        self._evicted.clear()
         self._pending_order.clear()
         self._staged_events.clear()
         self._restored = False
@@ -312,16 +309,16 @@ class RocksKvStore:
         this batch (a scan cannot see staged writes, so those are tracked in memory)."""
         victim = None
         lo = self._evict_after or self._p + b"R"
+        # A scan cannot see this batch's deletes; it need not: it starts past every id
+        # forgotten so far, staged or written.
         for key, _ in self.engine.scan(CF_DATA, lo, self._p + b"S"):
-            if key not in self._evicted:
-                victim = key
-                break
+            victim = key
+            break
         if victim is None:
             victim = self._pending_order.pop(0)
             self._pending_requests.pop(victim[len(self._p) + 9 :].decode(), None)
         # Ids are forgotten in order (revision, then id): nothing older than this one is left.
         self._evict_after = victim + b"\x00"
-        self._evicted.add(victim)
         b.delete(CF_DATA, victim)
         b.delete(CF_DATA, self._p + b"r" + victim[len(self._p) + 9 :])
         self._requests -= 1

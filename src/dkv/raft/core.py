@@ -364,6 +364,16 @@ class Raft:
             if nid != self.id:
                 self.send_append(nid)
 
+    def _commit_and_announce(self) -> bool:
+        """Advance the commit index to what a quorum holds; if it moved, serve the reads that
+        waited for a commit of this term and tell the followers (bcast_commit)."""
+        before = self.log.committed
+        if not self.maybe_commit():
+            return False
+        self._release_pending_read_index()
+        self.bcast_commit(before)
+        return True
+
     def bcast_commit(self, before: int) -> None:
         """The commit index moved past ``before``. A follower with entries to receive gets them
         now, and the append carries the new commit index; the others learn it from the next
@@ -512,10 +522,8 @@ class Raft:
         pr = self.trk.progress.get(self.id)
         if pr is None or self.log.term_or_zero(index) != term:
             return  # removed from the group, or the entry was replaced since
-        before = self.log.committed
-        if pr.maybe_update(index) and self.maybe_commit():
-            self._release_pending_read_index()
-            self.bcast_commit(before)
+        if pr.maybe_update(index):
+            self._commit_and_announce()
 
     def committed_entry_in_current_term(self) -> bool:
         return self.log.term_or_zero(self.log.committed) == self.term
@@ -807,11 +815,7 @@ class Raft:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
 
-        before = self.log.committed
-        if self.maybe_commit():
-            self._release_pending_read_index()
-            self.bcast_commit(before)
-        elif old_paused:
+        if not self._commit_and_announce() and old_paused:
             # The window reopened: the follower may be missing entries we held back.
             self.send_append(m.frm)
         # Fill the window with everything else we have (pipelining).
@@ -1151,10 +1155,7 @@ class Raft:
                 self.become_follower(self.term, NONE)
             return
         # The quorum may have shrunk, so more may be committed now.
-        committed = self.log.committed
-        if self.maybe_commit():
-            self.bcast_commit(committed)
-        else:
+        if not self._commit_and_announce():
             # Probe new members at once instead of letting them wait for a heartbeat.
             for nid in sorted(set(self.trk.progress) - before - {self.id}):
                 self.send_append(nid)

@@ -232,7 +232,7 @@ class Engine:
         ``sync`` returns, and a crash before that loses a suffix of whole batches (RocksDB
         replays its WAL to the last intact record), never part of one. The point is the GIL: a
         synced ``write`` holds it through the fsync, ``flush_wal`` releases it (measured,
-        FIELD-NOTES), so the event loop runs while a thread waits for the disk."""
+        docs/benchmarks.md, lever 1), so the event loop runs while a thread waits for the disk."""
         self._db.flush_wal(True)
         with self._lock:
             self.sync_writes += 1
