@@ -28,7 +28,8 @@ RESOURCE_EXHAUSTED, after the delete was done; without ``prev_kv`` both stay sma
 The peer ports (Raft between nodes, and between membership replicas) are not the edge: their
 callers are cluster members. One message there is a batch of every group's Raft messages to
 one peer from one iteration; Raft bounds each append (``max_msg_bytes``, or one entry) but not
-the batch, so they get a generous bound (:data:`PEER_MESSAGE_LIMITS`), not gRPC's 4 MiB.
+the batch, so they get a generous bound (:data:`PEER_MESSAGE_LIMITS`: the largest frame
+:mod:`dkv.host.peer_transport` reads), not gRPC's 4 MiB.
 
 gRPC's own refusal names the sizes, not which limit: ``Received message larger than max
 (2102500 vs. 2102400)`` for a request, ``Sent message larger than max (...)`` for an answer,

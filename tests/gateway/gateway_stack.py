@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from dkv.client import Client, ClientTls
 from dkv.host import Host
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key
 from dkv.telemetry.tracing import Tracing

@@ -182,7 +182,7 @@ def test_bad_requests_are_logged_in_one_line_rate_limited(caplog: pytest.LogCapt
 def test_a_port_another_server_holds_is_refused_not_shared() -> None:
     """gRPC's default SO_REUSEPORT would let a second process share a port we listen on."""
     from dkv.errors import InvalidArgument
-    from dkv.host.grpc_transport import bind
+    from dkv.host.rpc_server import bind
 
     async def main() -> None:
         first = new_server()

@@ -22,7 +22,7 @@ from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.service import MEMBERSHIP_GROUP_ID
 
 from dkv.host import Host
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.v1 import membership_pb2 as pb
 

@@ -18,7 +18,7 @@ from test_node_grpc import free_port, solo_config
 
 from dkv.client import Client
 from dkv.errors import ConfChangeRejected, InvalidArgument, NotLeader, ProposalDropped
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.host.members import member_id
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key

@@ -13,7 +13,7 @@ from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.security import PkiLayout, write_dev_pki
 from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2

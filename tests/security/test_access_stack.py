@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
+from peer_probe import hello_frame, peer_exchange
 from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.devstack import DevLayout, DevStack
@@ -94,6 +95,22 @@ def stream_refused(
             next(iter(call))
     assert err.value.code() is DENIED, err.value  # type: ignore[attr-defined]
     return str(err.value.details() or "")  # type: ignore[attr-defined]
+
+
+def peer_refused(
+    layout: DevLayout, user: str, port: int, hello: bytes, batch: raft_pb2.MessageBatch
+) -> str:
+    """A Raft peer connection refused with PERMISSION_DENIED; returns the refusal's message."""
+    pki = layout.certs
+    got = peer_exchange(
+        port,
+        batch,
+        hello,
+        ca_pem=pki.ca_cert.read_bytes(),
+        pem=(pki.key(user).read_bytes(), pki.cert(user).read_bytes()),
+    )
+    assert got.code is DENIED, got
+    return got.details
 
 
 @asynccontextmanager
@@ -216,16 +233,19 @@ async def scenario(layout: DevLayout, policy: Path) -> None:
         assert (
             await a.range(key=b"app/x", consistency=kv_pb2.READ_CONSISTENCY_SERIALIZABLE)
         ).count <= 1
-    # A node's Raft peer port: nodes only.
-    peer = "/dkv.v1.RaftPeer/Stream"
+    # A node's Raft peer port: nodes only (the framed peer protocol, dkv.host.peer_wire).
     batch = raft_pb2.MessageBatch(from_node=1, cluster_id="dkv-cluster")
-    stream_refused(layout, "admin", layout.node_peer(1), peer, batch, raft_pb2.StreamAck)
+    admin = peer_refused(layout, "admin", layout.node_peer(1), hello_frame("dkv-cluster", 1), batch)
+    assert admin.startswith("user:admin may not call dkv.v1.RaftPeer/Stream"), admin
     # A node speaks only for itself: n1's certificate, a batch claiming to come from n2.
-    forged_batch = raft_pb2.MessageBatch(
-        from_node=member_id("dkv-cluster", "n2"), cluster_id="dkv-cluster"
-    )
-    msg = stream_refused(layout, "n1", layout.node_peer(3), peer, forged_batch, raft_pb2.StreamAck)
+    n1, n2 = member_id("dkv-cluster", "n1"), member_id("dkv-cluster", "n2")
+    forged_batch = raft_pb2.MessageBatch(from_node=n2, cluster_id="dkv-cluster")
+    n1_hello = hello_frame("dkv-cluster", n1)
+    msg = peer_refused(layout, "n1", layout.node_peer(3), n1_hello, forged_batch)
     assert msg.startswith("node:n1 (member ") and "a peer speaks only for itself" in msg
+    # ... and so is its hello.
+    msg = peer_refused(layout, "n1", layout.node_peer(3), hello_frame("dkv-cluster", n2), batch)
+    assert msg.startswith("node:n1 (member ") and "said hello as member" in msg
     # Membership: joins from nodes only, drains from admins only.
     async with users(layout, layout.membership_client(1), "reader", "admin") as [r, a]:
         m = "/dkv.v1.Membership/"

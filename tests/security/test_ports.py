@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.discovery.v3 import discovery_pb2
+from peer_probe import hello_frame, peer_exchange
 from prometheus_client.parser import text_string_to_metric_families
 from test_access_stack import free_layout
 
@@ -333,29 +334,36 @@ def leave_node(node_id: Callable[[], int]) -> Attack:
     return attack
 
 
-def raft_heartbeat(cluster: str, sender: Who, receiver: Who) -> Attack:
+@dataclass(frozen=True)
+class PeerAttack:
+    """An attack on a Raft peer port: it speaks the framed peer protocol (dkv.host.peer_wire),
+    not gRPC, so it takes the attempt's credentials instead of a channel."""
+
+    hello: bytes
+    batch: raft_pb2.MessageBatch
+
+    def __call__(self, cred: Cred, port: int) -> Outcome:
+        got = peer_exchange(
+            port,
+            self.batch,
+            self.hello,
+            ca_pem=cred.ca_pem,
+            pem=cred.pem,
+            plaintext=cred.plaintext,
+            timeout_s=CALL_TIMEOUT_S,
+        )
+        return Outcome(got.code, got.details)
+
+
+def raft_heartbeat(cluster: str, sender: Who, receiver: Who) -> PeerAttack:
     """One batch with a heartbeat of FORGED_TERM from ``sender`` (a real member id) to shard 1
     (membership's one group is 1 too): had it been delivered, the receiver would have taken
     that term and followed the sender."""
     frm, to = member_id(cluster, sender.name), member_id(cluster, receiver.name)
-
-    def attack(ch: grpc.Channel, tag: str) -> Outcome:
-        msg = raft_pb2.Message(type=raft_pb2.MESSAGE_TYPE_HEARTBEAT, to=to, term=FORGED_TERM)
-        setattr(msg, "from", frm)  # `from` is a keyword
-        batch = raft_pb2.MessageBatch(
-            messages=[msg], from_node=frm, group_ids=[1], cluster_id=cluster
-        )
-        stream = ch.stream_stream(
-            "/dkv.v1.RaftPeer/Stream",
-            request_serializer=raft_pb2.MessageBatch.SerializeToString,
-            response_deserializer=raft_pb2.StreamAck.FromString,
-        )
-        hello = (("dkv-member-id", str(frm)), ("dkv-name", sender.name))
-        return outcome_of(
-            lambda: list(stream(iter([batch]), timeout=CALL_TIMEOUT_S, metadata=hello))
-        )
-
-    return attack
+    msg = raft_pb2.Message(type=raft_pb2.MESSAGE_TYPE_HEARTBEAT, to=to, term=FORGED_TERM)
+    setattr(msg, "from", frm)  # `from` is a keyword
+    batch = raft_pb2.MessageBatch(messages=[msg], from_node=frm, group_ids=[1], cluster_id=cluster)
+    return PeerAttack(hello_frame(cluster, frm, sender.name), batch)
 
 
 def ads_subscribe() -> Attack:
@@ -387,7 +395,7 @@ class Target:
     name: str
     port: int
     call: str
-    attack: Attack
+    attack: Attack | PeerAttack
     accepted: Who  # whom the port accepts for this call (forged in (c), (d), (f))
     wrong_user: Who
     wrong_component: Who
@@ -460,7 +468,7 @@ def targets(layout: DevLayout, node_ids: dict[str, int]) -> list[Target]:
         Target(
             "membership m1 peer",
             layout.membership_peer(1),
-            "RaftPeer/Stream",
+            "Raft batch",
             raft_heartbeat(MEMBERSHIP_TOKEN, M2, M1),
             M2,
             READER,
@@ -484,7 +492,7 @@ def targets(layout: DevLayout, node_ids: dict[str, int]) -> list[Target]:
             Target(
                 f"node n{i} peer",
                 layout.node_peer(i),
-                "RaftPeer/Stream",
+                "Raft batch",
                 raft_heartbeat(NODE_TOKEN, other, N(i)),
                 other,
                 READER,
@@ -496,9 +504,12 @@ def targets(layout: DevLayout, node_ids: dict[str, int]) -> list[Target]:
 
 def attempt(target: Target, how: Attempt, pki: Pki, scratch: Path) -> Outcome:
     cred = how.credentials(pki, target)
-    with cred.channel(f"127.0.0.1:{target.port}") as ch:
-        tag = f"{target.name}/{target.call}/{how.column}".replace(" ", "-")
-        got = target.attack(ch, tag)
+    if isinstance(target.attack, PeerAttack):
+        got = target.attack(cred, target.port)
+    else:
+        with cred.channel(f"127.0.0.1:{target.port}") as ch:
+            tag = f"{target.name}/{target.call}/{how.column}".replace(" ", "-")
+            got = target.attack(ch, tag)
     if how.handshake_fails:
         got = Outcome(got.code, got.details, tls_probe(target.port, cred, scratch))
     return got

@@ -18,7 +18,9 @@ import pytest
 from cryptography import x509
 
 from dkv.errors import InvalidArgument
-from dkv.host.grpc_transport import GrpcTransport, TlsFiles, add_raft_peer_service, bind
+from dkv.host.channels import TlsFiles
+from dkv.host.peer_transport import PeerTransport
+from dkv.host.rpc_server import bind
 from dkv.raft import Message, MessageType
 from dkv.security import tls_reload
 from dkv.security.certs import PkiLayout, write_dev_pki
@@ -321,13 +323,10 @@ def test_the_raft_transport_rolls_its_stream_over_without_dropping_batches(
 
     async def scenario() -> None:
         got: list[int] = []
-        receiver = GrpcTransport(2, "c", {}, tls=files(pki, "n2"), check_interval_ms=FAST_MS)
+        receiver = PeerTransport(2, "c", {}, tls=files(pki, "n2"), check_interval_ms=FAST_MS)
         receiver.set_delivery(lambda frm, pairs: got.extend(m.index for _, m in pairs))
-        server = grpc.aio.server()
-        add_raft_peer_service(server, receiver.service)
-        port = bind(server, "127.0.0.1:0", files(pki, "n2"), check_interval_ms=FAST_MS)
-        await server.start()
-        sender = GrpcTransport(
+        port = await receiver.listener.listen("127.0.0.1:0")
+        sender = PeerTransport(
             1,
             "c",
             {2: f"localhost:{port}"},
@@ -356,7 +355,6 @@ def test_the_raft_transport_rolls_its_stream_over_without_dropping_batches(
         finally:
             await sender.close()
             await receiver.close()
-            await server.stop(0)
 
     asyncio.run(scenario())
 

@@ -33,7 +33,7 @@ from dkv.cli.flags import (
     tracing_config,
 )
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import finish_pending_tasks, with_port
+from dkv.host.rpc_server import finish_pending_tasks, with_port
 from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
 
 __all__ = ["ENV_PREFIX", "main", "parse_args"]
@@ -180,7 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
 
 async def _serve(cfg: GatewayConfig) -> None:
     server = GatewayServer(cfg)
-    await server.start()  # a port in use is an InvalidArgument from dkv.host.grpc_transport.bind
+    await server.start()  # a port in use is an InvalidArgument from dkv.host.rpc_server.bind
     print(
         f"{PROG} serving clients on {server.advertise_client}, "
         f"xDS on {with_port(cfg.listen_xds, server.xds_port)} "

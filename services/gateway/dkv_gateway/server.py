@@ -30,8 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.client.cluster_map import ClusterMapView, follow_cluster_map
 from dkv.errors import InvalidArgument
-from dkv.host.grpc_transport import TlsFiles, bind, with_port
-from dkv.host.rpc_server import new_server
+from dkv.host.channels import TlsFiles
+from dkv.host.rpc_server import bind, new_server, with_port
 from dkv.security.access import ProcessAccess
 from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import gateway_public_rules, xds_rules

@@ -34,7 +34,7 @@ from dkv.cli.flags import (
 )
 from dkv.cli.malloc import limit_malloc_arenas
 from dkv.errors import DkvError, InvalidArgument
-from dkv.host.grpc_transport import finish_pending_tasks, with_port
+from dkv.host.rpc_server import finish_pending_tasks, with_port
 from dkv_membership.driver import DriverConfig
 from dkv_membership.server import MembershipConfig, MembershipServer
 from dkv_membership.state import CHANGE_LOG_MAX
@@ -210,7 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> MembershipConfig:
 
 async def _serve(cfg: MembershipConfig) -> None:
     server = MembershipServer(cfg)
-    await server.start()  # a port in use is an InvalidArgument from dkv.host.grpc_transport.bind
+    await server.start()  # a port in use is an InvalidArgument from dkv.host.rpc_server.bind
     print(
         f"{PROG} {cfg.name} (id {server.id:x}) serving clients on "
         f"{with_port(cfg.listen_client, server.client_port)}, "

@@ -4,8 +4,8 @@ The same parts as a storage node (``dkv_node.node``), with one Raft group:
 
 - its own RocksDB (:class:`dkv.storage.Engine`; the data dir belongs to (cluster token, name)
   and a mismatch refuses to start);
-- a :class:`GrpcTransport` to the other replicas (peer mTLS optional) and the ``RaftPeer``
-  service on the peer port;
+- a :class:`~dkv.host.peer_transport.PeerTransport` to the other replicas (peer mTLS
+  optional) and its listener on the peer port;
 - a :class:`Host` with ONE group, :data:`~dkv_membership.service.MEMBERSHIP_GROUP_ID` (1),
   whose state machine is :class:`MembershipStateMachine` (in memory; the host rebuilds it from
   the latest snapshot plus the log after it at every start);
@@ -36,14 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
-from dkv.host.channels import ChannelPool
-from dkv.host.grpc_transport import (
-    GrpcTransport,
-    TlsFiles,
-    add_raft_peer_service,
-    bind,
-    with_port,
-)
+from dkv.host.channels import ChannelPool, TlsFiles
 from dkv.host.members import (
     Member,
     MemberRegistry,
@@ -52,14 +45,14 @@ from dkv.host.members import (
     member_from_hello,
     member_id,
 )
-from dkv.host.rpc_server import new_server
+from dkv.host.peer_transport import PeerListener, PeerTransport
+from dkv.host.rpc_server import bind, new_server, with_port
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.security.access import ProcessAccess
 from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import membership_client_rules, membership_peer_rules
 from dkv.sharding import SLOT_COUNT
-from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
@@ -163,12 +156,12 @@ class MembershipServer:
         self.clock = clock
         self.id = member_id(cfg.cluster_token, cfg.name)
         self.engine: Engine | None = None
-        self.transport: GrpcTransport | None = None
+        self.transport: PeerTransport | None = None
         self.registry: MemberRegistry | None = None
         self.host: Host | None = None
         self.sm: MembershipStateMachine | None = None
         self.service: MembershipService | None = None
-        self.peer_server: grpc.aio.Server | None = None
+        self.peer_listener: PeerListener | None = None
         self.client_server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
         self._down_task: asyncio.Task[None] | None = None
@@ -214,14 +207,15 @@ class MembershipServer:
         recording = bool(cfg.listen_metrics)
         grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(
-            options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
-            metrics=grpc_metrics,
+        self.peer_listener = PeerListener(
+            cfg.cluster_token,
+            tls=cfg.peer_tls,
             access=self.access.access(
                 "membership's peer port", membership_peer_rules(), tls=cfg.peer_tls is not None
             ),
+            name="membership's peer port",
         )
-        self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.peer_port = await self.peer_listener.listen(cfg.listen_peer)
         self.client_server = new_server(
             metrics=grpc_metrics,
             tracer=self.tracing.tracer,
@@ -241,7 +235,14 @@ class MembershipServer:
 
         me = Member(self.id, cfg.name, advertise_peer, advertise_client)
         hello = hello_metadata(me)
-        transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
+        transport = PeerTransport(
+            self.id,
+            cfg.cluster_token,
+            {},
+            tls=cfg.peer_tls,
+            hello=hello,
+            listener=self.peer_listener,
+        )
         self.transport = transport
         registry = MemberRegistry(
             self.engine,
@@ -251,7 +252,7 @@ class MembershipServer:
         self.registry = registry
         for n, addr in cfg.initial_cluster.items():
             registry.seed(Member(self.member_id_of(n), n, addr))
-        transport.service.on_hello = self._on_hello
+        self.peer_listener.on_hello = self._on_hello
 
         host_cfg = HostConfig(
             node_id=self.id,
@@ -286,7 +287,6 @@ class MembershipServer:
         self.service = MembershipService(
             self.host, self.sm, MEMBERSHIP_GROUP_ID, leader_info, self.clock
         )
-        add_raft_peer_service(self.peer_server, transport.service)
         add_membership_service(self.client_server, self.service)
         add_replica_admin(
             self.client_server,
@@ -294,7 +294,6 @@ class MembershipServer:
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.client_server)
-        await self.peer_server.start()
         await self.host.start()
         await self.client_server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -351,8 +350,8 @@ class MembershipServer:
             await self.client_server.stop(grace_s)
         if self.host is not None:
             await self.host.stop()
-        if self.peer_server is not None:
-            await self.peer_server.stop(None)
+        if self.peer_listener is not None:
+            await self.peer_listener.close()  # closed with the transport, unless start failed
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None

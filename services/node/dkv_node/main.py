@@ -32,7 +32,7 @@ from dkv.cli.flags import (
 )
 from dkv.cli.malloc import limit_malloc_arenas
 from dkv.errors import DkvError
-from dkv.host.grpc_transport import finish_pending_tasks, with_port
+from dkv.host.rpc_server import finish_pending_tasks, with_port
 from dkv_node.limits import Limits
 from dkv_node.node import Node, NodeConfig
 

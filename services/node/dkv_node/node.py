@@ -19,14 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dkv.errors import InvalidArgument
 from dkv.host import Host, HostConfig
-from dkv.host.channels import ChannelPool
-from dkv.host.grpc_transport import (
-    GrpcTransport,
-    TlsFiles,
-    add_raft_peer_service,
-    bind,
-    with_port,
-)
+from dkv.host.channels import ChannelPool, TlsFiles
 from dkv.host.members import (
     Member,
     MemberRegistry,
@@ -35,13 +28,13 @@ from dkv.host.members import (
     member_from_hello,
     member_id,
 )
-from dkv.host.rpc_server import new_server
+from dkv.host.peer_transport import PeerListener, PeerTransport
+from dkv.host.rpc_server import bind, new_server, with_port
 from dkv.host.tracing import RaftTracer
 from dkv.raft import ConfChange, ConfChangeType, ConfState
 from dkv.security.access import ProcessAccess
 from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import node_client_rules, node_peer_rules
-from dkv.sizes import PEER_MESSAGE_LIMITS
 from dkv.storage import Batch, Engine, Identity
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
@@ -144,13 +137,13 @@ class Node:
         self.id = member_id(cfg.cluster_token, cfg.name)
         self.tracing = tracing or Tracing.create(cfg.tracing, "dkv-node", cfg.name)
         self.engine: Engine | None = None
-        self.transport: GrpcTransport | None = None
+        self.transport: PeerTransport | None = None
         self.registry: MemberRegistry | None = None
         self.admin: AdminService | None = None
         self.router: LeaderRouter | None = None
         self.host: Host | None = None
         self.shards: dict[int, KvShard] = {}
-        self.peer_server: grpc.aio.Server | None = None
+        self.peer_listener: PeerListener | None = None
         self.client_server: grpc.aio.Server | None = None
         self.registration: Registration | None = None
         self.hosting: ShardHosting | None = None
@@ -189,14 +182,15 @@ class Node:
         recording = bool(cfg.listen_metrics)
         grpc_metrics = self.metrics.grpc_server if recording else None
         # Bind first, so that port 0 works and what we advertise is where we listen.
-        self.peer_server = new_server(
-            options=PEER_MESSAGE_LIMITS.grpc_options(),  # Raft batches (dkv.sizes)
-            metrics=grpc_metrics,
+        self.peer_listener = PeerListener(
+            cfg.cluster_token,
+            tls=cfg.peer_tls,
             access=self.access.access(
                 "a node's peer port", node_peer_rules(), tls=cfg.peer_tls is not None
             ),
+            name="a node's peer port",
         )
-        self.peer_port = bind(self.peer_server, cfg.listen_peer, cfg.peer_tls)
+        self.peer_port = await self.peer_listener.listen(cfg.listen_peer)
         self.client_server = new_server(
             # Messages as big as this node's limits allow (dkv.sizes), no bigger.
             options=(*CLIENT_SERVER_OPTIONS, *cfg.limits.message_limits().grpc_options()),
@@ -220,7 +214,14 @@ class Node:
 
         me = Member(self.id, cfg.name, advertise_peer, advertise_client)
         hello = hello_metadata(me)
-        transport = GrpcTransport(self.id, cfg.cluster_token, {}, tls=cfg.peer_tls, hello=hello)
+        transport = PeerTransport(
+            self.id,
+            cfg.cluster_token,
+            {},
+            tls=cfg.peer_tls,
+            hello=hello,
+            listener=self.peer_listener,
+        )
         self.transport = transport
         self.registry = MemberRegistry(
             self.engine,
@@ -229,7 +230,7 @@ class Node:
         )
         for n, addr in cfg.initial_cluster.items():
             self.registry.seed(Member(self.member_id_of(n), n, addr))
-        transport.service.on_hello = self._on_hello
+        self.peer_listener.on_hello = self._on_hello
 
         host_cfg = HostConfig(
             node_id=self.id,
@@ -267,7 +268,6 @@ class Node:
                 if m is not None and mid != self.id:
                     transport.set_peer(mid, m.peer_address)
 
-        add_raft_peer_service(self.peer_server, transport.service)
         registry = self.registry
 
         def leader_info(mid: int) -> tuple[str, str]:
@@ -290,7 +290,6 @@ class Node:
         add_admin_service(self.client_server, self.admin)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.client_server)
-        await self.peer_server.start()
         await self.host.start()
         await self.client_server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -392,11 +391,10 @@ class Node:
         await self._forward_channels.close()
         if self.host is not None:
             await self.host.stop()
-        if self.peer_server is not None:
-            # host.stop() closed the transport, which ended the streams peers had open: a
-            # grace lets a stream that opened meanwhile end the same way instead of being
-            # cancelled (grpc logs those; see RaftPeerService.close). Free when none is left.
-            await self.peer_server.stop(1.0)
+        if self.peer_listener is not None:
+            # host.stop() closed the transport and its listener; this covers a start that
+            # failed before the host existed (closing twice is harmless).
+            await self.peer_listener.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None

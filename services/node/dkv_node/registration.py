@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from dkv.client import Client, ClientTls
 from dkv.errors import ConfChangeRejected, InvalidArgument
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.v1 import membership_pb2 as pb
 
 __all__ = ["LeadersFn", "Registration"]

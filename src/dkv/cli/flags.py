@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dkv.cli.event_loop import EVENT_LOOP_HELP
 from dkv.errors import InvalidArgument
-from dkv.host.grpc_transport import TlsFiles
+from dkv.host.channels import TlsFiles
 from dkv.telemetry.http import parse_listen
 from dkv.telemetry.tracing import OTLP_ENDPOINT_ENV, SAMPLE_RATIO_ENV, TracingConfig
 

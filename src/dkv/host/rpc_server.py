@@ -30,7 +30,7 @@ One place decides what all of them share:
   an answer over ``grpc.max_send_message_length`` is RESOURCE_EXHAUSTED before any handler
   (or decoding) sees it. By default dkv's public limits (the largest valid request, 2 MiB +
   5 KiB; answers up to 4 MiB); a node passes its own (``Limits.message_limits``: bigger
-  values, bigger messages), the peer ports theirs (:data:`dkv.sizes.PEER_MESSAGE_LIMITS`).
+  values, bigger messages). (The Raft peer ports are not gRPC: dkv.host.peer_transport.)
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS
+from dkv.errors import InvalidArgument
+from dkv.host.channels import SERVER_KEEPALIVE_OPTIONS, TlsFiles
 from dkv.limited_log import RateLimitedLog
+from dkv.security import tls_reload
 from dkv.security.access import CALLER, Access
 from dkv.sizes import message_limits
 from dkv.telemetry.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
@@ -62,7 +64,15 @@ from dkv.telemetry.tracing import (
     unsampled_parent,
 )
 
-__all__ = ["DecodeGuard", "Malformed", "RateLimitedLog", "new_server"]
+__all__ = [
+    "DecodeGuard",
+    "Malformed",
+    "RateLimitedLog",
+    "bind",
+    "finish_pending_tasks",
+    "new_server",
+    "with_port",
+]
 
 log = logging.getLogger("dkv.rpc")
 
@@ -499,3 +509,59 @@ def new_server(
         options=list(merged.items()),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
+
+
+async def finish_pending_tasks(timeout_s: float = 1.0) -> set[asyncio.Task[object]]:
+    """Wait, at most ``timeout_s``, until every other task of the running loop has finished;
+    returns those still pending. For the end of a process's main coroutine, after its servers
+    stopped and its clients closed.
+
+    ``grpc.aio.Server.stop()`` returns when gRPC core has no live call, but the asyncio task
+    grpc runs for each call (``_schedule_rpc_coro``) still needs a few loop iterations to see
+    its call end. If ``asyncio.run`` returns meanwhile it cancels that task, and grpc logs the
+    cancellation at ERROR with a traceback ("Exception not handled by _handle_exceptions in
+    servicer method [/dkv.v1.RaftPeer/Stream]") on every graceful stop that had a stream
+    open. Letting the tasks finish is the graceful stop; the bound keeps a stuck task from
+    holding the process (asyncio.run cancels what is left)."""
+    me = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not me}
+    if not others:
+        return set()
+    _, pending = await asyncio.wait(others, timeout=timeout_s)
+    return pending
+
+
+def with_port(address: str, port: int) -> str:
+    """``address`` with its port replaced (the port a ``:0`` listener really got)."""
+    host, _, _ = address.rpartition(":")
+    return f"{host}:{port}"
+
+
+def bind(
+    server: grpc.aio.Server,
+    address: str,
+    tls: TlsFiles | None,
+    *,
+    check_interval_ms: int = tls_reload.CHECK_INTERVAL_MS,
+) -> int:
+    """Listen on ``address`` (mTLS when ``tls`` is given: clients must present a certificate
+    signed by a CA of ``tls.trusted_ca_file``); returns the port. Raises InvalidArgument when
+    it cannot, or when the TLS files are not a usable set.
+
+    The files are reloaded when they change (looked at, at most every ``check_interval_ms``,
+    when a client connects: :func:`dkv.security.tls_reload.server_credentials`): new
+    connections get the new certificate and are checked against the new CA bundle."""
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            watcher = tls_reload.TlsWatcher(
+                tls, check_interval_ms=check_interval_ms, user=f"the server on {address}"
+            )
+            creds = tls_reload.server_credentials(watcher, require_client_auth=True)
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:  # grpcio >= 1.5x raises "Failed to bind" instead of returning 0
+        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)") from exc
+    if port == 0:
+        raise InvalidArgument(f"cannot listen on {address} (in use or not an address)")
+    return port

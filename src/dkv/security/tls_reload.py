@@ -12,8 +12,9 @@ set. What uses it:
   builds new channels with the new credentials for new calls and retires the old ones: a
   retired channel keeps its calls (and streams) until they end, for at most
   ``retire_grace_s``, then closes (:meth:`ChannelPool.get`);
-- the Raft peer transport, which rolls its long-lived streams over onto a new channel
-  (:mod:`dkv.host.grpc_transport`).
+- the Raft peer transport (:mod:`dkv.host.peer_transport`, asyncio TLS): every new
+  connection gets an ``ssl`` context of the current files (:class:`SslContexts`), and a sender
+  rolls its long-lived connection over onto a new one when its files changed.
 
 Change detection is cheap and works with the ways files are replaced in practice: at most
 every ``check_interval_ms`` (default 1 s, never on every handshake or call) each file is
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,11 +53,13 @@ __all__ = [
     "RETIRE_GRACE_S",
     "ChannelPool",
     "ReloadingCredentials",
+    "SslContexts",
     "TlsMaterial",
     "TlsPaths",
     "TlsWatcher",
     "load_material",
     "server_credentials",
+    "ssl_context",
 ]
 
 log = logging.getLogger("dkv.security.tls")
@@ -392,3 +396,49 @@ class ChannelPool:
         for ch in channels:
             with contextlib.suppress(Exception):
                 await ch.close()
+
+
+def _load_chain(ctx: ssl.SSLContext, m: TlsMaterial) -> None:
+    """Load ``m``'s certificate and key into ``ctx`` without writing the key to a disk:
+    ``ssl`` reads them only from a path, so the path is an anonymous in-memory file's."""
+    fd = os.memfd_create("dkv-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, m.cert + b"\n" + m.key)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def ssl_context(m: TlsMaterial, *, server_side: bool) -> ssl.SSLContext:
+    """An ``ssl`` context for mTLS with ``m``: a server requires a client certificate signed
+    by a CA of ``m.ca``; a client checks that the server's certificate names the host it
+    dialled (as gRPC's channels do)."""
+    purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
+    ctx = ssl.create_default_context(purpose, cadata=m.ca.decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if server_side:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_chain(ctx, m)
+    return ctx
+
+
+class SslContexts:
+    """``ssl`` contexts of a :class:`TlsWatcher`'s current files, made once per set: what the
+    peer transport (plain asyncio TLS, not gRPC) hands each new connection."""
+
+    def __init__(
+        self, paths: TlsPaths, *, check_interval_ms: int = CHECK_INTERVAL_MS, user: str = ""
+    ) -> None:
+        self.watcher = TlsWatcher(paths, check_interval_ms=check_interval_ms, user=user)
+        self._made: dict[bool, tuple[int, ssl.SSLContext]] = {}
+
+    def current(self, *, server_side: bool) -> tuple[int, ssl.SSLContext]:
+        """``(generation, context)``: a new generation means the files changed."""
+        m = self.watcher.current()
+        made = self._made.get(server_side)
+        if made is None or made[0] != m.generation:
+            made = self._made[server_side] = (m.generation, ssl_context(m, server_side=server_side))
+        return made
+
+    def generation(self) -> int:
+        return self.watcher.current().generation

@@ -169,8 +169,33 @@ class MessageBatch(_message.Message):
     cluster_id: str
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., from_node: _Optional[int] = ..., group_ids: _Optional[_Iterable[int]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
+class PeerHello(_message.Message):
+    __slots__ = ("cluster_id", "from_node", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    from_node: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, cluster_id: _Optional[str] = ..., from_node: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class StreamAck(_message.Message):
     __slots__ = ("batches",)
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     batches: int
     def __init__(self, batches: _Optional[int] = ...) -> None: ...
+
+class PeerRefusal(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

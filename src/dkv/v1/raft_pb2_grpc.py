@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from dkv.v1 import raft_pb2 as dkv_dot_v1_dot_raft__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,81 +22,3 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
-
-
-class RaftPeerStub:
-    """Node-to-node Raft transport (dkv.host.grpc_transport).
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Stream = channel.stream_stream(
-                '/dkv.v1.RaftPeer/Stream',
-                request_serializer=dkv_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
-                response_deserializer=dkv_dot_v1_dot_raft__pb2.StreamAck.FromString,
-                _registered_method=True)
-
-
-class RaftPeerServicer:
-    """Node-to-node Raft transport (dkv.host.grpc_transport).
-    """
-
-    def Stream(self, request_iterator, context):
-        """One long-lived stream per (sender, receiver) pair; the sender writes batches, the receiver
-        writes acks. Either side may close it; the sender reconnects and reports the peer
-        unreachable to its core in the meantime.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_RaftPeerServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Stream': grpc.stream_stream_rpc_method_handler(
-                    servicer.Stream,
-                    request_deserializer=dkv_dot_v1_dot_raft__pb2.MessageBatch.FromString,
-                    response_serializer=dkv_dot_v1_dot_raft__pb2.StreamAck.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'dkv.v1.RaftPeer', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('dkv.v1.RaftPeer', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class RaftPeer:
-    """Node-to-node Raft transport (dkv.host.grpc_transport).
-    """
-
-    @staticmethod
-    def Stream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/dkv.v1.RaftPeer/Stream',
-            dkv_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
-            dkv_dot_v1_dot_raft__pb2.StreamAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
