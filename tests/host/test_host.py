@@ -241,8 +241,8 @@ class CountingMachine:
     def end(self) -> None:
         pass
 
-    def snapshot(self) -> bytes:
-        return b"\n".join(self.applied)
+    def snapshot_view(self) -> tuple[bytes]:
+        return (b"\n".join(self.applied),)
 
     def restore(self, data: bytes) -> None:
         self.applied = data.split(b"\n") if data else []
@@ -265,6 +265,8 @@ def test_in_memory_state_machine_is_rebuilt_from_snapshot_and_log_on_restart(
                 await host.propose(1, b"e%d" % i, timeout_s=10)
             # A restarted single member re-applies what it had committed before answering.
             await host.wait_for(lambda: len(sm.applied) >= entries, 20)
+            if writes >= 10:  # the snapshot is made in the background: let it be recorded
+                await host.wait_for(lambda: host.snapshots_taken > 0, 20)
             return list(sm.applied), host.snapshots_taken
         finally:
             await host.stop()

@@ -15,7 +15,7 @@ from dkv_node.kv_state import (
     MemoryKvStore,
     prefix_end,
 )
-from dkv_node.kv_store import RocksKvStore
+from dkv_node.kv_store import DUMP_CHUNK_BYTES, RocksKvStore
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -443,5 +443,61 @@ def test_rocksdb_commands_in_one_batch_see_each_other(tmp_path: Path) -> None:
         events, _, compacted = sm.watch_events(5, b"", b"", 10)
         assert not compacted and [e.kv.mod_revision for e in events] == [5, 6, 7]
         assert sm.watch_events(4, b"", b"", 10)[2]  # revision 4 was compacted away
+    finally:
+        engine.close()
+
+
+def test_rocksdb_snapshot_view_is_the_store_when_it_was_taken(tmp_path: Path) -> None:
+    """snapshot_view is taken between batches and read later: what is applied after it
+    (puts, deletes, request ids, watch events) is not in it, and its chunks joined load back
+    into exactly the store as it was."""
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        s = Shard(RocksKvStore(engine, group_id=3), engine)
+        for i in range(300):
+            s.put(b"k%03d" % i, b"x" * 100, rid=f"r{i}")
+        assert isinstance(s.store, RocksKvStore)
+        before = s.store.dump()
+        chunks = s.store.snapshot_view()
+        s.put(b"k000", b"changed", rid="later")
+        s.delete(b"k001")
+        s.put(b"new", b"v")
+        data = b"".join(chunks)
+        assert data == before
+        assert data != s.store.dump()
+
+        copy = Shard(RocksKvStore(engine, group_id=4), engine)
+        assert isinstance(copy.store, RocksKvStore)
+        batch = engine.batch()
+        copy.store.begin(batch)
+        copy.store.load(data)
+        engine.write(batch, sync=False)
+        copy.store.end()
+        assert copy.store.revision() == 301
+        assert copy.store.keys == 300
+        assert copy.get(b"k000") is not None and copy.get(b"k000").value == b"x" * 100  # type: ignore[union-attr]
+        assert copy.get(b"k001") is not None and copy.get(b"new") is None
+        assert copy.store.recall_request("r299") is not None
+        assert copy.store.recall_request("later") is None
+    finally:
+        engine.close()
+
+
+def test_rocksdb_snapshot_view_comes_in_chunks_of_about_a_mebibyte(tmp_path: Path) -> None:
+    engine = Engine.open(tmp_path / "db", Identity("c", "n"), create=True)
+    try:
+        s = Shard(RocksKvStore(engine, group_id=3), engine)
+        for i in range(30):
+            s.put(b"k%03d" % i, b"x" * 100_000)
+        assert isinstance(s.store, RocksKvStore)
+        chunks = list(s.store.snapshot_view())
+        assert b"".join(chunks) == s.store.dump()
+        # 3 MB of values, and as much again in the watch history's events.
+        assert len(chunks) == 6
+        # A chunk ends at the first record past the size: one record (<= 110 kB) over it.
+        assert all(DUMP_CHUNK_BYTES <= len(c) < DUMP_CHUNK_BYTES + 110_000 for c in chunks[:-1])
+        with pytest.raises(AssertionError):  # not while a batch is open
+            s.store.begin(engine.batch())
+            s.store.snapshot_view()
     finally:
         engine.close()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
-from dkv.errors import Compacted, DataDirError, InvariantViolation, Unavailable
+from dkv.errors import (
+    Compacted,
+    DataDirError,
+    InvalidArgument,
+    InvariantViolation,
+    Unavailable,
+)
 from dkv.raft import (
     Config,
     ConfState,
@@ -19,7 +26,7 @@ from dkv.raft import (
     Snapshot,
     SnapshotMetadata,
 )
-from dkv.storage import CF_DATA, Engine, Identity, RocksRaftStorage
+from dkv.storage import CF_DATA, CF_RAFT_STATE, CF_WATCH, Engine, Identity, RocksRaftStorage
 
 ME = Identity(cluster_id="c1", node_name="n1")
 
@@ -151,6 +158,107 @@ def test_snapshot_then_compaction(engine: Engine) -> None:
             st2.stage_compact(engine.batch(), 18)  # beyond the snapshot
     finally:
         engine.close()
+
+
+def chunk_keys(engine: Engine, group_id: int) -> list[bytes]:
+    p = group_id.to_bytes(8, "big")
+    return [k for k, _ in engine.scan(CF_RAFT_STATE, p + b"snpc", p + b"snpd")]
+
+
+def test_snapshot_data_written_in_chunks_reads_back_and_old_chunks_go(engine: Engine) -> None:
+    """A local snapshot's data is written in chunks before the record that points at them;
+    it reads back whole after a reopen; recording the next snapshot deletes the chunks of
+    every other one (the previous snapshot's, and those of an attempt never recorded); an
+    installed snapshot (data in the record) deletes them all."""
+    st = RocksRaftStorage(engine, group_id=1)
+    b = engine.batch()
+    st.stage_append(b, ents(1, 41))
+    engine.write(b, sync=True)
+
+    def chunked(index: int, data: bytes, size: int) -> Snapshot:
+        snap = Snapshot(SnapshotMetadata(index, 1, ConfState.of([1, 2])), data=data)
+        parts = [data[i : i + size] for i in range(0, len(data), size)]
+        for seq, part in enumerate(parts):
+            b = engine.batch()
+            st.stage_snapshot_chunk(b, index, seq, part)
+            engine.write(b, sync=False)
+        b = engine.batch()
+        st.stage_snapshot(b, snap, chunks=len(parts))
+        engine.write(b, sync=False)
+        return snap
+
+    first = chunked(10, b"0123456789" * 10, 7)
+    assert st.snapshot() == first
+    assert len(chunk_keys(engine, 1)) == 15
+    b = engine.batch()
+    st.stage_snapshot_chunk(b, 25, 0, b"an attempt never recorded")
+    engine.write(b, sync=False)
+    second = chunked(20, b"abc" * 50, 64)
+    assert len(chunk_keys(engine, 1)) == 3  # the first's 15 and the attempt's 1 are gone
+    engine = reopen(engine)
+    try:
+        st = RocksRaftStorage(engine, group_id=1)
+        assert st.snapshot() == second
+        installed = Snapshot(SnapshotMetadata(50, 2, ConfState.of([1, 2])), data=b"leader's")
+        b = engine.batch()
+        st.stage_snapshot(b, installed)
+        engine.write(b, sync=False)
+        assert chunk_keys(engine, 1) == []
+        engine = reopen(engine)
+        assert RocksRaftStorage(engine, group_id=1).snapshot() == installed
+    finally:
+        engine.close()
+
+
+def test_a_snapshot_record_missing_a_chunk_is_refused(engine: Engine) -> None:
+    st = RocksRaftStorage(engine, group_id=1)
+    b = engine.batch()
+    st.stage_append(b, ents(1, 11))
+    for seq in (0, 2):  # chunk 1 is missing
+        st.stage_snapshot_chunk(b, 10, seq, b"x")
+    st.stage_snapshot(b, Snapshot(SnapshotMetadata(10, 1, ConfState.of([1])), b"xxx"), chunks=3)
+    engine.write(b, sync=True)
+    engine = reopen(engine)
+    try:
+        with pytest.raises(InvariantViolation, match="1 of its 3 chunks"):
+            RocksRaftStorage(engine, group_id=1)
+    finally:
+        engine.close()
+
+
+def test_read_view_sees_the_column_families_as_they_were(engine: Engine) -> None:
+    """A read view is a point in time across column families: writes after it (puts,
+    deletes, range deletes, a memtable flush) are not seen; it may be read in another
+    thread; ranges are bounded on both ends."""
+    b = engine.batch()
+    for i in range(10):
+        b.put(CF_DATA, b"k%d" % i, b"v%d" % i)
+        b.put(CF_WATCH, b"w%d" % i, b"e%d" % i)
+    engine.write(b, sync=False)
+    view = engine.read_view((CF_DATA, CF_WATCH))
+    b = engine.batch()
+    b.put(CF_DATA, b"k0", b"changed")
+    b.put(CF_DATA, b"k55", b"new")
+    b.delete(CF_DATA, b"k3")
+    b.delete_range(CF_WATCH, b"w0", b"w5")
+    engine.write(b, sync=False)
+    engine._db.flush()  # what the view reads must outlive a flush too
+
+    got: dict[str, list[tuple[bytes, bytes]]] = {}
+
+    def read() -> None:
+        got["data"] = list(view.scan(CF_DATA, b"k", b"k6"))
+        got["watch"] = list(view.scan(CF_WATCH, b"w2", b"w4"))
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join()
+    assert got["data"] == [(b"k%d" % i, b"v%d" % i) for i in range(6)]
+    assert got["watch"] == [(b"w2", b"e2"), (b"w3", b"e3")]
+    assert dict(engine.scan(CF_DATA, b"k0", b"k1")) == {b"k0": b"changed"}  # the DB moved
+    view.close()
+    with pytest.raises(InvalidArgument):
+        list(view.scan(CF_DATA, b"k", b"l"))
 
 
 def test_installing_a_leaders_snapshot_replaces_the_log(engine: Engine) -> None:

@@ -145,6 +145,11 @@ class MembershipStateMachine:
         snap = pb.MembershipSnapshot(map=self.state.to_proto(), changes=list(self._changes))
         return snap.SerializeToString(deterministic=True)
 
+    def snapshot_view(self) -> tuple[bytes]:
+        """The host's snapshot: the map is small and in memory, so it is serialized now (the
+        applies that follow change the map in place)."""
+        return (self.snapshot(),)
+
     def restore(self, data: bytes) -> None:
         try:
             snap = pb.MembershipSnapshot.FromString(data)

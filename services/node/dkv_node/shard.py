@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dkv.storage import Batch, Engine
 from dkv.v1 import kv_pb2
 from dkv_node.kv_state import KvStateMachine
@@ -26,8 +28,8 @@ class KvShard:
     def end(self) -> None:
         self.store.end()
 
-    def snapshot(self) -> bytes:
-        return self.store.dump()
+    def snapshot_view(self) -> Iterator[bytes]:
+        return self.store.snapshot_view()
 
     def restore(self, data: bytes) -> None:
         self.store.load(data)

@@ -13,6 +13,12 @@ service reuse it. One loop iteration, for all groups at once:
 4. send the other messages (acknowledgements, votes), batched per destination node;
 5. resolve the proposals and reads that became answerable, then ``advance()`` every group.
 
+Snapshots (log compaction, thesis §5.1) never stop this loop: between two iterations, when
+a group's state in RocksDB is exactly its applied index, the loop takes a cheap view of it
+(``StateMachine.snapshot_view``); a thread makes the snapshot's data from the view while the
+loop goes on applying; later passes of the loop write the data a chunk at a time, then
+record the snapshot and compact the log (see ``Host._start_snapshot``).
+
 Messages arriving from peers are stepped into their group as they come, between iterations
 or while the write of step 3 is under way (etcd-io/raft allows stepping while a Ready is
 outstanding); each one wakes the loop. Time advances by a ticker task.
@@ -23,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -35,6 +43,7 @@ from dkv.errors import (
     DeadlineExceeded,
     DkvError,
     InvalidArgument,
+    InvariantViolation,
     NotLeader,
     ProposalDropped,
     ReadIndexDropped,
@@ -71,6 +80,12 @@ class StateMachine(Protocol):
     every replica); its writes go into the batch given to ``begin`` and become durable with
     the group's applied index; ``end`` is called once that batch is written.
 
+    Snapshots must not stop the host's loop (a follower that hears no heartbeat for an
+    election timeout campaigns): ``snapshot_view`` is called on the loop and only captures
+    the state (a RocksDB read view, hashicorp/raft's "cheap: capture a point in time"); the
+    host then reads the chunks in a thread while later entries are applied, so making them
+    must read nothing but that capture.
+
     A state machine that keeps its state in memory (the membership map) sets a class attribute
     ``durable = False``: at start the host restores it from the group's latest snapshot and
     applies the entries after it again (Raft thesis §5.1: the snapshot plus the log is the
@@ -82,12 +97,14 @@ class StateMachine(Protocol):
 
     def end(self) -> None: ...
 
-    def snapshot(self) -> bytes:
-        """The whole state as of the last written batch (called between batches)."""
+    def snapshot_view(self) -> Iterable[bytes]:
+        """The whole state as of the last written batch, as chunks whose concatenation is
+        the snapshot's data. Called between batches, on the loop: capture the state now,
+        cheaply; the chunks are read later, in a thread, while batches go on."""
         ...
 
     def restore(self, data: bytes) -> None:
-        """Replace the state with a ``snapshot()``, staged into the open batch."""
+        """Replace the state with a snapshot's data, staged into the open batch."""
         ...
 
 
@@ -110,6 +127,12 @@ class HostConfig:
     # log instead of needing the whole snapshot.
     snapshot_every_entries: int = 10_000
     compact_keep_entries: int = 1_000
+    # Snapshots made at once, each in its own thread (a snapshot pins a RocksDB view and
+    # then holds its data in memory until it is written): a group waits for a free one.
+    snapshot_jobs_max: int = 1
+    # A snapshot's data is written to RocksDB this many bytes per write, one write per loop
+    # pass (one write holds the GIL while RocksDB copies it: 300 MB took about 1 s here).
+    snapshot_write_chunk_bytes: int = 4 << 20
 
 
 @dataclass
@@ -140,6 +163,24 @@ class _Group:
     proposals_failed: int = 0
     read_indexes: int = 0
     read_rounds: int = 0  # ReadIndex requests given to Raft (each confirms a batch of reads)
+    # Snapshots installed from the leader: one made locally from a view taken before the
+    # last install is older than the state, and is discarded.
+    snapshots_installed: int = 0
+    # After a local snapshot failed: no automatic one before this applied index.
+    snapshot_not_before_index: int = 0
+
+
+@dataclass
+class _SnapshotJob:
+    """A local snapshot of one group being made (see ``Host._start_snapshot``)."""
+
+    group: _Group
+    meta: SnapshotMetadata  # the applied index, its term and configuration, at the view
+    installs: int  # the group's ``snapshots_installed`` when the view was taken
+    abort: threading.Event  # set: the thread stops at its next chunk
+    produced: asyncio.Future[bytes | None]  # the data, made in the snapshot thread
+    started: float  # time.monotonic() at the view
+    chunks_written: int = 0
 
 
 class Host:
@@ -162,16 +203,22 @@ class Host:
         self._tasks: list[asyncio.Task[None]] = []
         self._read_seq = 0
         self._running = False
-        self._snapshot_requested: set[int] = set()
+        # group id -> the index a snapshot_now() waits for (a snapshot at or past it).
+        self._snapshot_requested: dict[int, int] = {}
+        # group id -> its local snapshot under way; a job leaves once its thread is done.
+        self._snapshot_jobs: dict[int, _SnapshotJob] = {}
+        self._snapshot_pool: ThreadPoolExecutor | None = None
         # Groups to drop between iterations (see remove_group), with who waits for it.
         self._removals: dict[int, asyncio.Future[None]] = {}
         self.on_conf_change: ConfChangeHook | None = None
         # Counters for tests and metrics.
         self.iterations = 0
+        self.ticks = 0  # ticker rounds (every group ticked once)
         self.entries_persisted = 0
         self.snapshots_taken = 0
         self.snapshots_installed = 0
         self.snapshots_sent = 0
+        self.snapshots_discarded = 0  # made locally, then older than the state, or failed
         # Per group-commit histograms (fsync, batch sizes); None: not measured.
         self.disk_metrics: DiskMetrics | None = None
         # Spans of traced proposals and reads (dkv.host.tracing); None: tracing is off.
@@ -249,7 +296,10 @@ class Host:
                 )
                 for cf in COLUMN_FAMILIES:
                     batch.delete_range(cf, group_prefix(gid), group_prefix(gid + 1))
-            self._snapshot_requested.discard(gid)
+            self._snapshot_requested.pop(gid, None)
+            job = self._snapshot_jobs.get(gid)
+            if job is not None:
+                job.abort.set()  # discarded when its thread is done (the group is gone)
         self.engine.write(batch, sync=True)
         for fut in self._removals.values():
             if not fut.done():
@@ -266,12 +316,24 @@ class Host:
 
     async def stop(self) -> None:
         self._running = False
+        for job in self._snapshot_jobs.values():
+            job.abort.set()
         async with self._changed:
             self._changed.notify_all()  # release watchers waiting for applies
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        # Snapshots under way are dropped (the log they would compact is still there). Their
+        # threads read RocksDB through views: wait for them (each stops at its next chunk)
+        # so that the engine may be closed once stop() returns.
+        await asyncio.gather(
+            *(j.produced for j in self._snapshot_jobs.values()), return_exceptions=True
+        )
+        self._snapshot_jobs.clear()
+        if self._snapshot_pool is not None:
+            self._snapshot_pool.shutdown(wait=False)  # idle: every job is done
+            self._snapshot_pool = None
         self._drop_removed_groups()
         for g in self.groups.values():
             _fail_pending(g, DeadlineExceeded("host stopped; the write may have happened"))
@@ -450,8 +512,11 @@ class Host:
         snapshot's index."""
         g = self._group(group_id)
         target = g.storage.applied_index
-        self._snapshot_requested.add(group_id)
-        self._wake.set()
+        if target > g.storage.snapshot().metadata.index:
+            self._snapshot_requested[group_id] = max(
+                target, self._snapshot_requested.get(group_id, 0)
+            )
+            self._wake.set()
         await self.wait_for(lambda: g.storage.snapshot().metadata.index >= target, timeout_s)
         return g.storage.snapshot().metadata.index
 
@@ -474,6 +539,7 @@ class Host:
             await asyncio.sleep(interval)
             for g in self.groups.values():
                 g.node.tick()
+            self.ticks += 1
             self._wake.set()
 
     async def _run(self) -> None:
@@ -486,12 +552,13 @@ class Host:
                 async with self._changed:
                     self._changed.notify_all()  # waiters on a removed group wake up
             if self._snapshot_requested:
-                # Between iterations no batch is being applied: the snapshot is consistent.
-                due = [self.groups[gid] for gid in self._snapshot_requested if gid in self.groups]
-                self._snapshot_requested.clear()
-                await self._snapshot(due)
+                self._start_requested_snapshots()
+            if self._snapshot_jobs and self._continue_snapshots():
                 async with self._changed:
                     self._changed.notify_all()
+                # A snapshot chunk was just written (the GIL held meanwhile): let the other
+                # tasks (peers' messages, the ticker, clients) in before the next pass.
+                await asyncio.sleep(0)
 
     async def _iteration(self) -> None:
         self._submit_reads()
@@ -514,6 +581,10 @@ class Host:
                 st.stage_snapshot(batch, rd.snapshot)
                 g.sm.restore(rd.snapshot.data)
                 self.snapshots_installed += 1
+                g.snapshots_installed += 1
+                job = self._snapshot_jobs.get(g.group_id)
+                if job is not None:
+                    job.abort.set()  # older than what is installed: discarded when done
             st.stage_append(batch, rd.entries)
             if rd.hard_state is not None:
                 st.stage_hard_state(batch, rd.hard_state)
@@ -606,7 +677,9 @@ class Host:
                 else:
                     still.append((index, fut))
             g.read_waiters = still
-        await self._maybe_snapshot([g for g, _ in readies])
+        # Every group's batch is written and ended: RocksDB holds exactly its applied state,
+        # the moment a snapshot's view must be taken.
+        self._start_due_snapshots([g for g, _ in readies])
         # More may be ready already (messages stepped while we were writing).
         if any(g.node.has_ready() for g in self.groups.values()):
             self._wake.set()
@@ -655,34 +728,167 @@ class Host:
                 if t is not None:
                     self.tracer.committed(t, ready_ns, done_ns)
 
-    async def _maybe_snapshot(self, groups: list[_Group]) -> None:
-        every = self.cfg.snapshot_every_entries
-        due = [
-            g
-            for g in groups
-            if every > 0 and g.storage.applied_index - g.storage.snapshot().metadata.index >= every
-        ]
-        if due:
-            await self._snapshot(due)
+    # -- snapshots (thesis §5.1) ---------------------------------------------------------------
 
-    async def _snapshot(self, due: list[_Group]) -> None:
-        due = [g for g in due if g.storage.applied_index > g.storage.snapshot().metadata.index]
-        if not due:
+    def _start_due_snapshots(self, groups: list[_Group]) -> None:
+        """Start a snapshot of each group that applied ``snapshot_every_entries`` entries
+        past its last one, while a job is free. Called between batches."""
+        every = self.cfg.snapshot_every_entries
+        if every <= 0:
             return
-        batch = self.engine.batch()
-        for g in due:
+        for g in groups:
+            if len(self._snapshot_jobs) >= self.cfg.snapshot_jobs_max:
+                return  # the others are still due at their next Ready
             st = g.storage
-            index = st.applied_index
-            # Consistent: no batch is applied while we await (this loop applies them all).
-            data = await asyncio.to_thread(g.sm.snapshot)
-            meta = SnapshotMetadata(index=index, term=st.term(index), conf_state=st.conf_state)
-            st.stage_snapshot(batch, Snapshot(metadata=meta, data=data))
-            compact_to = index - self.cfg.compact_keep_entries
-            if compact_to >= st.first_index():
-                st.stage_compact(batch, compact_to)
-            self.snapshots_taken += 1
-        # No fsync needed: if lost, the log it would replace is still there.
-        await asyncio.to_thread(self.engine.write, batch, sync=False)
+            if (
+                g.group_id not in self._snapshot_jobs
+                and st.applied_index - st.snapshot().metadata.index >= every
+                and st.applied_index >= g.snapshot_not_before_index
+            ):
+                self._start_snapshot(g)
+
+    def _start_requested_snapshots(self) -> None:
+        """Start the snapshots ``snapshot_now`` asked for, one per group at a time; a request
+        is done once the group has a snapshot at or past its index. Called between
+        iterations, when no batch is open."""
+        for gid, target in list(self._snapshot_requested.items()):
+            g = self.groups.get(gid)
+            if g is None or g.storage.snapshot().metadata.index >= target:
+                del self._snapshot_requested[gid]
+            elif gid not in self._snapshot_jobs and (
+                len(self._snapshot_jobs) < self.cfg.snapshot_jobs_max
+            ):
+                # Else: after the job under way (it may fall short of the target, or be
+                # discarded), or when a job is free.
+                self._start_snapshot(g)
+
+    def _start_snapshot(self, g: _Group) -> None:
+        """Take group ``g``'s snapshot view now and make its data in a snapshot thread.
+
+        Called only between batches (after an iteration's write, when every group's state
+        machine ended its batch): RocksDB then holds exactly the effects of the entries up to
+        the applied index, and the metadata recorded (index, its term, the configuration
+        there) is taken at the same moment. Entries applied after this are not in the view.
+        The loop does not wait for the thread: ``_continue_snapshots`` picks the data up."""
+        st = g.storage
+        index = st.applied_index
+        if g.written_applied != index:
+            raise InvariantViolation(
+                f"group {g.group_id}: snapshot view at applied {index} with only "
+                f"{g.written_applied} written"
+            )
+        meta = SnapshotMetadata(index=index, term=st.term(index), conf_state=st.conf_state)
+        try:
+            view = g.sm.snapshot_view()
+        except InvariantViolation:
+            raise
+        except Exception:  # the log is intact: no snapshot is no loss, a dead loop is
+            log.exception("group %d: no snapshot view at %d", g.group_id, index)
+            self._snapshot_failed(g)
+            return
+        if self._snapshot_pool is None:
+            self._snapshot_pool = ThreadPoolExecutor(
+                max_workers=self.cfg.snapshot_jobs_max, thread_name_prefix="dkv-snapshot"
+            )
+        abort = threading.Event()
+        produced = asyncio.get_running_loop().run_in_executor(
+            self._snapshot_pool, _produce_snapshot, view, abort
+        )
+        produced.add_done_callback(self._snapshot_produced)
+        self._snapshot_jobs[g.group_id] = _SnapshotJob(
+            g, meta, g.snapshots_installed, abort, produced, time.monotonic()
+        )
+
+    def _snapshot_produced(self, fut: asyncio.Future[bytes | None]) -> None:
+        _retrieve(fut)  # read in _continue_snapshots, unless the host stopped first
+        self._wake.set()
+
+    def _snapshot_failed(self, g: _Group) -> None:
+        """No retry at once (every pass would fail the same way): after as many entries as
+        between two snapshots; a snapshot_now() waiting for it gets DeadlineExceeded."""
+        g.snapshot_not_before_index = g.storage.applied_index + self.cfg.snapshot_every_entries
+        self._snapshot_requested.pop(g.group_id, None)
+        self.snapshots_discarded += 1
+
+    def _snapshot_stale(self, job: _SnapshotJob) -> str | None:
+        """Why ``job``'s snapshot must not be recorded any more, or None."""
+        g = job.group
+        if self.groups.get(g.group_id) is not g:
+            return "the group was removed"
+        if g.snapshots_installed != job.installs:
+            return "the leader's snapshot was installed meanwhile"
+        if job.meta.index <= g.storage.snapshot().metadata.index:
+            return "a newer snapshot was recorded meanwhile"
+        return None
+
+    def _continue_snapshots(self) -> bool:
+        """Take one step with the snapshots whose data is made: drop those that are stale
+        (or failed), else write ONE chunk of one, or record one whose chunks are all written
+        (with the log compaction). Returns whether it did anything. Called between
+        iterations, so the data, the record and the compaction are each ordered after
+        the batches before them and before the ones after (a snapshot installed from the
+        leader meanwhile is seen by ``_snapshot_stale``)."""
+        did = False
+        for gid, job in list(self._snapshot_jobs.items()):
+            if not job.produced.done():
+                continue
+            g, fut = job.group, job.produced
+            error = None if fut.cancelled() else fut.exception()
+            data = fut.result() if error is None and not fut.cancelled() else None
+            why = self._snapshot_stale(job)
+            if error is not None or data is None or why is not None:
+                del self._snapshot_jobs[gid]
+                did = True
+                if isinstance(error, InvariantViolation):
+                    raise error
+                if error is not None:
+                    log.error(
+                        "group %d: snapshot at %d failed", gid, job.meta.index, exc_info=error
+                    )
+                    if self.groups.get(gid) is g:
+                        self._snapshot_failed(g)
+                    continue
+                self.snapshots_discarded += 1
+                log.info(
+                    "group %d: snapshot at %d discarded: %s",
+                    gid,
+                    job.meta.index,
+                    why or "aborted",
+                )
+                continue
+            # One write per call, then the loop runs an iteration before the next.
+            step = self.cfg.snapshot_write_chunk_bytes
+            chunks = (len(data) + step - 1) // step
+            st = g.storage
+            batch = self.engine.batch()
+            if job.chunks_written < chunks:
+                at = job.chunks_written * step
+                st.stage_snapshot_chunk(
+                    batch, job.meta.index, job.chunks_written, data[at : at + step]
+                )
+                job.chunks_written += 1
+            else:
+                index = job.meta.index
+                st.stage_snapshot(batch, Snapshot(metadata=job.meta, data=data), chunks=chunks)
+                compact_to = index - self.cfg.compact_keep_entries
+                if compact_to >= st.first_index():
+                    st.stage_compact(batch, compact_to)
+                del self._snapshot_jobs[gid]
+                self.snapshots_taken += 1
+                log.info(
+                    "group %d: snapshot at %d recorded (%d bytes in %d chunks, %.1f s)",
+                    gid,
+                    index,
+                    len(data),
+                    chunks,
+                    time.monotonic() - job.started,
+                )
+            # No fsync: if lost, the log it would replace is still there (and a snapshot
+            # record lost or not, the chunks it points at were written before it).
+            self.engine.write(batch, sync=False)
+            self._wake.set()  # the next chunk, or what the recorded snapshot allows
+            return True
+        return did
 
     def written_applied(self, group_id: int) -> int:
         """The applied index whose effects are in RocksDB (see ``_Group.written_applied``)."""
@@ -734,6 +940,23 @@ class _GroupLogger:
 
     def warning(self, msg: str, *args: object) -> None:
         self._log.warning(self._prefix + msg, *args)
+
+
+def _produce_snapshot(view: Iterable[bytes], abort: threading.Event) -> bytes | None:
+    """In a snapshot thread: the snapshot's data, the chunks of ``view`` joined; None once
+    ``abort`` is set (checked at every chunk)."""
+    chunks = iter(view)
+    parts: list[bytes] = []
+    try:
+        for part in chunks:
+            if abort.is_set():
+                return None
+            parts.append(part)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # a generator's view is released now, not when it is collected
+    return b"".join(parts)
 
 
 async def _answer(fut: asyncio.Future[_T], timeout_s: float) -> _T:

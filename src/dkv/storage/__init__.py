@@ -1,7 +1,8 @@
 """Durable storage: one RocksDB per process (rocksdict), shared by every Raft group.
 
-:class:`Engine` owns the database and its column families; :class:`RocksRaftStorage` is one
-group's Raft log and state on top of it, implementing :class:`dkv.raft.Storage`.
+:class:`Engine` owns the database and its column families (a :class:`ReadView` reads some of
+them as of one moment); :class:`RocksRaftStorage` is one group's Raft log and state on top of
+it, implementing :class:`dkv.raft.Storage`.
 """
 
 from dkv.storage.engine import (
@@ -13,6 +14,7 @@ from dkv.storage.engine import (
     Batch,
     Engine,
     Identity,
+    ReadView,
 )
 from dkv.storage.raft_log import RocksRaftStorage, group_prefix
 
@@ -25,6 +27,7 @@ __all__ = [
     "Batch",
     "Engine",
     "Identity",
+    "ReadView",
     "RocksRaftStorage",
     "group_prefix",
 ]

@@ -10,21 +10,31 @@ Column families:
 - ``default``    -- the node's identity (cluster id, node name, format version).
 
 Every change is staged in a :class:`Batch` and written atomically by :meth:`Engine.write`; the
-host writes the Readys of all its groups in ONE batch with ONE fsync (group commit). rocksdict
-errors are translated here, at this boundary, into :mod:`dkv.errors` types.
+host writes the Readys of all its groups in ONE batch with ONE fsync (group commit). A
+:class:`ReadView` reads some column families as they were at one moment, while writes go on
+(state machine snapshots are dumped from one in a thread). rocksdict errors are translated
+here, at this boundary, into :mod:`dkv.errors` types.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rocksdict import ColumnFamily, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
+from rocksdict import (
+    ColumnFamily,
+    Options,
+    Rdict,
+    RdictIter,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
 
-from dkv.errors import DataDirError, InvalidArgument
+from dkv.errors import DataDirError, DkvError, InvalidArgument
 
 __all__ = [
     "CF_DATA",
@@ -36,6 +46,7 @@ __all__ = [
     "Batch",
     "Engine",
     "Identity",
+    "ReadView",
 ]
 
 CF_RAFT_LOG = "raft_log"
@@ -48,6 +59,7 @@ MEMTABLES_BYTES_MAX = 64 << 20
 """What the memtables of every column family together may hold before RocksDB flushes the
 largest (``db_write_buffer_size``)."""
 _IDENTITY_KEY = b"dkv/identity"
+_READ_VIEW_TRIES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,46 @@ class Batch:
     @property
     def raw(self) -> WriteBatch:
         return self._wb
+
+
+class ReadView:
+    """Some column families as they were when :meth:`Engine.read_view` made this view: later
+    writes are not seen. Made cheaply (no copy: RocksDB keeps what the view needs until it
+    is closed), so it can be taken on the event loop and read at length elsewhere.
+
+    One RocksDB iterator per column family, all made at one sequence number. An iterator
+    made without ``ReadOptions.snapshot`` reads "an implicit snapshot of the DB as of its
+    creation" (RocksDB wiki, Iterator); an explicit ``Rdict.snapshot()`` would do as well,
+    but rocksdict 0.3.29's ``Snapshot.iter`` (and ``items``) read the current DB instead
+    (the snapshot is set on a copy of the read options the iterator never uses; checked:
+    a key changed after the snapshot is seen changed), and only its point reads honour it.
+
+    Not safe for concurrent use: scan from one thread at a time (any thread). A view pins
+    the memtables and files it reads from memory and disk, so close it when done."""
+
+    __slots__ = ("_iters",)
+
+    def __init__(self, iters: dict[str, RdictIter]) -> None:
+        self._iters = iters
+
+    def scan(self, cf: str, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Key-value pairs with ``lo <= key < hi`` in key order, as of the view."""
+        it = self._iters.get(cf)
+        if it is None:
+            raise InvalidArgument(f"column family {cf} is not in this view (or it is closed)")
+        # The iterators have no upper bound (it is fixed when an iterator is made, and one
+        # iterator serves every range of its column family): stop at ``hi`` here.
+        it.seek(lo)
+        while it.valid():
+            key: bytes = it.key()
+            if key >= hi:
+                return
+            yield key, it.value()
+            it.next()
+
+    def close(self) -> None:
+        """Let RocksDB release what the view pinned."""
+        self._iters.clear()
 
 
 class Engine:
@@ -255,6 +307,26 @@ class Engine:
         while it.valid():
             yield it.key(), it.value()
             it.next()
+
+    def read_view(self, cfs: Iterable[str]) -> ReadView:
+        """A consistent point-in-time view of the column families ``cfs`` (see ReadView).
+
+        Consistent across the families: the view's iterators are made with no write in
+        between (RocksDB's sequence number did not move while they were made; retried if it
+        did, which needs a write from another thread exactly then; DkvError after many
+        tries)."""
+        names = list(cfs)
+        ro = ReadOptions()
+        # A bulk scan: do not evict the blocks the requests use. (rocksdict's stub omits the
+        # argument that the method takes.)
+        ro.fill_cache(False)  # type: ignore[call-arg]
+        for _ in range(_READ_VIEW_TRIES):
+            seq = self._db.latest_sequence_number()
+            iters = {name: self._views[name].iter(ro) for name in names}
+            if self._db.latest_sequence_number() == seq:
+                return ReadView(iters)
+        # Never seen: every write of ours is made on the event loop, where views are made too.
+        raise DkvError(f"no read view of {names}: writes kept arriving while it was made")
 
     def last_key(self, cf: str, lo: bytes, hi: bytes) -> bytes | None:
         """The greatest key in ``[lo, hi)``, or None."""
