@@ -56,11 +56,13 @@ from dkv.sharding import shard_for_key
 from dkv.testing.bench_node import (
     DKV,
     KEY,
+    PROFILE_ROW,
     VALUE,
     Cluster,
     CpuMeter,
     Proc,
     Procs,
+    Profile,
     Row,
     RowResult,
     _ensure_running,
@@ -75,6 +77,7 @@ from dkv.testing.bench_node import (
     proc_cpu_s,
     rss_kib,
     start_dkv,
+    summarize_profile,
     unary,
 )
 from dkv.v1 import admin_pb2, kv_pb2
@@ -562,11 +565,16 @@ def _say(line: str) -> None:
 # -- the parts -------------------------------------------------------------------------------
 
 
-def _bench_rows(cluster: Cluster, bodies: dict[str, Path], seconds: float) -> list[RowResult]:
+def _bench_rows(
+    cluster: Cluster, bodies: dict[str, Path], seconds: float, profile: Profile | None = None
+) -> list[RowResult]:
+    """The rows; with ``profile``, py-spy records the leader during the put row at 64 in
+    flight (as ``make bench-node`` does with DKV_BENCH_PROFILE)."""
     out = []
     for row in ROWS:
+        prof = profile if row == PROFILE_ROW else None
         try:
-            r = bench_row(cluster, row, bodies, seconds)
+            r = bench_row(cluster, row, bodies, seconds, prof)
         except (RuntimeError, grpc.RpcError) as exc:
             r = RowResult(DKV.name, row.op, row.in_flight, row.clients, row.streams)
             r.problems.append(f"{type(exc).__name__}: {exc}")
@@ -628,7 +636,9 @@ def part_load(
         _say(f"(checked: a linearizable count finds {count:,} keys)")
     st = status(cluster.leader.client_address)
     _say(f"leader's data: {mib(st.db_size_bytes)} (db_size_bytes), dir {mib(dir_bytes(d / 'n1'))}")
-    loaded = _bench_rows(cluster, bodies, cfg.seconds)
+    mode = os.environ.get("DKV_BENCH_PROFILE", "")
+    profile = Profile(root / "profile-loaded-put64.txt", mode == "gil") if mode else None
+    loaded = _bench_rows(cluster, bodies, cfg.seconds, profile)
     follow_leader(cluster)
     rss = ", ".join(
         f"{member_name(m)} {rss_kib(m.popen.pid) / 1024:.0f} MiB" for m in cluster.members
@@ -638,6 +648,9 @@ def part_load(
     _say(ROW_PAIR_HEAD)
     for e, lo in zip(empty, loaded, strict=True):
         _say(row_pair(e, lo, count))
+    if profile is not None and profile.out.is_file():
+        _say(f"\npy-spy profile of the leader, loaded put @{PROFILE_ROW.in_flight}:")
+        _say(summarize_profile(profile.out))
         if not (e.verified and lo.verified):
             failures.append(f"load: {e.op} @{e.in_flight}")
     return cluster
