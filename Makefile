@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
+.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
 	@echo "make lint        ruff + mypy --strict on src/dkv, services/ and grafana/"
+	@echo "make image       the one image (dkv:<version>) as an OCI archive in build/image/, without Docker (needs root, apt debootstrap umoci)"
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make dashboards  regenerate the Grafana dashboards grafana/dashboards/*.json from grafana/dashboards.py"
 	@echo "make bench-raft  Raft core throughput and checker timing (writes nothing; see docs/benchmarks.md)"
@@ -53,6 +54,12 @@ lint: setup
 	$(BIN)/ruff format --check src services tests grafana
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 	$(BIN)/mypy grafana/dashboards.py
+
+# The one image of every process (Dockerfile), built without a Docker daemon: debootstrap, a
+# virtualenv, umoci; base and layers cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/image. Prints
+# the archive's path (build/image/dkv-<version>.oci.tar); see image/README.md.
+image: setup
+	image/build.sh
 
 # Generated code is committed so the package imports without protoc;
 # tests/test_proto.py fails when it is stale. kv.proto imports google/api/annotations.proto,
