@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
+.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
 	@echo "make bench-overheads  tracing and access checks per request and hop, in isolation (~10 s)"
 	@echo "make bench-scale 1M keys loaded, snapshot catch-up, restart on a 1-GB data dir, 1/8/64 shards (DKV_BENCH_SCALE sizes it)"
+	@echo "make loadtest    locust (gRPC and HTTP/JSON users) against make run's stack, 30 s; LOADTEST_ARGS=\"--help\" (docs/loadtests.md)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
 	@echo "make etcd36      build etcd 3.6 (etcd, etcdctl) from its Go modules once, for the benchmarks (~1 min; needs Go)"
@@ -50,10 +51,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: setup
-	$(BIN)/ruff check src services tests grafana
-	$(BIN)/ruff format --check src services tests grafana
+	$(BIN)/ruff check src services tests grafana loadtests
+	$(BIN)/ruff format --check src services tests grafana loadtests
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 	$(BIN)/mypy grafana/dashboards.py
+	$(BIN)/mypy loadtests
 
 # The one image of every process (Dockerfile), built without a Docker daemon: debootstrap, a
 # virtualenv, umoci; base and layers cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/image. Prints
@@ -100,6 +102,12 @@ bench-telemetry: setup
 # Per request and hop, in isolation: spans, the unsampled fast path, access checks.
 bench-overheads: setup
 	$(BIN)/python -m dkv.testing.bench_overheads
+
+# Locust against a running front door (make run's by default: start it first), headless and
+# bounded; reports in .dkv/loadtest/<run>/. LOADTEST_ARGS adds flags, e.g.
+# LOADTEST_ARGS="--run-time 2m --users 32 --distribution zipf" (docs/loadtests.md).
+loadtest: setup
+	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
 sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
