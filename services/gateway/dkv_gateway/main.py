@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     add("listen-xds", "address of the xDS (ADS) server for Envoy", _DEFAULTS.listen_xds)
     add("envoy-port", "the port Envoy's front door listens on", _DEFAULTS.envoy_port)
     add(
+        "envoy-listen-host",
+        "the address Envoy's front door listens on (0.0.0.0 in a Kubernetes pod)",
+        _DEFAULTS.envoy_listen_host,
+    )
+    add(
         "listen-metrics",
         "address for /metrics, /livez and /readyz (HTTP); 'off' serves none",
         "127.0.0.1:2375",
@@ -152,6 +157,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str, str]:
         advertise_client=args.advertise_client or "",
         listen_xds=args.listen_xds,
         envoy_port=int_flag(p, "envoy-port", args.envoy_port, 1),
+        envoy_listen_host=args.envoy_listen_host,
         tls=tls,
         envoy_tls=envoy_tls,
         envoy_sds_dir=os.path.abspath(args.envoy_sds_dir) if args.envoy_sds_dir else "",

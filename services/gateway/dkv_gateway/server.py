@@ -87,6 +87,9 @@ class GatewayConfig:
     listen_xds: str = "127.0.0.1:2377"
     # The port Envoy's front-door listener opens (what users hit).
     envoy_port: int = 2379
+    # The address it listens on: loopback for a local stack, 0.0.0.0 in a pod (a Kubernetes
+    # Service reaches the pod's IP, never its loopback).
+    envoy_listen_host: str = "127.0.0.1"
     # mTLS: the gateway's own KV port (clients, i.e. Envoy, must present a certificate signed
     # by the CA) and its calls to the nodes' and membership's client ports.
     tls: TlsFiles | None = None
@@ -223,6 +226,7 @@ class GatewayServer:
         )
         door = FrontDoor(
             listen_port=cfg.envoy_port,
+            listen_host=cfg.envoy_listen_host,
             gateways=[split_host_port(self.advertise_client)],
             listener_tls=envoy_files,
             upstream_tls=envoy_files if cfg.tls is not None else None,
