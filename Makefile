@@ -12,7 +12,7 @@ help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
 	@echo "make setup       create .venv and install dkv with its dev extras"
 	@echo "make test        run the whole test suite (DKV_SIM_SEEDS=N scales the simulator)"
-	@echo "make lint        ruff + mypy --strict on src/dkv, services/ and grafana/"
+	@echo "make lint        ruff + mypy --strict on src/dkv, services/, grafana/, loadtests/ and bench/"
 	@echo "make image       the one image (dkv:<version>) as an OCI archive in build/image/, without Docker (needs root, apt debootstrap umoci)"
 	@echo "make proto       regenerate Python code and the gateway's descriptor set from protos/"
 	@echo "make dashboards  regenerate the Grafana dashboards grafana/dashboards/*.json from grafana/dashboards.py"
@@ -51,11 +51,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: setup
-	$(BIN)/ruff check src services tests grafana loadtests
-	$(BIN)/ruff format --check src services tests grafana loadtests
+	$(BIN)/ruff check src services tests grafana loadtests bench
+	$(BIN)/ruff format --check src services tests grafana loadtests bench
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 	$(BIN)/mypy grafana/dashboards.py
-	$(BIN)/mypy loadtests
+	$(BIN)/mypy loadtests bench
 
 # The one image of every process (Dockerfile), built without a Docker daemon: debootstrap, a
 # virtualenv, umoci; base and layers cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/image. Prints
@@ -75,33 +75,33 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS_PROTOS) --include_imports --descriptor_set_out=$(KV_DESCRIPTOR_SET) protos/dkv/v1/kv.proto
 
 bench-raft: setup
-	$(BIN)/python -m dkv.testing.bench_raft
+	$(BIN)/python -m bench.bench_raft
 
 # Side by side with etcd 3.6 (when it could be built) and 3.4, driven by h2load;
 # DKV_BENCH_SCALE=n runs each row n times longer, DKV_BENCH_PROFILE=1 adds a py-spy profile of
 # the dkv leader (see docs/benchmarks.md).
 bench-node: setup | bench-etcd36
-	$(BIN)/python -m dkv.testing.bench_node
+	$(BIN)/python -m bench.bench_node
 
 # Issue 12 "as the work grows": 1 million keys loaded (rows before/after), a new member caught
 # up by snapshot, a kill -9 restart on a ~1-GB data dir with a long log, 1/8/64 shards and
 # the idle CPU of 64 (~20 min at full size; DKV_BENCH_SCALE=0.05 for a small run).
 bench-scale: setup
-	$(BIN)/python -m dkv.testing.bench_scale
+	$(BIN)/python -m bench.bench_scale
 
 # The front door's cost: Envoy -> gateway -> leader, the gateway alone, the leader directly and
 # etcd 3.6 and 3.4, one after the other (~3.5 min, ~1 min more with etcd 3.6);
 # DKV_BENCH_PROFILE=1 adds a py-spy profile of the gateway.
 bench: setup | bench-etcd36
-	$(BIN)/python -m dkv.testing.bench_front_door
+	$(BIN)/python -m bench.bench_front_door
 
 # Metrics off vs on (vs tracing at 0.01 where present), alternating rounds (see docs/benchmarks.md).
 bench-telemetry: setup
-	$(BIN)/python -m dkv.testing.bench_telemetry
+	$(BIN)/python -m bench.bench_telemetry
 
 # Per request and hop, in isolation: spans, the unsampled fast path, access checks.
 bench-overheads: setup
-	$(BIN)/python -m dkv.testing.bench_overheads
+	$(BIN)/python -m bench.bench_overheads
 
 # Locust against a running front door (make run's by default: start it first), headless and
 # bounded; reports in .dkv/loadtest/<run>/. LOADTEST_ARGS adds flags, e.g.

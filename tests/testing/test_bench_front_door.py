@@ -1,12 +1,11 @@
-"""The pure parts of ``make bench`` (dkv.testing.bench_front_door): ratios, the aim, tables.
+"""The pure parts of ``make bench`` (bench.bench_front_door): ratios, the aim, tables.
 No load is run here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dkv.devstack import DevLayout
-from dkv.testing.bench_front_door import (
+from bench.bench_front_door import (
     AIM,
     Result,
     aim_misses,
@@ -15,7 +14,8 @@ from dkv.testing.bench_front_door import (
     ratio,
     summary_table,
 )
-from dkv.testing.bench_node import H2loadResult
+from bench.bench_node import H2loadResult
+from dkv.devstack import DevLayout
 
 
 def h2(rate: float, mean_ms: float = 1.0) -> H2loadResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dkv.testing import bench_overheads
+from bench import bench_overheads
 
 
 def test_every_row_is_measured(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The pure parts of ``make bench-scale`` (dkv.testing.bench_scale): its arguments and
+"""The pure parts of ``make bench-scale`` (bench.bench_scale): its arguments and
 scaling, the loader's hand-made request bytes, the figures' formatting. No cluster is run."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import math
 
 import pytest
 
-from dkv.sharding import shard_for_key
-from dkv.testing.bench_node import H2loadResult, RowResult
-from dkv.testing.bench_scale import (
+from bench.bench_node import H2loadResult, RowResult
+from bench.bench_scale import (
     FULL_KEYS,
     LoadResult,
     Route,
@@ -21,6 +20,7 @@ from dkv.testing.bench_scale import (
     put_request,
     row_pair,
 )
+from dkv.sharding import shard_for_key
 from dkv.v1 import kv_pb2
 
 

@@ -15,7 +15,7 @@
 # anything else: the build failed (Go's output is on stderr).
 set -euo pipefail
 
-# The one pinned release: bump deliberately (src/dkv/testing/etcd_build.py reads the same path).
+# The one pinned release: bump deliberately (bench/etcd_build.py reads the same path).
 ETCD_VERSION=v3.6.17
 ETCD_SERVER_PKG=go.etcd.io/etcd/server/v3
 ETCDCTL_PKG=go.etcd.io/etcd/etcdctl/v3

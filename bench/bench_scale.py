@@ -1,6 +1,6 @@
 """``make bench-scale``: how dkv holds up as the work grows (issue 12, "as the work grows").
 
-Real ``dkv-node`` processes on 127.0.0.1, started with :mod:`dkv.testing.bench_node`'s helpers
+Real ``dkv-node`` processes on 127.0.0.1, started with :mod:`bench.bench_node`'s helpers
 (the same 3-member cluster, fsync on), one cluster at a time. Four parts, each printed as
 table rows:
 
@@ -51,9 +51,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from dkv.keys import RANGE_LIMIT_DEFAULT
-from dkv.sharding import shard_for_key
-from dkv.testing.bench_node import (
+from bench.bench_node import (
     DKV,
     KEY,
     PROFILE_ROW,
@@ -80,6 +78,8 @@ from dkv.testing.bench_node import (
     summarize_profile,
     unary,
 )
+from dkv.keys import RANGE_LIMIT_DEFAULT
+from dkv.sharding import shard_for_key
 from dkv.v1 import admin_pb2, kv_pb2
 
 __all__ = [

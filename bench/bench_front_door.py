@@ -21,7 +21,7 @@ CPUs):
 
 The request bodies, the h2load runner, the row sizing (a warm-up run sizes the measured run to
 about ``--seconds``), the verification and the CPU accounting are ``make bench-node``'s
-(:mod:`dkv.testing.bench_node`): one 16-byte key, a 256-byte value, and every measured run is
+(:mod:`bench.bench_node`): one 16-byte key, a 256-byte value, and every measured run is
 VERIFIED — puts must move the key's version (read with a linearizable Range before and after;
 for dkv through the gateway, which follows the leader) by exactly the number of requests, and
 the shard's revision by exactly that on the direct path, at least that through the gateway
@@ -62,11 +62,7 @@ from pathlib import Path
 
 import grpc
 
-from dkv.client.cluster_map import ClusterMapView
-from dkv.client.membership import MembershipClient
-from dkv.devstack import NODE_NAMES, DevLayout, DevStack, StackError
-from dkv.errors import DkvError
-from dkv.testing.bench_node import (
+from bench.bench_node import (
     DKV,
     ETCDS,
     KEY,
@@ -100,6 +96,10 @@ from dkv.testing.bench_node import (
     summarize_profile,
     unary,
 )
+from dkv.client.cluster_map import ClusterMapView
+from dkv.client.membership import MembershipClient
+from dkv.devstack import NODE_NAMES, DevLayout, DevStack, StackError
+from dkv.errors import DkvError
 from dkv.v1 import kv_pb2
 
 __all__ = [

@@ -1,7 +1,7 @@
 """``make bench-telemetry``: what metrics (and tracing) cost on the data path, through the front
 door, as ``make bench`` measures it.
 
-The same stack as ``make bench`` (:func:`dkv.testing.bench_front_door.bench_stack`: membership,
+The same stack as ``make bench`` (:func:`bench.bench_front_door.bench_stack`: membership,
 three nodes, gateway, Envoy; client ports plaintext for h2load), started once per *variant*:
 
 - **metrics off**: every process with ``--listen-metrics off``, which also stops recording on
@@ -30,9 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dkv.telemetry.jaeger import find_jaeger
-from dkv.testing.bench_front_door import ROWS, Result, bench_stack
-from dkv.testing.bench_node import (
+from bench.bench_front_door import ROWS, Result, bench_stack
+from bench.bench_node import (
     KEY,
     TOOLS,
     VALUE,
@@ -41,6 +40,7 @@ from dkv.testing.bench_node import (
     grpc_frame,
     missing_tools,
 )
+from dkv.telemetry.jaeger import find_jaeger
 from dkv.v1 import kv_pb2
 
 __all__ = ["VARIANTS", "main", "summary"]

@@ -2,7 +2,7 @@
 
 3-member clusters on 127.0.0.1, one after the other (never two at once, so they do not compete
 for the CPUs): dkv (three ``dkv-node`` processes, one shard, fsync on as by default), etcd 3.6
-(built from its Go modules by ``make etcd36``: :mod:`dkv.testing.etcd_build`; skipped with a
+(built from its Go modules by ``make etcd36``: :mod:`bench.etcd_build`; skipped with a
 note when it has not been built) and Debian's etcd 3.4 (on PATH), each three ``etcd``
 processes with the same flags: defaults, fsync on. h2load, a C HTTP/2 load generator, sends
 the SAME pre-framed gRPC request bodies to each cluster's LEADER over plain HTTP/2 (h2c) with
@@ -60,7 +60,7 @@ from types import FrameType
 
 import grpc
 
-from dkv.testing.etcd_build import EtcdBinaries, find_etcd34, find_etcd36
+from bench.etcd_build import EtcdBinaries, find_etcd34, find_etcd36
 from dkv.v1 import kv_pb2
 
 __all__ = ["H2loadResult", "RowResult", "main", "parse_h2load"]
