@@ -1,0 +1,223 @@
+{{/* dkv.name: the chart's name, or nameOverride. */}}
+{{- define "dkv.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* dkv.fullname: the release's base name (release name, with the chart's unless it holds it). */}}
+{{- define "dkv.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* dkv.chart: chart name and version for the helm.sh/chart label. */}}
+{{- define "dkv.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* dkv.labels: the standard labels of every object (ctx: root, component). */}}
+{{- define "dkv.labels" -}}
+helm.sh/chart: {{ include "dkv.chart" .root }}
+{{ include "dkv.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: dkv
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* dkv.selectorLabels: immutable selector labels (ctx: root, component). */}}
+{{- define "dkv.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dkv.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* dkv.image: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "dkv.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* dkv.componentName: "<fullname>-<component>" (ctx: root, component). */}}
+{{- define "dkv.componentName" -}}
+{{- printf "%s-%s" (include "dkv.fullname" .root) .component -}}
+{{- end -}}
+
+{{/* dkv.headlessName: the headless Service of a StatefulSet (ctx: root, component). */}}
+{{- define "dkv.headlessName" -}}
+{{- printf "%s-%s-headless" (include "dkv.fullname" .root) .component -}}
+{{- end -}}
+
+{{/* dkv.podDomain: "<headless>.<ns>.svc.<clusterDomain>", the domain of a StatefulSet's pods. */}}
+{{- define "dkv.podDomain" -}}
+{{- printf "%s.%s.svc.%s" (include "dkv.headlessName" .) .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* dkv.clusterToken: the cluster identity every member's data dir is stamped with. */}}
+{{- define "dkv.clusterToken" -}}
+{{- default (printf "%s-%s" (include "dkv.fullname" .) .Release.Namespace) .Values.clusterToken -}}
+{{- end -}}
+
+{{/* dkv.membershipPeers: "name=pod-dns:peerPort,..." of every membership replica (--initial-cluster). */}}
+{{- define "dkv.membershipPeers" -}}
+{{- $ctx := dict "root" . "component" "membership" -}}
+{{- $name := include "dkv.componentName" $ctx -}}
+{{- $domain := include "dkv.podDomain" $ctx -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.membership.replicas) -}}
+{{- $out = append $out (printf "%s-%d=%s-%d.%s:%d" $name $i $name $i $domain (int $.Values.membership.ports.peer)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/* dkv.membershipClients: "pod-dns:clientPort,..." of every membership replica (--membership). */}}
+{{- define "dkv.membershipClients" -}}
+{{- $ctx := dict "root" . "component" "membership" -}}
+{{- $name := include "dkv.componentName" $ctx -}}
+{{- $domain := include "dkv.podDomain" $ctx -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.membership.replicas) -}}
+{{- $out = append $out (printf "%s-%d.%s:%d" $name $i $domain (int $.Values.membership.ports.client)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/* dkv.tlsSecret: the Secret of one certificate (ctx: root, cert: node-0|membership-1|gateway|envoy|test-client|admin-client). */}}
+{{- define "dkv.tlsSecret" -}}
+{{- $prefix := default (printf "%s-" (include "dkv.fullname" .root)) .root.Values.tls.secretPrefix -}}
+{{- printf "%s%s-tls" $prefix .cert -}}
+{{- end -}}
+
+{{/* dkv.tlsVolume: a projected volume of every replica's certificate, each in a directory named after its pod (ctx: root, component, replicas). */}}
+{{- define "dkv.tlsVolume" -}}
+- name: tls
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- range $i := until (int .replicas) }}
+      - secret:
+          name: {{ include "dkv.tlsSecret" (dict "root" $.root "cert" (printf "%s-%d" $.component $i)) }}
+          items:
+            - {key: tls.crt, path: {{ include "dkv.componentName" $ }}-{{ $i }}/tls.crt}
+            - {key: tls.key, path: {{ include "dkv.componentName" $ }}-{{ $i }}/tls.key}
+            - {key: ca.crt, path: {{ include "dkv.componentName" $ }}-{{ $i }}/ca.crt}
+      {{- end }}
+{{- end -}}
+
+{{/* dkv.tlsFlags: a process's TLS flags for the certificate directory DIR (ctx: dir, prefix). */}}
+{{- define "dkv.tlsFlags" -}}
+- --{{ .prefix }}cert-file={{ .dir }}/tls.crt
+- --{{ .prefix }}key-file={{ .dir }}/tls.key
+- --{{ .prefix }}trusted-ca-file={{ .dir }}/ca.crt
+{{- end -}}
+
+{{/* dkv.podSecurityContext: the restricted pod security context. */}}
+{{- define "dkv.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext -}}
+{{- end -}}
+
+{{/* dkv.containerSecurityContext: the restricted container security context. */}}
+{{- define "dkv.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext -}}
+{{- end -}}
+
+{{/* dkv.podEnv: POD_NAME and POD_NAMESPACE from the downward API (flags use $(POD_NAME)). */}}
+{{- define "dkv.podEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef: {fieldPath: metadata.name}
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef: {fieldPath: metadata.namespace}
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- end -}}
+
+{{/* dkv.scheduling: topology spread and pod anti-affinity for a component (ctx: root, component, values). */}}
+{{- define "dkv.scheduling" -}}
+{{- $sel := include "dkv.selectorLabels" . | fromYaml -}}
+{{- with .values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- else }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- toYaml $sel | nindent 8 }}
+{{- end }}
+affinity:
+{{- with .values.affinity }}
+  {{- toYaml . | nindent 2 }}
+{{- else }}
+  podAntiAffinity:
+    {{- if eq .values.podAntiAffinity "hard" }}
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- toYaml $sel | nindent 12 }}
+    {{- else }}
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- toYaml $sel | nindent 14 }}
+    {{- end }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* dkv.quorumMinAvailable: the PDB's minAvailable that keeps a Raft majority of N replicas. */}}
+{{- define "dkv.quorumMinAvailable" -}}
+{{- add (div (int .) 2) 1 -}}
+{{- end -}}
+
+{{/* dkv.validateValues: fail with a readable message on combinations the schema cannot refuse. */}}
+{{- define "dkv.validateValues" -}}
+{{- if eq (mod (int .Values.membership.replicas) 2) 0 -}}
+{{- fail (printf "membership.replicas must be odd (1, 3, 5...): %d replicas tolerate no more failures than %d" (int .Values.membership.replicas) (sub (int .Values.membership.replicas) 1)) -}}
+{{- end -}}
+{{- if lt (int .Values.node.replicas) (int .Values.membership.replicationFactor) -}}
+{{- fail (printf "node.replicas (%d) must be at least membership.replicationFactor (%d): every shard needs that many nodes" (int .Values.node.replicas) (int .Values.membership.replicationFactor)) -}}
+{{- end -}}
+{{- if and .Values.tls.certManager.enabled .Values.tls.secretPrefix -}}
+{{- fail "tls.secretPrefix names Secrets made outside the chart: set tls.certManager.enabled=false with it" -}}
+{{- end -}}
+{{- if and (ne .Values.frontDoor.service.type "NodePort") (ne .Values.frontDoor.service.type "LoadBalancer") .Values.frontDoor.service.nodePort -}}
+{{- fail "frontDoor.service.nodePort needs frontDoor.service.type NodePort or LoadBalancer" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* dkv.serviceAccountName: the ServiceAccount of dkv's pods. */}}
+{{- define "dkv.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dkv.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
