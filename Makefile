@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 clean help
+.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -26,6 +26,9 @@ help:
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
 	@echo "make jaeger      build the Jaeger v2 trace backend from its Go module once (~4 min cold; needs Go)"
 	@echo "make etcd36      build etcd 3.6 (etcd, etcdctl) from its Go modules once, for the benchmarks (~1 min; needs Go)"
+	@echo "make helm        build the Helm CLI (v4) from its Go module once, for the chart tests (~3 min cold; needs Go)"
+	@echo "make chart-lint  helm lint --strict charts/dkv"
+	@echo "make cert-manager-manifests  regenerate cert-manager/dkv-certificates.yaml from the chart"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +47,7 @@ setup: $(STAMP)
 run: setup trace-backend
 	$(BIN)/dkv dev
 
-test: setup trace-backend
+test: setup trace-backend chart-helm
 	$(BIN)/python -m pytest -n auto -q
 
 test-fast: setup
@@ -147,6 +150,35 @@ bench-etcd36:
 	if [ $$rc -eq 0 ]; then rm -f .etcd-build.log; \
 	elif [ $$rc -eq 3 ]; then rm -f .etcd-build.log; echo "note: no Go toolchain, so no etcd 3.6: the benchmark compares with etcd 3.4 only"; \
 	else tail -5 .etcd-build.log; echo "note: building etcd 3.6 failed (log in .etcd-build.log): the benchmark compares with etcd 3.4 only"; fi
+
+# Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/helm/<version>/; prints the binary's path.
+helm:
+	tools/helm/build.sh
+
+# Helm for the chart tests (tests/chart, in `make test`), built once when a Go toolchain is
+# here. Without Go (exit 3), or when the build fails, the chart tests skip -- except under CI
+# (CI set), where they fail: CI has Go, and the chart must not go unchecked.
+HELM_VERSION := $(shell sed -n 's/^HELM_VERSION=//p' tools/helm/build.sh)
+HELM := $${DKV_CACHE_DIR:-$$HOME/.cache/dkv}/helm/$(HELM_VERSION)/helm
+chart-helm:
+	@test -x "$(HELM)" \
+	    || echo "Helm $(HELM_VERSION) not built yet: building it from its Go module when Go is here, once (about 3 min on 2 cores) ..."
+	@tools/helm/build.sh >/dev/null 2>.helm-build.log; rc=$$?; \
+	if [ $$rc -eq 0 ]; then rm -f .helm-build.log; \
+	elif [ $$rc -eq 3 ]; then rm -f .helm-build.log; echo "note: no Go toolchain, so no Helm: the chart tests skip (under CI they fail)"; \
+	else tail -5 .helm-build.log; echo "note: building Helm failed (log in .helm-build.log): the chart tests skip (under CI they fail)"; fi
+
+chart-lint: chart-helm
+	"$(HELM)" lint --strict charts/dkv
+
+# The chart's certificates for the release dkv in the namespace dkv, as plain manifests
+# (cert-manager/README.md); tests/chart/test_cert_manager.py checks they are current.
+cert-manager-manifests: chart-helm
+	{ sed -n '1,/^---$$/p' cert-manager/dkv-certificates.yaml; \
+	  "$(HELM)" template dkv charts/dkv --namespace dkv --show-only templates/certificates.yaml \
+	    | sed -e '1,/^# Source: /d' -e '/^# Source: /d' -e '/^    helm.sh\/chart: /d' -e '/^    app.kubernetes.io\/managed-by: Helm$$/d'; \
+	} > cert-manager/dkv-certificates.yaml.tmp
+	mv cert-manager/dkv-certificates.yaml.tmp cert-manager/dkv-certificates.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
