@@ -8,11 +8,12 @@
 
 Locust runs in its own process (``python -m locust -f loadtests/locustfile.py --headless``:
 gevent monkey-patches the whole process it runs in) and writes its JSON and HTML reports into
-``--out`` (``.dkv/loadtest/<run>/`` by default: ``locust.json``, ``locust.html``, and
-``writes.json``, every key written with its writes). It is bounded: ``--run-time`` (at most
-1 h), then ``--stop-timeout`` for the calls in flight, and killed if it has not exited 60 s
-after that. Then every key of the run is read back through the front door over gRPC
-(``dkv.client``) and checked against what was written (:func:`loadtests.workload.check_read_back`).
+``--out`` (``.dkv/loadtest/<run>/`` by default: ``locust.json``, ``locust.html``,
+``writes.json``, every key written with its writes, and ``errors.json``, the failures). It
+is bounded: ``--run-time`` (at most 1 h), then ``--stop-timeout`` for the calls in flight,
+and killed if it has not exited 60 s after that. Then every key of the run is read back
+through the front door over gRPC (``dkv.client``) and checked against what was written
+(:func:`loadtests.workload.check_read_back`).
 
 The summary is one line per protocol and request name (count, failures, requests/s, latency
 percentiles in ms). The exit status is 0 only when locust exited 0, no request failed, every

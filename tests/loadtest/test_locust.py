@@ -27,7 +27,11 @@ from loadtests.workload import OPERATIONS, make_value
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-RUN_TIME_S = 6
+RUN_TIME_S = 8
+# Every operation alike, so that each is drawn often enough over both protocols even on a
+# loaded machine; a deadline long enough that a slow answer is not a failure.
+WEIGHTS = "put=1,get=1,range=1,watch=1,cas=1"
+CALL_TIMEOUT_S = 30
 VALUE_SIZE = 100
 
 
@@ -75,7 +79,11 @@ def test_locust_drives_every_operation_over_grpc_and_http(tmp_path: Path) -> Non
                 "--run-time",
                 f"{RUN_TIME_S}s",
                 "--stop-timeout",
-                "5",
+                "10",
+                "--timeout",
+                str(CALL_TIMEOUT_S),
+                "--weights",
+                WEIGHTS,
                 "--keys",
                 "40",
                 "--distribution",
@@ -92,7 +100,7 @@ def test_locust_drives_every_operation_over_grpc_and_http(tmp_path: Path) -> Non
             cwd=REPO,
             capture_output=True,
             text=True,
-            timeout=RUN_TIME_S + 120,
+            timeout=RUN_TIME_S + 10 + 120,
             check=False,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
