@@ -161,8 +161,11 @@ helm:
 HELM_VERSION := $(shell sed -n 's/^HELM_VERSION=//p' tools/helm/build.sh)
 HELM := $${DKV_CACHE_DIR:-$$HOME/.cache/dkv}/helm/$(HELM_VERSION)/helm
 chart-helm:
-	@test -x "$(HELM)" \
-	    || echo "Helm $(HELM_VERSION) not built yet: building it from its Go module when Go is here, once (about 3 min on 2 cores) ..."
+	@# Announced only when there is a Go to build with (go_module.sh's lookup): without one, the
+	@# note below is the one line.
+	@if [ ! -x "$(HELM)" ] && { if [ -n "$${GO:-}" ]; then [ -x "$$GO" ]; \
+	    else command -v go >/dev/null || [ -x /usr/local/go/bin/go ]; fi; }; then \
+	    echo "Helm $(HELM_VERSION) not built yet: building it from its Go module, once (about 3 min on 2 cores) ..."; fi
 	@tools/helm/build.sh >/dev/null 2>.helm-build.log; rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -f .helm-build.log; \
 	elif [ $$rc -eq 3 ]; then rm -f .helm-build.log; echo "note: no Go toolchain, so no Helm: the chart tests skip (under CI they fail)"; \
