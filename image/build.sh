@@ -27,6 +27,8 @@ repo=$(cd "$here/.." && pwd)
 source "$here/lib.sh"
 
 note() { echo "make image: $*" >&2; }
+# debootstrap and chroot live in /usr/sbin, which a user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 missing=()
 for tool in debootstrap umoci unshare chroot flock; do

@@ -118,8 +118,10 @@ def test_dockerfile_follows_the_image_rules() -> None:
     assert "opentelemetry-proto==" in (REPO / "image/install.sh").read_text().split(installs[-1])[1]
 
 
-def _prerequisites() -> None:
-    missing = [tool for tool in PREREQUISITES if shutil.which(tool) is None]
+def _prerequisites() -> dict[str, str]:
+    """The tools' paths, or skip (fail when DKV_IMAGE_TEST=require) saying what is missing."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # debootstrap, chroot, runc
+    missing = [tool for tool in PREREQUISITES if shutil.which(tool, path=path) is None]
     why = []
     if missing:
         why.append(f"{' '.join(missing)} not installed (apt-get install debootstrap umoci runc)")
@@ -130,6 +132,7 @@ def _prerequisites() -> None:
         if os.environ.get("DKV_IMAGE_TEST") == "require":
             pytest.fail(message)
         pytest.skip(message)
+    return {tool: str(shutil.which(tool, path=path)) for tool in PREREQUISITES}
 
 
 def _free_port() -> int:
@@ -144,7 +147,8 @@ class Runc:
     data volume. They share the host's network (127.0.0.1 is the test's) and leave the host's
     cgroup mounts alone (no cgroup filesystem inside)."""
 
-    def __init__(self, bundle: Path, work: Path) -> None:
+    def __init__(self, runc: str, bundle: Path, work: Path) -> None:
+        self.binary = runc
         self.spec = json.loads((bundle / "config.json").read_text())
         self.rootfs = bundle / "rootfs"
         self.work = work
@@ -172,7 +176,7 @@ class Runc:
         return cid, bundle
 
     def command(self, cid: str, bundle: Path) -> list[str]:
-        return ["runc", "--root", str(self.state), "run", "--bundle", str(bundle), cid]
+        return [self.binary, "--root", str(self.state), "run", "--bundle", str(bundle), cid]
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cid, bundle = self._bundle(list(args))
@@ -198,7 +202,7 @@ class Runc:
 
     def runc(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["runc", "--root", str(self.state), *args],
+            [self.binary, "--root", str(self.state), *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
@@ -220,7 +224,7 @@ def _http_status(url: str) -> int:
 
 @pytest.mark.slow
 def test_make_image_builds_an_image_whose_processes_run(tmp_path: Path) -> None:
-    _prerequisites()
+    tools = _prerequisites()
     build = subprocess.run(
         [str(REPO / "image/build.sh")],
         env={**os.environ, "DKV_IMAGE_OUT_DIR": str(tmp_path / "out")},
@@ -262,7 +266,7 @@ def test_make_image_builds_an_image_whose_processes_run(tmp_path: Path) -> None:
 
     bundle = tmp_path / "bundle"
     subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:{VERSION}", str(bundle)],
+        [tools["umoci"], "unpack", "--image", f"{layout}:{VERSION}", str(bundle)],
         check=True, capture_output=True,
     )  # fmt: skip
     rootfs = bundle / "rootfs"
@@ -273,7 +277,7 @@ def test_make_image_builds_an_image_whose_processes_run(tmp_path: Path) -> None:
     assert not (rootfs / "opt/dkv/bin/pip").exists()
     assert os.readlink(rootfs / "opt/dkv/bin/python3") == "/usr/bin/python3"
 
-    runc = Runc(bundle, tmp_path)
+    runc = Runc(tools["runc"], bundle, tmp_path)
     try:
         # The image's user and Python: Debian's python3 of the release (bookworm: 3.11).
         who = runc.run("sh", "-c", "id; python3 --version")
