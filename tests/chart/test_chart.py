@@ -550,6 +550,10 @@ def test_envoy_bootstrap_is_what_envoy_config_makes(tmp_path: Path) -> None:
     assert mounted[config_arg.split("=", 1)[1]] == "bootstrap.yaml"
     tls_dir = "/etc/dkv/tls/envoy"
     assert f["envoy-cert-file"] == f"{tls_dir}/tls.crt" and mount["envoy-tls"] == tls_dir
+    # The gateway writes Envoy's listener and upstream SDS files where Envoy reads them.
+    envoy_mounts = {m["mountPath"]: m["name"] for m in envoy["volumeMounts"]}
+    gateway_mounts = {m["mountPath"]: m["name"] for m in gw["volumeMounts"]}
+    assert envoy_mounts[f["envoy-sds-dir"]] == gateway_mounts[f["envoy-sds-dir"]] == "envoy-sds"
     sds_dir = "/etc/envoy/sds"
     assert mounted[f"{sds_dir}/dkv_ads_cert.json"] == "dkv_ads_cert.json"
     ads_tls = envoy_config.TlsFiles(f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{tls_dir}/ca.crt")
@@ -737,6 +741,8 @@ def _secret_names(rendered: Rendered) -> Iterator[str]:
         ({"membership.replicas": 2}, "must be odd"),
         ({"node.replicas": 2}, "at least membership.replicationFactor"),
         ({"tls.secretPrefix": "mine-"}, "certManager.enabled=false"),
+        ({"node.ports.metrics": 2379}, "three different ports"),
+        ({"frontDoor.port": 2375}, "five different ports"),
     ],
 )
 def test_bad_values_are_refused(values: dict[str, Any], says: str) -> None:

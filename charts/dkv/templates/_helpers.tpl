@@ -208,6 +208,16 @@ priorityClassName: {{ . }}
 {{- if and .Values.tls.certManager.enabled .Values.tls.secretPrefix -}}
 {{- fail "tls.secretPrefix names Secrets made outside the chart: set tls.certManager.enabled=false with it" -}}
 {{- end -}}
+{{- range $component := list "membership" "node" -}}
+{{- $p := get (get $.Values $component) "ports" -}}
+{{- if ne 3 (len (uniq (list (int $p.client) (int $p.peer) (int $p.metrics)))) -}}
+{{- fail (printf "%s.ports: client, peer and metrics must be three different ports" $component) -}}
+{{- end -}}
+{{- end -}}
+{{- $g := .Values.gateway.ports -}}
+{{- if ne 5 (len (uniq (list (int $g.client) (int $g.xds) (int $g.metrics) (int .Values.frontDoor.port) (int .Values.gateway.envoy.adminPort)))) -}}
+{{- fail "gateway.ports (client, xds, metrics), gateway.envoy.adminPort and frontDoor.port share a pod: they must be five different ports" -}}
+{{- end -}}
 {{- if and (ne .Values.frontDoor.service.type "NodePort") (ne .Values.frontDoor.service.type "LoadBalancer") .Values.frontDoor.service.nodePort -}}
 {{- fail "frontDoor.service.nodePort needs frontDoor.service.type NodePort or LoadBalancer" -}}
 {{- end -}}
