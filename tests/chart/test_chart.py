@@ -185,9 +185,17 @@ def test_services_name_ports_their_pods_declare(values: dict[str, Any]) -> None:
                 )
 
 
-def served_ports(workload: dict[str, Any]) -> dict[str, tuple[str, int]]:
-    """Container port name -> (host, port) the process in that pod listens on, from its flags."""
+def served_ports(workload: dict[str, Any], rendered: Rendered) -> dict[str, tuple[str, int]]:
+    """Container port name -> (host, port) the process in that pod listens on, from its flags
+    (and Envoy's static stats listener, from its bootstrap)."""
     out: dict[str, tuple[str, int]] = {}
+    if workload["kind"] == "Deployment":
+        cm = rendered.get("ConfigMap", f"{RELEASE}-gateway-envoy")
+        bootstrap = yaml.safe_load(cm["data"]["bootstrap.yaml"])
+        for listener in bootstrap["static_resources"].get("listeners", []):
+            address = listener["address"]["socket_address"]
+            if listener["name"] == "dkv_envoy_stats":
+                out["envoy-metrics"] = (address["address"], address["port_value"])
     for c in containers(workload):
         f = flags(c)
         for flag, name in (
@@ -208,7 +216,7 @@ def test_probes_and_container_ports_are_ports_the_processes_serve(values: dict[s
     for w in rendered.workloads():
         if w["kind"] == "Pod":
             continue
-        served = served_ports(w)
+        served = served_ports(w, rendered)
         for c in containers(w):
             declared = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             for name, number in declared.items():
@@ -562,7 +570,9 @@ def test_envoy_bootstrap_is_what_envoy_config_makes(tmp_path: Path) -> None:
     sds_dir = "/etc/envoy/sds"
     assert mounted[f"{sds_dir}/dkv_ads_cert.json"] == "dkv_ads_cert.json"
     ads_tls = envoy_config.TlsFiles(f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{tls_dir}/ca.crt")
+    stats_port = next(p["containerPort"] for p in envoy["ports"] if p["name"] == "envoy-metrics")
     expected = envoy_config.bootstrap(
+        stats_port=stats_port,
         ads_host=host_of(f["listen-xds"]),
         ads_port=port_of(f["listen-xds"]),
         admin_port=2376,
@@ -665,8 +675,14 @@ def test_prometheus_rule_carries_the_repositorys_alerts() -> None:
     )
     (rule,) = rendered.of_kind("PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(source.read_text())["groups"]
-    # The alerts select job="dkv-node" etc.: the ServiceMonitors' jobLabel gives that.
-    jobs = set(re.findall(r'job=~?"([^"]+)"', source.read_text()))
+    # The alerts and dashboards select job="dkv-node" etc. (and "envoy"): the ServiceMonitors'
+    # jobLabel gives that.
+    texts = [source.read_text()]
+    texts += [
+        p.read_text().replace('\\"', '"') for p in (ROOT / "grafana/dashboards").glob("*.json")
+    ]
+    jobs = {j for t in texts for j in re.findall(r'job=~?"([^"$]+)"', t)}
+    monitored = set()
     for monitor in rendered.of_kind("ServiceMonitor"):
         label = monitor["spec"]["jobLabel"]
         (svc,) = [
@@ -676,9 +692,11 @@ def test_prometheus_rule_carries_the_repositorys_alerts() -> None:
         ]
         job = svc["metadata"]["labels"][label]
         assert any(re.fullmatch(j, job) for j in jobs), job
+        monitored.add(job)
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
             p["name"] for p in svc["spec"]["ports"]
         }
+    assert monitored == {"dkv-membership", "dkv-node", "dkv-gateway", "envoy"}
     assert not render({}).of_kind("ServiceMonitor") and not render({}).of_kind("PrometheusRule")
 
 
@@ -741,7 +759,8 @@ def _secret_names(rendered: Rendered) -> Iterator[str]:
         ({"node.replicas": 2}, "at least membership.replicationFactor"),
         ({"tls.secretPrefix": "mine-"}, "certManager.enabled=false"),
         ({"node.ports.metrics": 2379}, "three different ports"),
-        ({"frontDoor.port": 2375}, "five different ports"),
+        ({"frontDoor.port": 2375}, "six different ports"),
+        ({"gateway.envoy.statsPort": 2376}, "six different ports"),
     ],
 )
 def test_bad_values_are_refused(values: dict[str, Any], says: str) -> None:

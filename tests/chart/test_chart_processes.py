@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,7 @@ def _ports() -> dict[str, int]:
             "gateway.ports.metrics": base + 8,
             "gateway.envoy.adminPort": base + 9,
             "frontDoor.port": base + 10,
+            "gateway.envoy.statsPort": base + 11,
         }
         ips = ["127.0.0.1", *(f"{POD_NET}{i}" for i in range(10, 40))]
         if all(_free(ip, p) for p in ports.values() for ip in ("0.0.0.0", *ips[:1])):
@@ -143,7 +145,7 @@ class Pod:
                 for item in items:
                     dest = target / item["path"]
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_text(self.path(data[item["key"]]))
+                    dest.write_text(self.path(data[item["key"]]).replace("0.0.0.0", self.ip))
         for claim in self.workload["spec"].get("volumeClaimTemplates", []):
             Path(self.path(mounts[claim["metadata"]["name"]])).mkdir(parents=True, exist_ok=True)
 
@@ -281,6 +283,14 @@ def test_the_rendered_pods_serve_the_helm_test(
         if time.monotonic() > deadline:
             pytest.fail(f"the helm test hook never passed: {out.stdout}{out.stderr}\n{tails()}")
         time.sleep(2)
+    # Envoy's metrics, for Prometheus, and nothing else of its admin interface.
+    (gateway,) = [p for p in pods if p.workload["kind"] == "Deployment"]
+    stats = f"http://{gateway.ip}:{values['gateway.envoy.statsPort']}"
+    with urllib.request.urlopen(f"{stats}/stats/prometheus", timeout=5) as resp:
+        assert b"envoy_cluster_upstream_rq_total" in resp.read()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{stats}/quitquitquit", data=b"", timeout=5)
+    assert refused.value.code == 404
     # Every pod is ready, as its readiness probe asks.
     for pod in pods:
         for c in pod_spec(pod.workload)["containers"]:

@@ -215,8 +215,8 @@ priorityClassName: {{ . }}
 {{- end -}}
 {{- end -}}
 {{- $g := .Values.gateway.ports -}}
-{{- if ne 5 (len (uniq (list (int $g.client) (int $g.xds) (int $g.metrics) (int .Values.frontDoor.port) (int .Values.gateway.envoy.adminPort)))) -}}
-{{- fail "gateway.ports (client, xds, metrics), gateway.envoy.adminPort and frontDoor.port share a pod: they must be five different ports" -}}
+{{- if ne 6 (len (uniq (list (int $g.client) (int $g.xds) (int $g.metrics) (int .Values.frontDoor.port) (int .Values.gateway.envoy.adminPort) (int .Values.gateway.envoy.statsPort)))) -}}
+{{- fail "gateway.ports (client, xds, metrics), gateway.envoy.adminPort, gateway.envoy.statsPort and frontDoor.port share a pod: they must be six different ports" -}}
 {{- end -}}
 {{- if and (ne .Values.frontDoor.service.type "NodePort") (ne .Values.frontDoor.service.type "LoadBalancer") .Values.frontDoor.service.nodePort -}}
 {{- fail "frontDoor.service.nodePort needs frontDoor.service.type NodePort or LoadBalancer" -}}

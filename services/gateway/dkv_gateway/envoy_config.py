@@ -113,7 +113,12 @@ from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 from dkv.sizes import request_bytes_max
 
 __all__ = [
+    "ADMIN_CLUSTER_NAME",
     "ADS_CLUSTER_NAME",
+    "STATS_LISTENER_NAME",
+    "STATS_PATH",
+    "admin_cluster",
+    "stats_listener",
     "GATEWAY_CLUSTER_NAME",
     "TlsFiles",
     "Tracing",
@@ -965,6 +970,8 @@ def bootstrap(
     ads_tls: TlsFiles | None = None,
     sds_dir: str = "",
     trust_domain: str = "dkv",
+    stats_port: int | None = None,
+    stats_host: str = "0.0.0.0",
 ) -> bootstrap_pb2.Bootstrap:
     """Envoy's bootstrap: the admin endpoint, the ADS server and the limit on client
     connections, nothing else.
@@ -975,6 +982,9 @@ def bootstrap(
     The admin interface stays on ``admin_host`` (loopback): it can change Envoy's state.
     ``sds_dir``: ``ads_tls`` comes by file-based SDS from there (:func:`write_ads_sds_files`),
     so that Envoy's xDS connection follows rotated certificates like its listener does.
+    ``stats_port``: a listener on ``stats_host:stats_port`` that serves Envoy's
+    ``/stats/prometheus`` and nothing else (:func:`stats_listener`), for a Prometheus that
+    cannot reach the admin interface on loopback (a pod's); None: none.
     """
     connections = overload_pb2.ResourceMonitor(
         name="envoy.resource_monitors.global_downstream_max_connections",
@@ -988,6 +998,20 @@ def bootstrap(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
     )
+    clusters = [
+        _ads_cluster(
+            ads_host,
+            ads_port,
+            connect_timeout_ms,
+            ads_tls,
+            sds_dir,
+            f"spiffe://{trust_domain}/gateway",
+        )
+    ]
+    listeners: list[listener_pb2.Listener] = []
+    if stats_port is not None:
+        clusters.append(admin_cluster(admin_host, admin_port, connect_timeout_ms))
+        listeners.append(stats_listener(stats_host, stats_port))
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=node_id, cluster=node_cluster),
         admin=bootstrap_pb2.Admin(address=_socket_address(admin_host, admin_port)),
@@ -1008,18 +1032,64 @@ def bootstrap(
             lds_config=ads_source,
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[
-                _ads_cluster(
-                    ads_host,
-                    ads_port,
-                    connect_timeout_ms,
-                    ads_tls,
-                    sds_dir,
-                    f"spiffe://{trust_domain}/gateway",
-                )
-            ]
+            clusters=clusters, listeners=listeners
         ),
         overload_manager=overload_pb2.OverloadManager(resource_monitors=[connections]),
+    )
+
+
+ADMIN_CLUSTER_NAME = "dkv_envoy_admin"
+STATS_LISTENER_NAME = "dkv_envoy_stats"
+STATS_PATH = "/stats/prometheus"
+
+
+def admin_cluster(host: str, port: int, connect_timeout_ms: int) -> cluster_pb2.Cluster:
+    """Envoy's own admin interface as an upstream (HTTP/1.1: the admin server speaks it)."""
+    cluster = _static_cluster(ADMIN_CLUSTER_NAME, [(host, port)], connect_timeout_ms)
+    del cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS_KEY]
+    return cluster
+
+
+def stats_listener(host: str, port: int) -> listener_pb2.Listener:
+    """A plaintext listener that passes ``GET /stats/prometheus`` to the admin interface and
+    answers 404 to anything else: the admin interface can change Envoy's state, so it stays
+    on loopback and only its metrics are exposed."""
+    routes = [
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(path=STATS_PATH),
+            route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER_NAME),
+        ),
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=route_components_pb2.DirectResponseAction(
+                status=404,
+                body=base_pb2.DataSource(inline_string=f"only {STATS_PATH} is served here\n"),
+            ),
+        ),
+    ]
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="dkv_envoy_stats",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        route_config=route_pb2.RouteConfiguration(
+            name="dkv_envoy_stats",
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(name="stats", domains=["*"], routes=routes)
+            ],
+        ),
+        http_filters=[
+            hcm_pb2.HttpFilter(name=_ROUTER_NAME, typed_config=_pack(router_pb2.Router()))
+        ],
+    )
+    return listener_pb2.Listener(
+        name=STATS_LISTENER_NAME,
+        address=_socket_address(host, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name=_HCM_NAME, typed_config=_pack(manager))
+                ]
+            )
+        ],
     )
 
 
