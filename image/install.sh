@@ -32,7 +32,9 @@ pip_install --force-reinstall --no-deps \
 # Both must import together (the OTLP exporter and the gateway's xDS server).
 "$venv/bin/python" -c 'import opentelemetry.exporter.otlp.proto.grpc.trace_exporter, envoy.service.discovery.v3.ads_pb2_grpc'
 
-groupadd --gid 10001 dkv
-useradd --no-log-init --uid 10001 --gid dkv --home-dir /var/lib/dkv --no-create-home \
-    --shell /usr/sbin/nologin dkv
+# A system account (no password aging, no subordinate ids) with the image's fixed uid, which is
+# above Debian's system range: -K lifts the range's limit (useradd would warn, nothing more).
+groupadd --system -K SYS_GID_MAX=10001 --gid 10001 dkv
+useradd --system -K SYS_UID_MAX=10001 --no-log-init --uid 10001 --gid dkv \
+    --home-dir /var/lib/dkv --no-create-home --shell /usr/sbin/nologin dkv
 install -d -o dkv -g dkv -m 0750 /var/lib/dkv
