@@ -65,6 +65,8 @@ fi
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9
+# Holding the lock, any work dir left is from a build that was killed.
+rm -rf "$cache"/work.*
 work=$(mktemp -d "$cache/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
