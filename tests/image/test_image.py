@@ -291,6 +291,16 @@ def test_make_image_builds_an_image_whose_processes_run(tmp_path: Path) -> None:
             assert "usage" in (r.stdout + r.stderr).lower(), (command, r.stdout[-2000:])
         version = runc.run("envoy", "--version")
         assert version.returncode == 0 and "version: " in version.stdout, version.stderr
+        # Envoy loads the bootstrap the image's dkv writes (as the gateway pod's Envoy does).
+        bootstrap = "/var/lib/dkv/envoy.json"
+        validate = runc.run(
+            "sh",
+            "-c",
+            f"dkv envoy-bootstrap --xds 127.0.0.1:{_free_port()} "
+            f"--out {bootstrap} && envoy --mode validate -c {bootstrap}",
+        )
+        assert validate.returncode == 0, (validate.stdout[-2000:], validate.stderr[-2000:])
+        assert "configuration '/var/lib/dkv/envoy.json' OK" in validate.stdout + validate.stderr
 
         # A one-member cluster: the node serves /livez and /readyz, gRPC health, and a write
         # and a read from the image's dkvctl.
