@@ -55,6 +55,10 @@ if [[ -z $version || -z $release ]]; then
     note "cannot read the version from pyproject.toml or DEBIAN_RELEASE from the Dockerfile"
     exit 1
 fi
+if [[ ! -x $python ]]; then
+    note "no Python to build the wheel with at $python: run make setup (or set PYTHON)"
+    exit 3
+fi
 if [[ -z $mirror ]]; then
     note "no Debian archive for $release in this machine's apt sources: set DKV_DEBIAN_MIRROR"
     exit 3
