@@ -81,7 +81,12 @@ def run_raft_bench(
         applied += _drive(raws, storages)
     elapsed = time.perf_counter() - start
     # Every node must have applied everything: a benchmark that loses entries is no benchmark.
-    for _ in range(10):
+    # Followers learn the last commit index from the leader's next heartbeat (no append carries
+    # it once proposals stop), so the leader ticks until they have, bounded.
+    for _ in range(100):
+        if all(n.status().applied >= base + total_entries for n in raws.values()):
+            break
+        leader.tick()
         _drive(raws, storages)
     for i, node in raws.items():
         st = node.status()
