@@ -335,3 +335,7 @@ def test_make_image_builds_an_image_whose_processes_run(tmp_path: Path) -> None:
         assert "Traceback" not in log.read_text()
     finally:
         runc.cleanup()
+        # Half a gigabyte (archive, layout, unpacked root filesystem): pytest keeps its last
+        # three temporary directories.
+        for path in (tmp_path / "out", layout, bundle):
+            shutil.rmtree(path, ignore_errors=True)
