@@ -290,6 +290,7 @@ def test_the_rendered_pods_serve_the_helm_test(
         assert b"envoy_cluster_upstream_rq_total" in resp.read()
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{stats}/quitquitquit", data=b"", timeout=5)
+    refused.value.close()  # an HTTPError holds the response (and its socket) open
     assert refused.value.code == 404
     # Every pod is ready, as its readiness probe asks.
     for pod in pods:
@@ -306,6 +307,8 @@ def test_the_rendered_pods_serve_the_helm_test(
                     with urllib.request.urlopen(url, timeout=2) as resp:
                         if resp.status == 200:
                             break
+                except urllib.error.HTTPError as exc:
+                    exc.close()  # 503: not ready yet
                 except OSError:
                     pass
                 time.sleep(1)
