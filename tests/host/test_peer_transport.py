@@ -4,6 +4,7 @@ dev PKI; and what its listener refuses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from pathlib import Path
@@ -146,6 +147,8 @@ async def _exchange(port: int, ctx: ssl.SSLContext | None, data: bytes) -> pb.Pe
         return None
     finally:
         writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
 
 
 HEARTBEAT = Message(MessageType.HEARTBEAT, to=1, frm=2, term=1)

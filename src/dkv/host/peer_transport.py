@@ -90,6 +90,7 @@ USER_TIMEOUT_MS = 15_000
 the kernel (a peer that vanished without a reset); keepalive probes find it when idle."""
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 5, 2, 3
 REFUSAL_LOG_INTERVAL_S = 1.0
+CLOSE_GRACE_S = 2.0
 
 
 class Refused(Exception):
@@ -168,6 +169,7 @@ class _Inbound(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.early = bytearray()  # received before the caller was checked
         self.refused = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check)
@@ -307,6 +309,8 @@ class _Inbound(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.ready = False
         self.listener._inbound.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
 
 class PeerListener:
@@ -394,15 +398,34 @@ class PeerListener:
         self.closing = True
         if self._server is not None:
             self._server.close()
-        for conn in list(self._inbound):
+        inbound = list(self._inbound)
+        for conn in inbound:
             if conn.task is not None:
                 conn.task.cancel()
             if conn.transport is not None:
                 conn.transport.close()
+        await _closed(inbound)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
             self._server = None
+
+
+async def _closed(conns: Sequence[_Inbound | _Outbound]) -> None:
+    """Wait, bounded, until ``conns`` (being closed) are gone: a TLS close takes a few loop
+    passes, and a loop that ends first leaves their sockets to the garbage collector (a
+    ResourceWarning). What is still open after the bound is aborted."""
+    pending = [c for c in conns if not _lost(c).done()]
+    if not pending:
+        return
+    _, late = await asyncio.wait([_lost(c) for c in pending], timeout=CLOSE_GRACE_S)
+    for c in pending:
+        if _lost(c) in late and c.transport is not None:
+            c.transport.abort()
+
+
+def _lost(conn: _Inbound | _Outbound) -> asyncio.Future[None]:
+    return conn.lost if isinstance(conn, _Inbound) else conn.closed
 
 
 # -- sending -----------------------------------------------------------------------------------
@@ -699,8 +722,10 @@ class PeerTransport:
         tasks += self._retiring
         for t in tasks:
             t.cancel()
-        for p in self._peers.values():
-            if p.conn is not None and p.conn.transport is not None:
-                p.conn.transport.close()
+        outbound = [p.conn for p in self._peers.values() if p.conn is not None]
+        for conn in outbound:
+            if conn.transport is not None:
+                conn.transport.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await _closed(outbound)
         await self.listener.close()
