@@ -2,11 +2,12 @@
 ``dkv_network_peer_*``), label ``to`` = the peer's member id (bounded by the cluster's size).
 
 - ``dkv_network_peer_sent_failures_total{to}``: Raft message batches that did not reach the
-  peer: dropped because its queue was full, dropped when its stream broke (queued ones are
+  peer: dropped because its queue was full, dropped when its connection broke (queued ones are
   stale by the reconnect), or lost in a write that failed.
 - ``dkv_network_peer_round_trip_time_seconds{to}``: etcd times separate probe requests. Our
-  transport is one long-lived stream per peer whose receiver answers a cumulative
-  ``StreamAck`` every 16 batches, so the round trip is timed on that real traffic instead:
+  transport (:mod:`dkv.host.peer_transport`) is one long-lived connection per peer whose
+  receiver answers a cumulative ``StreamAck`` frame every 16 batches, so the round trip is
+  timed on that real traffic instead:
   from writing a batch whose number is a multiple of 16 to the ack that counts it (network
   both ways plus the receiver's decode and hand-off). No extra RPC, one clock read per 16
   batches; an idle pair of peers still exchanges heartbeats, so samples keep coming.
