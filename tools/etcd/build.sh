@@ -24,33 +24,19 @@ cache_dir="${DKV_CACHE_DIR:-$HOME/.cache/dkv}/etcd/$ETCD_VERSION"
 binary="$cache_dir/etcd"
 ctl="$cache_dir/etcdctl"
 
-if [[ -x $binary && -x $ctl ]]; then
-    echo "$binary"
-    exit 0
-fi
-
 # shellcheck source=../lib/go_module.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/go_module.sh"
+print_if_built "$binary" "$ctl"
 go_toolchain "etcd $ETCD_VERSION"
 lock_cache "$cache_dir"
-if [[ -x $binary && -x $ctl ]]; then
-    echo "$binary"
-    exit 0
-fi
+print_if_built "$binary" "$ctl"
 # Go 1.26.0 or newer for v3.6.17 (etcd's go.mod).
 pinning_module "$cache_dir/module" dkv.local/etcd-build \
     "$ETCD_SERVER_PKG@$ETCD_VERSION" "$ETCDCTL_PKG@$ETCD_VERSION"
 
-# Write under temporary names and rename (atomic on one filesystem): an interrupted build leaves
-# no half binary that the -x checks above would take for a finished one. etcdctl first, so a
-# present `etcd` always means a finished pair.
-tmp_ctl="$ctl.tmp.$$" tmp="$binary.tmp.$$"
-trap 'rm -f "$tmp" "$tmp_ctl"' EXIT
-# As etcd's release build: static (CGO_ENABLED=0), -trimpath; -s -w drop the symbol and DWARF
-# tables (a smaller binary, a lighter link). etcd's version string is a constant of api/v3.
+# As etcd's release build: static (CGO_ENABLED=0), -trimpath, -s -w; etcd's version string is
+# a constant of api/v3. etcdctl first, so a present `etcd` always means a finished pair.
 export CGO_ENABLED=0
-"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp_ctl" "$ETCDCTL_PKG" >&2
-"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp" "$ETCD_SERVER_PKG" >&2
-mv -f "$tmp_ctl" "$ctl"
-mv -f "$tmp" "$binary"
+go_build_to "$ctl" "$ETCDCTL_PKG" "-s -w"
+go_build_to "$binary" "$ETCD_SERVER_PKG" "-s -w"
 echo "$binary"

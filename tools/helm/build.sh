@@ -15,30 +15,16 @@ HELM_PKG=helm.sh/helm/v4/cmd/helm
 cache_dir="${DKV_CACHE_DIR:-$HOME/.cache/dkv}/helm/$HELM_VERSION"
 binary="$cache_dir/helm"
 
-if [[ -x $binary ]]; then
-    echo "$binary"
-    exit 0
-fi
-
 # shellcheck source=../lib/go_module.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/go_module.sh"
+print_if_built "$binary"
 go_toolchain "Helm $HELM_VERSION"
 lock_cache "$cache_dir"
-if [[ -x $binary ]]; then
-    echo "$binary"
-    exit 0
-fi
+print_if_built "$binary"
 pinning_module "$cache_dir/module" dkv.local/helm-build "$HELM_PKG@$HELM_VERSION"
 
-# Write under a temporary name and rename (atomic on one filesystem): an interrupted build leaves
-# no half binary that the -x check above would take for a finished one.
-tmp="$binary.tmp.$$"
-trap 'rm -f "$tmp"' EXIT
 # As Helm's release build: static (CGO_ENABLED=0), -trimpath, -s -w; -X stamps the version
 # `helm version` prints (Helm's Makefile does the same).
 export CGO_ENABLED=0
-"$go_bin" build -trimpath \
-    -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
-    -o "$tmp" "$HELM_PKG" >&2
-mv -f "$tmp" "$binary"
+go_build_to "$binary" "$HELM_PKG" "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
 echo "$binary"

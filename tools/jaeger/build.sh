@@ -15,30 +15,17 @@ JAEGER_PKG=github.com/jaegertracing/jaeger/cmd/jaeger
 cache_dir="${DKV_CACHE_DIR:-$HOME/.cache/dkv}/jaeger/$JAEGER_VERSION"
 binary="$cache_dir/jaeger"
 
-if [[ -x $binary ]]; then
-    echo "$binary"
-    exit 0
-fi
-
 # shellcheck source=../lib/go_module.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/go_module.sh"
+print_if_built "$binary"
 go_toolchain "Jaeger $JAEGER_VERSION"
 lock_cache "$cache_dir"
-if [[ -x $binary ]]; then
-    echo "$binary"
-    exit 0
-fi
+print_if_built "$binary"
 # Go 1.24.6 or newer for v1.75.0 (Jaeger's go.mod).
 pinning_module "$cache_dir/module" dkv.local/jaeger-build "$JAEGER_PKG@$JAEGER_VERSION"
 
-# Write under a temporary name and rename (atomic on one filesystem): an interrupted build leaves
-# no half binary that the -x check above would take for a finished one.
-tmp="$binary.tmp.$$"
-trap 'rm -f "$tmp"' EXIT
-# -trimpath and -s -w: no local paths, no symbol/DWARF tables (a smaller binary, a lighter link).
-# -X: the version Jaeger's release Makefile stamps in, shown by `jaeger version`, its logs and UI.
-"$go_bin" build -trimpath \
-    -ldflags="-s -w -X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION" \
-    -o "$tmp" "$JAEGER_PKG" >&2
-mv -f "$tmp" "$binary"
+# -s -w: no symbol/DWARF tables (a smaller binary, a lighter link). -X: the version Jaeger's
+# release Makefile stamps in, shown by `jaeger version`, its logs and UI.
+go_build_to "$binary" "$JAEGER_PKG" \
+    "-s -w -X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION"
 echo "$binary"

@@ -42,3 +42,29 @@ pinning_module() {
     fi
     "$go_bin" get -tool "$@" >&2
 }
+
+# print_if_built BINARY...: when every BINARY is already an executable, print the first and
+# exit 0 (a cached build). Called before the lock and again once holding it: a build that
+# finished while we waited is taken as it is.
+print_if_built() {
+    local b
+    for b in "$@"; do
+        [[ -x $b ]] || return 0
+    done
+    echo "$1"
+    exit 0
+}
+
+# go_build_to OUT PKG LDFLAGS: `go build -trimpath` PKG into OUT under a temporary name, then
+# rename (atomic on one filesystem): an interrupted build leaves no half binary that
+# print_if_built would take for a finished one. -s -w belong in LDFLAGS (smaller binaries,
+# lighter links); CGO_ENABLED is the caller's.
+go_build_to() {
+    local out=$1 pkg=$2 ldflags=$3
+    local tmp="$out.tmp.$$"
+    if ! "$go_bin" build -trimpath -ldflags="$ldflags" -o "$tmp" "$pkg" >&2; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mv -f "$tmp" "$out"
+}
