@@ -78,6 +78,12 @@ P = KeyRange.prefix
         ("user:mallory", R, K(b"app/x"), False),  # nobody: deny by default
         ("role:admin", A, KeyRange.everything(), True),
         ("gateway", R, K(b"x"), False),  # components get nothing from the policy file
+        # a '*' in a key is a byte like any other: no wildcard in a request
+        ("user:alice", W, K(b"app/*"), True),
+        ("user:alice", W, K(b"*"), False),
+        ("user:erin", R, K(b"exact/*"), False),
+        ("user:alice", R, KeyRange(b"app/*", b"app/*\x00"), True),
+        ("user:alice", R, KeyRange(b"*", b"app/z"), False),  # '*' < 'a': starts before app/
         # non-UTF-8 keys are bytes like any other
         ("user:alice", W, K(b"app/\xff\xfe"), True),
         ("user:reader", R, K(b"\x00\xff"), True),

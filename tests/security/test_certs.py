@@ -119,3 +119,28 @@ def test_cli_writes_a_pki_and_rejects_bad_component(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "kind/name" in bad.stderr
+
+
+def test_cli_issues_one_user_from_the_existing_ca(tmp_path: Path) -> None:
+    """``dkv certs user alice`` beside ``make run``'s PKI: the CA is kept, alice's certificate
+    is signed by it and names spiffe://dkv/user/alice (and CN=alice)."""
+    dkv = [sys.executable, "-c", "from dkv.cli.main import app; app()"]
+    write_dev_pki(tmp_path, [("node", "n1"), ("client", "admin")])
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    done = subprocess.run(
+        [*dkv, "certs", "--out", str(tmp_path), "user", "alice"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    alice, ca = _load(tmp_path / "alice.crt"), _load(tmp_path / "ca.crt")
+    alice.verify_directly_issued_by(ca)
+    sans = alice.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://dkv/user/alice"]
+    assert alice.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "alice"
+    missing = subprocess.run(
+        [*dkv, "certs", "--out", str(tmp_path), "user"], check=False, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "dkv certs user alice" in missing.stderr
