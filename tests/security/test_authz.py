@@ -181,15 +181,19 @@ def test_policy_files_reload_on_change_and_keep_the_last_good_one(tmp_path: Path
 
     files.policy.write_text(DEFAULT_POLICY.replace("g, user:reader, role:reader\n", ""))
     os.utime(files.policy, ns=(1, 1))  # a different mtime even within one clock tick
-    assert store.check_now()
+    assert not store.check_now()  # changed since the last poll: it may still be written
+    assert store.current is first
+    assert store.check_now()  # the same at two polls: loaded
     assert store.current is not first
     assert not store.current.allowed("user:reader", R, K(b"k"))
     assert first.allowed("user:reader", R, K(b"k"))  # the old object never changes
 
     good = store.current
     files.policy.write_text("p, user:x, a*b, read\n")  # bad: refused, the old one stays
+    assert not store.check_now() and store.reload_failures == 0
     assert not store.check_now()
     assert store.current is good and store.reload_failures == 1
+    assert not store.check_now() and store.reload_failures == 1  # not retried every poll
 
     # Kubernetes replaces a ConfigMap by swapping a symlink: the resolved file changes.
     real = tmp_path / "v2"
@@ -203,8 +207,60 @@ def test_policy_files_reload_on_change_and_keep_the_last_good_one(tmp_path: Path
     (tmp_path / "v3" / "policy.csv").write_text(DEFAULT_POLICY)
     link.unlink()
     link.symlink_to(tmp_path / "v3" / "policy.csv")
+    assert not linked.check_now()
     assert linked.check_now()
     assert not linked.current.allowed("user:eve", R, K(b"e/1"))
+
+
+def test_a_policy_caught_half_written_is_never_in_force(tmp_path: Path) -> None:
+    """An editor rewriting policy.csv in place (truncate, write) caught between two writes by
+    a poll: the policy cut short names a role that grants more (role:admin for role:admin-ro).
+    It must never be in force; the whole file is, once it stopped changing."""
+    files = write_default_policy(tmp_path)
+    base = DEFAULT_POLICY + "p, role:admin-ro, *, read\n"
+    files.policy.write_text(base)
+    store = PolicyStore(files)
+    full = base + "g, user:bob, role:admin-ro\n"
+    everything = KeyRange.everything()
+
+    files.policy.write_text(full[: -len("-ro\n")])  # "... g, user:bob, role:admin"
+    os.utime(files.policy, ns=(1, 1))
+    assert not store.check_now()
+    assert not store.current.allowed("user:bob", A, everything)
+    files.policy.write_text(full)
+    os.utime(files.policy, ns=(2, 2))
+    assert not store.check_now()
+    assert not store.current.allowed("user:bob", A, everything)
+    assert store.check_now()
+    assert store.current.allowed("user:bob", R, everything)
+    assert not store.current.allowed("user:bob", A, everything)
+    assert store.reloads == 1
+
+
+def test_a_policy_that_changes_while_it_is_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = write_default_policy(tmp_path)
+    store = PolicyStore(files)
+    files.policy.write_text(DEFAULT_POLICY + "g, user:bob, role:admin\n")  # half of an edit
+    os.utime(files.policy, ns=(1, 1))
+    assert not store.check_now()
+    load = Authorizer.from_files
+
+    def load_then_edit(f: PolicyFiles) -> Authorizer:
+        loaded = load(f)
+        f.policy.write_text(DEFAULT_POLICY + "g, user:bob, role:reader\n")  # the rest of it
+        os.utime(f.policy, ns=(2, 2))
+        return loaded
+
+    monkeypatch.setattr(Authorizer, "from_files", load_then_edit)
+    assert not store.check_now()  # what it read is not what the file holds: not swapped in
+    monkeypatch.setattr(Authorizer, "from_files", load)
+    assert not store.current.allowed("user:bob", A, KeyRange.everything())
+    assert not store.check_now()  # settling
+    assert store.check_now()
+    assert store.current.allowed("user:bob", R, K(b"k"))
+    assert not store.current.allowed("user:bob", A, KeyRange.everything())
 
 
 def test_a_process_refuses_to_start_on_a_bad_or_missing_policy(tmp_path: Path) -> None:

@@ -31,8 +31,9 @@ check the two agree on random policies and requests. :meth:`Authorizer.explain` 
 Casbin itself and names the rule (``dkvctl auth check``).
 
 **Reload**: a policy is immutable once loaded; :class:`PolicyStore` polls the files and swaps
-in a new :class:`Authorizer` (one attribute assignment) only once it loaded and validated
-whole, so no request sees half a policy, and a bad edit keeps the old policy (logged).
+in a new :class:`Authorizer` (one attribute assignment) only once the files stopped changing
+and it loaded and validated whole, so no request sees half a policy (neither half-loaded nor
+half-written), and a bad edit keeps the old policy (logged).
 """
 
 from __future__ import annotations
@@ -312,13 +313,20 @@ class PolicyStore:
     """The current :class:`Authorizer` of a process, reloaded when its files change.
 
     ``current`` is read on every request (an attribute read); :meth:`run` polls the files every
-    ``poll_interval_ms`` and swaps in a new Authorizer once it loaded and validated whole."""
+    ``poll_interval_ms`` and swaps in a new Authorizer once it loaded and validated whole.
+
+    A change is loaded only once it has settled: the files look the same at two polls in a
+    row, and still the same after they were read. An editor that rewrites the file in place
+    (truncate, then write) can be caught half-way, and a policy cut short is not just smaller:
+    ``g, user:bob, role:admin-ro`` cut after ``role:admin`` names another role. So a change
+    is in force two polls after it was made (0.25-0.5 s at the default interval)."""
 
     def __init__(self, files: PolicyFiles, poll_interval_ms: int = 250) -> None:
         self.files = files
         self.poll_interval_ms = poll_interval_ms
         self.current = Authorizer.from_files(files)  # a bad policy refuses to start
-        self._signature = files.signature()
+        self._signature = files.signature()  # of the policy in force
+        self._seen = self._signature  # at the last poll
         self.reloads = 0
         self.reload_failures = 0
         self.on_reload: Callable[[bool], None] | None = None
@@ -330,13 +338,21 @@ class PolicyStore:
         except OSError as exc:
             self._failed(f"cannot read the access policy files: {exc}")
             return False
-        if sig == self._signature:
-            return False
+        previous, self._seen = self._seen, sig
+        if sig == self._signature or sig != previous:
+            return False  # unchanged, or changed since the last poll: may still be written
         try:
             new = Authorizer.from_files(self.files)
         except InvalidArgument as exc:
             self._signature = sig  # do not retry the same bad content every poll
             self._failed(f"access policy not reloaded, keeping the previous one: {exc}")
+            return False
+        try:
+            changed_while_read = self.files.signature() != sig
+        except OSError:
+            changed_while_read = True
+        if changed_while_read:
+            self._seen = ()  # read it again once it settled
             return False
         self.current = new
         self._signature = sig
