@@ -23,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from dkv.devstack import DevLayout, DevStack
 from dkv.host.members import member_id
 from dkv.security import write_dev_pki
-from dkv.v1 import cluster_pb2, kv_pb2, raft_pb2
+from dkv.v1 import admin_pb2, cluster_pb2, kv_pb2, raft_pb2
 from dkv.v1 import membership_pb2 as mpb
 
 pytestmark = pytest.mark.slow
 
 WAIT_S = 20.0
 GRANTS = "p, user:alice, app/*, read\np, user:alice, app/*, write\n"
+WRITER = "g, user:bob, role:writer\n"
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -148,9 +149,11 @@ def test_who_may_do_what_at_every_port(tmp_path: Path) -> None:
     try:
         stack.start()
         asyncio.run(stack.wait_ready())
-        write_dev_pki(layout.certs.directory, [("user", "alice"), ("user", "mallory")])
+        write_dev_pki(
+            layout.certs.directory, [("user", "alice"), ("user", "mallory"), ("user", "bob")]
+        )
         policy = layout.auth_dir / "policy.csv"
-        policy.write_text(policy.read_text() + GRANTS)
+        policy.write_text(policy.read_text() + GRANTS + WRITER)
         asyncio.run(scenario(layout, policy))
     finally:
         stack.stop()
@@ -215,6 +218,14 @@ async def scenario(layout: DevLayout, policy: Path) -> None:
         request = cluster_pb2.ClusterStatusRequest()
         assert "admin" in await reader.refused(status(request, timeout=10))
 
+        # A writer (role:writer) writes and reads every key, and administers nothing.
+        async with users(layout, door, "bob") as [bob]:
+            await bob.put(b"bob/k", b"b")
+            assert (await bob.range(key=b"\0", range_end=b"\0")).count >= 3
+            status = bob.unary("/dkv.v1.Cluster/Status", cluster_pb2.ClusterStatusResponse)
+            msg = await bob.refused(status(request, timeout=10))
+            assert msg == "user:bob may not admin every key (dkv.v1.Cluster/Status)"
+
         # Envoy sanitizes a client's own XFCC: the reader stays the reader.
         forged = (("x-forwarded-client-cert", "URI=spiffe://dkv/user/admin"),)
         await reader.refused(reader.put(b"app/x", b"evil", metadata=forged))
@@ -246,6 +257,25 @@ async def scenario(layout: DevLayout, policy: Path) -> None:
     # ... and so is its hello.
     msg = peer_refused(layout, "n1", layout.node_peer(3), hello_frame("dkv-cluster", n2), batch)
     assert msg.startswith("node:n1 (member ") and "said hello as member" in msg
+    # A writer is no admin at the internal ports either: no node Admin call, no drain, no
+    # replica change.
+    async with users(layout, layout.node_client(1), "bob") as [bob]:
+        transfer = bob.unary(
+            "/dkv.v1.Admin/TransferLeadership", admin_pb2.TransferLeadershipResponse
+        )
+        msg = await bob.refused(transfer(admin_pb2.TransferLeadershipRequest(), timeout=10))
+        assert msg.startswith("user:bob may not call dkv.v1.Admin/TransferLeadership"), msg
+        snap = bob.unary("/dkv.v1.Admin/Snapshot", admin_pb2.SnapshotResponse)
+        await bob.refused(snap(admin_pb2.SnapshotRequest(), timeout=10))
+    async with users(layout, layout.membership_client(1), "bob") as [bob]:
+        m = "/dkv.v1.Membership/"
+        for method, req, resp in (
+            ("LeaveNode", mpb.LeaveNodeRequest(node_id=1), mpb.LeaveNodeResponse),
+            ("AddReplica", mpb.AddReplicaRequest(), mpb.AddReplicaResponse),
+            ("RemoveReplica", mpb.RemoveReplicaRequest(), mpb.RemoveReplicaResponse),
+        ):
+            msg = await bob.refused(bob.unary(m + method, resp)(req, timeout=10))
+            assert msg == f"user:bob may not admin every key (dkv.v1.Membership/{method})"
     # Membership: joins from nodes only, drains from admins only.
     async with users(layout, layout.membership_client(1), "reader", "admin") as [r, a]:
         m = "/dkv.v1.Membership/"
