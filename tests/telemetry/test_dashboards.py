@@ -8,7 +8,9 @@ every shard, a watch). Then each query must return a non-empty vector ("shards w
 leader" returning 0 is data; an empty result means a misspelt metric, label or selector), every
 metric a query names must be among the names Prometheus scraped, and every ``{{label}}`` a
 legend shows must be on the series it labels. The alert rules (prometheus/rules.yaml, loaded by
-the same Prometheus) must evaluate without error and name only scraped metrics.
+the same Prometheus) must evaluate without error and name only scraped metrics. Cardinality is
+bounded: every label on a dkv series is one of a known set, with few values, and none holds a
+key, a client address or a method name a client made up.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 import yaml
 
@@ -227,6 +231,39 @@ def test_query_parsing_helpers() -> None:
         expand("x[$nope]", {})
 
 
+def test_cardinality_check_catches_keys_addresses_methods_and_new_labels() -> None:
+    """The check the real-Prometheus test applies to every dkv series is not vacuous."""
+
+    class Fake(Prometheus):
+        def __init__(self, series: list[dict[str, str]]) -> None:
+            self.series = series
+
+        def get(self, path: str, **params: str) -> Any:
+            assert path == "/api/v1/series" and params == {"match[]": '{job=~"dkv-.*"}'}
+            return {"status": "success", "data": self.series}
+
+    base = {"__name__": "dkv_node_keys", "job": "dkv-node", "instance": "127.0.0.1:2411"}
+    fine = [{**base, "shard": str(s)} for s in range(1, 5)]
+    assert _cardinality_problems(Fake(fine), [b"dash/001"]) == []
+    cases = {
+        "label 'key' is not a bounded one": {**base, "key": "x"},
+        "label 'reason' holds a key: 'dash/001'": {**base, "reason": "dash/001"},
+        "label 'peer' is not a bounded one": {**base, "peer": "127.0.0.1:50312"},
+        "label 'to' holds an address: '127.0.0.1:50312'": {**base, "to": "127.0.0.1:50312"},
+        "a client's method name became a grpc_method value": {
+            **base,
+            "grpc_method": UNKNOWN_METHOD.rpartition("/")[2],
+        },
+    }
+    for expected, bad in cases.items():
+        problems = _cardinality_problems(Fake([*fine, bad]), [b"dash/001"])
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+    many = [{**base, "shard": str(s)} for s in range(MAX_LABEL_VALUES + 1)]
+    assert _cardinality_problems(Fake(many), []) == [
+        f"label 'shard' has {MAX_LABEL_VALUES + 1} values (more than {MAX_LABEL_VALUES})"
+    ]
+
+
 # -- make run's Prometheus, without starting anything ---------------------------------------------
 
 
@@ -374,7 +411,7 @@ def _poll(
         time.sleep(interval_s)
 
 
-async def _workload(layout: DevLayout) -> None:
+async def _workload(layout: DevLayout) -> list[bytes]:
     """Enough through the front door that every panel has a series with a rate: writes and
     reads on every shard, ranges (fan-out), a prefix watch over every shard, a delete."""
     door = [f"127.0.0.1:{layout.front_door}"]
@@ -395,6 +432,67 @@ async def _workload(layout: DevLayout) -> None:
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
         await c.delete(keys[0])
+    return keys
+
+
+# Cardinality (issue 10: no key, request id or client address in a label): every label a dkv
+# process puts on a series is one of these, each with a bounded set of values.
+BOUNDED_LABELS = {
+    "__name__", "job", "instance", "le",  # Prometheus's own; histogram buckets
+    "grpc_type", "grpc_service", "grpc_method", "grpc_code",  # go-grpc-prometheus's
+    "shard", "to",  # a shard id, a peer's node id
+    "reason", "kind", "state", "health", "result",  # fixed enumerations
+    "generation", "implementation", "major", "minor", "patchlevel", "version",  # python_*
+}  # fmt: skip
+MAX_LABEL_VALUES = 64  # per label across the stack, names and buckets aside (4 shards here)
+UNKNOWN_METHOD = "/dkv.v1.KV/NoSuchMethod"
+ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+:\d+|\[[0-9a-f:]+\]:\d+")
+
+
+async def _call_unknown_method(layout: DevLayout) -> None:
+    """A method name no server has, at the gateway and at a node: a client chooses it, so it
+    must not become a label value (gRPC answers UNIMPLEMENTED before any handler runs)."""
+    tls = layout.client_tls_files()
+    assert tls is not None
+    creds = grpc.ssl_channel_credentials(
+        *(Path(p).read_bytes() for p in (tls.trusted_ca_file, tls.key_file, tls.cert_file))
+    )
+    for port in (layout.gateway, layout.node_client(1)):
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+            call: Any = ch.unary_unary(UNKNOWN_METHOD)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"", timeout=5)
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED, err.value
+
+
+def _cardinality_problems(prom: Prometheus, keys: list[bytes]) -> list[str]:
+    """What in the dkv processes' series is not bounded: an unexpected label, a label with
+    too many values, a key, a client address or a client's method name as a value."""
+    series = prom.get("/api/v1/series", **{"match[]": '{job=~"dkv-.*"}'})["data"]
+    assert series, "no series of the dkv jobs"
+    values: dict[str, set[str]] = {}
+    for labels in series:
+        for name, value in labels.items():
+            values.setdefault(name, set()).add(value)
+    problems = [
+        f"label {name!r} is not a bounded one (values such as {sorted(values[name])[:5]})"
+        for name in sorted(values.keys() - BOUNDED_LABELS)
+    ]
+    problems += [
+        f"label {name!r} has {len(vs)} values (more than {MAX_LABEL_VALUES})"
+        for name, vs in sorted(values.items())
+        if name not in ("__name__", "le") and len(vs) > MAX_LABEL_VALUES
+    ]
+    texts = [k.decode() for k in keys]
+    for name, vs in sorted(values.items()):
+        for value in sorted(vs):
+            if any(t in value for t in texts):
+                problems.append(f"label {name!r} holds a key: {value!r}")
+            if name != "instance" and ADDRESS.search(value):
+                problems.append(f"label {name!r} holds an address: {value!r}")
+    if UNKNOWN_METHOD.rpartition("/")[2] in values.get("grpc_method", set()):
+        problems.append(f"a client's method name became a grpc_method value ({UNKNOWN_METHOD})")
+    return problems
 
 
 def _check_queries(
@@ -465,7 +563,8 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: Path) -
             )
 
         _poll(lambda: f"Prometheus did not scrape {expected} (last: {seen})", targets_up, 30)
-        asyncio.run(_workload(layout))
+        keys = asyncio.run(_workload(layout))
+        asyncio.run(_call_unknown_method(layout))
 
         # Rates need two scrapes after a series appears: poll until every query has data
         # (or the deadline: then the problems left are the answer).
@@ -499,6 +598,10 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: Path) -
         assert "metric 'dkv_raft_proposals_comitted_total' is not among" in caught[2], caught
         problems = [p for p in problems if p not in caught]
         assert not problems, "\n".join(problems)
+
+        # Every label of every dkv series is bounded; the workload's keys are in none.
+        unbounded = _cardinality_problems(prom, [*keys, b"dkv-dev/ready"])
+        assert not unbounded, "\n".join(unbounded)
 
         # The alert rules: loaded from prometheus/rules.yaml, evaluated without error, naming
         # only scraped metrics.
