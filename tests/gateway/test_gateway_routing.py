@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 from dkv_gateway.router import CallerDeadline
 from gateway_stack import (
@@ -414,9 +415,23 @@ def test_uninitialized_cluster_is_unavailable_and_not_ready(tmp_path: Path) -> N
             await st.start_membership()
             await st.start_gateway()
             assert st.channel is not None and st.gateway is not None
+            assert st.membership is not None
             health = health_pb2_grpc.HealthStub(st.channel)
             check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # The Kubernetes probes say the same: alive, not ready, and why (membership, whose
+            # group has its leader, is ready).
+            gateway_web = f"http://127.0.0.1:{st.gateway.metrics_port}"
+            membership_web = f"http://127.0.0.1:{st.membership.metrics_port}"
+            async with httpx.AsyncClient() as web:
+                assert (await web.get(f"{gateway_web}/livez")).status_code == 200
+                r = await web.get(f"{gateway_web}/readyz")
+                assert (r.status_code, r.text) == (
+                    503,
+                    "no cluster map yet (membership not reached, or not initialized)\n",
+                )
+                r = await web.get(f"{membership_web}/readyz")
+                assert r.status_code == 200 and r.text.startswith("ok: leader"), r.text
             for call in (
                 st.put(kv_pb2.PutRequest(key=b"k", value=b"v")),
                 st.range(kv_pb2.RangeRequest(prefix=b"k")),
@@ -438,6 +453,9 @@ def test_uninitialized_cluster_is_unavailable_and_not_ready(tmp_path: Path) -> N
             await asyncio.wait_for(st.gateway.initialized.wait(), WAIT_S)
             check = await health.Check(health_pb2.HealthCheckRequest(service="dkv.v1.KV"))
             assert check.status == health_pb2.HealthCheckResponse.SERVING
+            async with httpx.AsyncClient() as web:
+                r = await web.get(f"{gateway_web}/readyz")
+                assert r.status_code == 200 and r.text.startswith("ok: cluster map version"), r
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await st.range(kv_pb2.RangeRequest(key=b"k"), timeout_s=1)
             assert err.value.code() is grpc.StatusCode.UNAVAILABLE

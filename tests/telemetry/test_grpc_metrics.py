@@ -4,7 +4,7 @@ and the HTTP server that exports them (/metrics, /livez, /readyz)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -178,3 +178,26 @@ def test_a_bad_metrics_address_is_refused(text: str) -> None:
         parse_listen(text)
     assert parse_listen("off") is None
     assert parse_listen("") is None
+
+
+def test_every_process_serves_metrics_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--listen-metrics is on unless turned off (etcd's ports + 1: 2381, 2481; the gateway 2375,
+    beside the front door); tests/conftest.py sets the environment to port 0, so clear it."""
+    from dkv_gateway.main import parse_args as gateway
+    from dkv_membership.main import parse_args as membership
+    from dkv_node.main import parse_args as node
+
+    for var in (
+        "DKV_LISTEN_METRICS",
+        "DKV_MEMBERSHIP_LISTEN_METRICS",
+        "DKV_GATEWAY_LISTEN_METRICS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    processes: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
+        "127.0.0.1:2381": (node, ["--name", "n1", "--initial-cluster", "n1=127.0.0.1:2380"]),
+        "127.0.0.1:2481": (membership, ["--name", "m1", "--initial-cluster", "m1=127.0.0.1:2480"]),
+        "127.0.0.1:2375": (gateway, ["--membership", "127.0.0.1:2479"]),
+    }
+    for default, (parse, argv) in processes.items():
+        assert parse(argv).listen_metrics == default, parse
+        assert parse([*argv, "--listen-metrics", "off"]).listen_metrics == "", parse
