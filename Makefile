@@ -116,9 +116,11 @@ sim: setup
 	$(BIN)/python -m dkv.testing.sim --seed $(SEED) --verbose
 
 # Dashboards as code (grafana-foundation-sdk); the JSON is committed and
-# tests/telemetry/test_dashboards.py fails when it is stale.
+# tests/telemetry/test_dashboards.py fails when it is stale. The Helm chart ships copies
+# (tests/chart fails when they differ).
 dashboards: setup
 	$(BIN)/python grafana/dashboards.py
+	cp grafana/dashboards/*.json charts/dkv/files/dashboards/
 
 # Cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/jaeger/<version>/; prints the binary's path.
 jaeger:

@@ -40,12 +40,16 @@ from grafana_foundation_sdk.builders.dashboard import (
     Row,
     ThresholdsConfig,
 )
+from grafana_foundation_sdk.builders.heatmap import HeatmapColorOptions, YAxisConfig
+from grafana_foundation_sdk.builders.heatmap import Panel as HeatmapPanel
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.builders.stat import Panel as StatPanel
 from grafana_foundation_sdk.builders.timeseries import Panel as TimeseriesPanel
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as model
-from grafana_foundation_sdk.models.common import BigValueGraphMode, StackingMode
+from grafana_foundation_sdk.models.common import BigValueGraphMode, StackingMode, VisibilityMode
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUT_DIR = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -148,6 +152,43 @@ def stat(
             .steps([model.Threshold(value=None, color="green"), model.Threshold(red_from, "red")])
         )
     return panel
+
+
+def heatmap(
+    title: str, description: str, unit: str, metric: str, selector: str, *, w: int = 24, h: int = 8
+) -> HeatmapPanel:
+    """A histogram's buckets over time: how many observations fell in each per rate window
+    (``format: heatmap`` turns Prometheus's cumulative ``le`` buckets into cells)."""
+    query = (
+        Dataquery()
+        .expr(f"sum by (le) (increase({metric}_bucket{{{selector}}}[{RATE}]))")
+        .legend_format("{{le}}")
+        .format(PromQueryFormat.HEATMAP)
+        .ref_id("A")
+    )
+    return (
+        HeatmapPanel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .span(w)
+        .height(h)
+        .targets([query])
+        .calculate(False)  # the buckets are Prometheus's, not Grafana's
+        .y_axis(YAxisConfig().unit(unit))
+        .color(
+            HeatmapColorOptions()
+            .mode(HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .scale(HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)  # Grafana's defaults, spelt out (the SDK's zero values are not)
+            .fill("dark-orange")
+        )
+        .cell_gap(1)
+        .show_value(VisibilityMode.NEVER)
+        .show_y_histogram()
+    )
 
 
 def dashboard(uid: str, title: str, description: str) -> Dashboard:
@@ -877,6 +918,16 @@ def storage() -> Dashboard:
                 "backend_commit_duration_seconds).",
                 "s",
                 quantiles("dkv_disk_backend_commit_duration_seconds", "instance", STORAGE_JOBS),
+            )
+        )
+        .with_panel(
+            heatmap(
+                "WAL fsync duration histogram",
+                "Group-commit fsyncs per duration bucket, every storage process together: "
+                "a second band, or mass drifting up, is a slow disk before the p99 says so.",
+                "s",
+                "dkv_disk_wal_fsync_duration_seconds",
+                STORAGE_JOBS,
             )
         )
         .with_row(Row("Compactions"))
