@@ -45,6 +45,9 @@ SHORT = {
     "networkPolicy.enabled": "networkPolicy",
     "membership.replicas": "membership",
     "node.replicas": "nodes",
+    "dev.liveUpdate.enabled": "liveUpdate",
+    "tracing.otlpEndpoint": "otlp",
+    "tracing.sampleRatio": "sampleRatio",
 }
 
 
@@ -67,7 +70,13 @@ MATRIX = [
         (True, False), (True, False), (True, False), (1, 3), (3, 5)
     )
 ]
-CASES = [{}, *MATRIX]
+# tilt/Tiltfile's dev loop: live update (an init container, a volume, the restarter) and traces.
+DEV = {
+    "dev.liveUpdate.enabled": True,
+    "tracing.otlpEndpoint": "http://jaeger:4317",
+    "tracing.sampleRatio": 0.25,
+}
+CASES = [{}, DEV, *MATRIX]
 
 
 @functools.cache
@@ -217,7 +226,7 @@ def test_probes_and_container_ports_are_ports_the_processes_serve(values: dict[s
         if w["kind"] == "Pod":
             continue
         served = served_ports(w, rendered)
-        for c in containers(w):
+        for c in pod_spec(w)["containers"]:  # init containers serve nothing and are not probed
             declared = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             for name, number in declared.items():
                 assert name in served, f"{c['name']} declares port {name}, which nothing serves"
@@ -360,7 +369,7 @@ def test_disruption_budgets_keep_a_quorum(values: dict[str, Any]) -> None:
     assert pdb["selector"]["matchLabels"].items() <= pod_labels(membership).items()
     # At most (n - 1) / 2 replicas away: a majority of the Raft group stays.
     assert pdb["minAvailable"] == replicas // 2 + 1
-    (m,) = containers(membership)
+    (m,) = pod_spec(membership)["containers"]
     factor = int(flags(m)["replication-factor"])
     nodes = rendered.get("StatefulSet", f"{RELEASE}-node")
     pdb = pdbs[f"{RELEASE}-node"]
@@ -403,10 +412,26 @@ def _fake_files(args: list[str], pod: str, tmp: Path) -> list[str]:
     return out
 
 
+DEVRELOAD = ["python", "-I", "-m", "dkv.cli.devreload"]
+
+
+def unwrap(command: list[str]) -> list[str]:
+    """A container's command without dev.liveUpdate's restarter (whose own arguments must be
+    ones it accepts)."""
+    if command[: len(DEVRELOAD)] != DEVRELOAD:
+        return command
+    from dkv.cli.devreload import _parser
+
+    args = _parser().parse_args(command[len(DEVRELOAD) :])
+    assert args.what == "run", command
+    assert args.command[0] == "--" and len(args.command) > 1, command
+    return list(args.command[1:])
+
+
 @pytest.mark.parametrize(
     "values",
-    [{}, {"membership.replicas": 1, "node.replicas": 5}],
-    ids=["defaults", "1-membership-5-nodes"],
+    [{}, {"membership.replicas": 1, "node.replicas": 5}, DEV],
+    ids=["defaults", "1-membership-5-nodes", "dev"],
 )
 def test_every_flag_is_one_the_process_accepts(values: dict[str, Any], tmp_path: Path) -> None:
     from dkv_gateway.main import parse_args as gateway_args
@@ -421,8 +446,8 @@ def test_every_flag_is_one_the_process_accepts(values: dict[str, Any], tmp_path:
     rendered = render(values)
     seen = set()
     for w in rendered.workloads():
-        for c in containers(w):
-            command = c["command"][0]
+        for c in pod_spec(w)["containers"]:
+            command = unwrap(c["command"])[0]
             if command == "/bin/sh":  # the test hook: dkvctl, checked below
                 continue
             seen.add(command)
@@ -761,6 +786,11 @@ def _secret_names(rendered: Rendered) -> Iterator[str]:
         ({"node.ports.metrics": 2379}, "three different ports"),
         ({"frontDoor.port": 2375}, "six different ports"),
         ({"gateway.envoy.statsPort": 2376}, "six different ports"),
+        ({"tracing.sampleRatio": 1.5}, "sampleRatio"),
+        ({"tracing.sampleRatio": "0.5"}, "sampleRatio"),
+        ({"tracing.otlpEndpoint": "jaeger:4317"}, "otlpEndpoint"),
+        ({"dev.liveUpdate.enabled": "yes"}, "enabled"),
+        ({"dev.liveUpdate.dir": "/tmp"}, "dir"),
     ],
 )
 def test_bad_values_are_refused(values: dict[str, Any], says: str) -> None:
@@ -768,6 +798,95 @@ def test_bad_values_are_refused(values: dict[str, Any], says: str) -> None:
 
     error = render_error(values)
     assert says in error, error
+
+
+DKV_PROCESSES = ("dkv-node", "dkv-membership", "dkv-gateway")
+
+
+def dkv_process_containers(rendered: Rendered) -> Iterator[tuple[str, dict[str, Any]]]:
+    for w in rendered.workloads():
+        if w["kind"] == "Pod":
+            continue  # the helm test hook (dkvctl)
+        for c in pod_spec(w)["containers"]:
+            process = unwrap(c["command"])[0]
+            if process in DKV_PROCESSES:
+                yield process, c
+
+
+def test_tracing_values_become_every_process_flags() -> None:
+    from dkv_gateway.main import parse_args
+
+    seen = set()
+    for process, c in dkv_process_containers(render(DEV)):
+        seen.add(process)
+        assert flags(c)["otlp-endpoint"] == "http://jaeger:4317", process
+        assert float(flags(c)["trace-sample-ratio"]) == 0.25, process
+    assert seen == set(DKV_PROCESSES)
+    for process, c in dkv_process_containers(render({})):
+        assert not {"otlp-endpoint", "trace-sample-ratio"} & set(flags(c)), process
+    # The rendered flag is what the gateway (which also configures Envoy's tracing) reads.
+    cfg = parse_args(["--membership", "m:1", "--otlp-endpoint", "http://j:4317",
+                      "--trace-sample-ratio", "0.25"])  # fmt: skip
+    assert cfg.tracing is not None
+    assert (cfg.tracing.otlp_endpoint, cfg.tracing.sample_ratio) == ("http://j:4317", 0.25)
+
+
+def installed_packages() -> set[str]:
+    """The top-level packages the wheel installs (pyproject's packages.find: src, services/*)."""
+    out = {p.name for p in (ROOT / "src").iterdir() if (p / "__init__.py").is_file()}
+    out |= {p.name for p in (ROOT / "services").glob("*/dkv_*") if (p / "__init__.py").is_file()}
+    return out
+
+
+def test_dev_live_update_gives_every_process_a_writable_shadowing_copy() -> None:
+    """dev.liveUpdate (tilt/Tiltfile): every pod of the image seeds an emptyDir with a copy of
+    every installed package, which is first on the dkv processes' PYTHONPATH, mounted in every
+    container of the image (Tilt syncs into each), and the processes run under the restarter,
+    whose trigger file lies in that volume."""
+    from dkv.cli.devreload import _parser
+
+    rendered = render(DEV)
+    image = include_image(rendered)
+    for w in rendered.workloads():
+        if w["kind"] == "Pod":
+            continue
+        spec = pod_spec(w)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes["dev-live-update"], w["metadata"]["name"]
+        (init,) = spec["initContainers"]
+        args = _parser().parse_args(init["command"][len(DEVRELOAD) :])
+        assert args.what == "seed"
+        assert set(args.packages) == installed_packages()
+        for c in [init, *spec["containers"]]:
+            assert c["image"] == image
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            mount = mounts.get("/var/run/dkv-dev")
+            assert mount and mount["name"] == "dev-live-update", c["name"]
+            assert not mount.get("readOnly"), c["name"]
+        python_path = str(args.dest)
+        assert python_path.startswith("/var/run/dkv-dev/")
+        for c in spec["containers"]:
+            if c["command"][: len(DEVRELOAD)] != DEVRELOAD:
+                assert c["name"] == "envoy"
+                continue
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["PYTHONPATH"].split(":")[0] == python_path
+            run = _parser().parse_args(c["command"][len(DEVRELOAD) :])
+            assert str(run.trigger).startswith("/var/run/dkv-dev/")
+    for w in render({}).workloads():
+        spec = pod_spec(w)
+        assert "initContainers" not in spec
+        assert all(v["name"] != "dev-live-update" for v in spec.get("volumes", []))
+        for c in spec["containers"]:
+            assert all(e["name"] != "PYTHONPATH" for e in c.get("env", []))
+            assert c["command"][: len(DEVRELOAD)] != DEVRELOAD
+
+
+def include_image(rendered: Rendered) -> str:
+    """The one image every workload's containers run (the chart has one)."""
+    images = {c["image"] for w in rendered.workloads() for c in containers(w)}
+    assert len(images) == 1, images
+    return images.pop()
 
 
 def test_values_yaml_documents_and_satisfies_its_schema() -> None:

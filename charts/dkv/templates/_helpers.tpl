@@ -141,6 +141,64 @@ app.kubernetes.io/component: {{ .component }}
     fieldRef: {fieldPath: metadata.namespace}
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- if .Values.dev.liveUpdate.enabled }}
+# dev.liveUpdate: the synced sources shadow the installed packages.
+- name: PYTHONPATH
+  value: {{ include "dkv.devPythonPath" . }}
+{{- end }}
+{{- end -}}
+
+{{/* dkv.tracingFlags: --otlp-endpoint and --trace-sample-ratio for tracing.otlpEndpoint (every dkv process; the gateway gives Envoy the same). */}}
+{{- define "dkv.tracingFlags" -}}
+- --otlp-endpoint={{ .Values.tracing.otlpEndpoint }}
+- --trace-sample-ratio={{ .Values.tracing.sampleRatio }}
+{{- end -}}
+
+{{/*
+dev.liveUpdate (tilt/Tiltfile; off by default, never for production). Every pod of the image
+gets an emptyDir at dkv.devDir, first filled by an init container with a copy of the installed
+packages (dkv, dkv_node, dkv_membership, dkv_gateway) under <devDir>/python, which is first on
+PYTHONPATH: Tilt syncs changed sources over that copy (the root filesystem stays read-only).
+Each dkv process runs under `python -I -m dkv.cli.devreload run`, which restarts it when Tilt
+touches <devDir>/restart (and forwards SIGTERM, so a pod still stops gracefully).
+*/}}
+{{- define "dkv.devDir" -}}/var/run/dkv-dev{{- end -}}
+{{- define "dkv.devPythonPath" -}}{{ include "dkv.devDir" . }}/python{{- end -}}
+
+{{/* dkv.command: a dkv process's command (ctx: root, process), under the restarter with dev.liveUpdate. */}}
+{{- define "dkv.command" -}}
+{{- if .root.Values.dev.liveUpdate.enabled -}}
+["python", "-I", "-m", "dkv.cli.devreload", "run", "--trigger", "{{ include "dkv.devDir" .root }}/restart", "--", {{ .process | quote }}]
+{{- else -}}
+[{{ .process | quote }}]
+{{- end -}}
+{{- end -}}
+
+{{/* dkv.devMount: with dev.liveUpdate, the volume's mount, in every container of the image (Tilt syncs into each). */}}
+{{- define "dkv.devMount" -}}
+- {name: dev-live-update, mountPath: {{ include "dkv.devDir" . }}}
+{{- end -}}
+
+{{/* dkv.devVolume: with dev.liveUpdate, its emptyDir. */}}
+{{- define "dkv.devVolume" -}}
+- name: dev-live-update
+  emptyDir: {sizeLimit: 256Mi}
+{{- end -}}
+
+{{/* dkv.devInitContainers: with dev.liveUpdate, the init container that copies the installed packages into the volume. */}}
+{{- define "dkv.devInitContainers" -}}
+initContainers:
+  - name: dev-live-update-seed
+    image: {{ include "dkv.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["python", "-I", "-m", "dkv.cli.devreload", "seed", "--dest", {{ include "dkv.devPythonPath" . | quote }}, "dkv", "dkv_node", "dkv_membership", "dkv_gateway"]
+    resources:
+      requests: {cpu: 50m, memory: 64Mi}
+      limits: {memory: 256Mi}
+    securityContext:
+      {{- include "dkv.containerSecurityContext" . | nindent 6 }}
+    volumeMounts:
+      - {name: dev-live-update, mountPath: {{ include "dkv.devDir" . }}}
 {{- end -}}
 
 {{/* dkv.scheduling: topology spread and pod anti-affinity for a component (ctx: root, component, values). */}}
