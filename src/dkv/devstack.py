@@ -61,6 +61,7 @@ from dkv.client import Client, ClientTls
 from dkv.errors import DkvError
 from dkv.security.authz import write_default_policy
 from dkv.security.certs import PkiLayout, write_dev_pki
+from dkv.security.tokens import TokenKeys, write_token_keys
 from dkv.telemetry import jaeger as jaeger_backend
 
 __all__ = ["Backoff", "DevLayout", "DevStack", "StackError", "Supervisor"]
@@ -106,6 +107,10 @@ class DevLayout:
     jaeger: bool = False
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 1.0
+    # Envoy also takes bearer tokens (`dkv token USER --dir ROOT/jwt`) from clients without a
+    # certificate (dkv.security.tokens); needs ``client_tls``. Off by default: the front door
+    # then refuses a client without a certificate in the handshake.
+    bearer_tokens: bool = False
 
     @classmethod
     def with_free_ports(cls, root: Path, **fields: Any) -> DevLayout:
@@ -267,6 +272,17 @@ class DevLayout:
     def auth_dir(self) -> Path:
         """model.conf and policy.csv: who may do what (dkv.security.authz), kept across runs."""
         return self.root / "auth"
+
+    @property
+    def jwt_dir(self) -> Path:
+        """The bearer tokens' signing key and ``jwks.json`` (``bearer_tokens``)."""
+        return self.root / "jwt"
+
+    def jwt_flags(self) -> list[str]:
+        """The gateway's flags that make Envoy take bearer tokens, when ``bearer_tokens``."""
+        if not (self.bearer_tokens and self.client_tls):
+            return []
+        return ["--envoy-jwks-file", str(TokenKeys(self.jwt_dir).jwks)]
 
     def auth_flags(self) -> list[str]:
         """Every process enforces the policy; without mTLS there are no identities to check."""
@@ -444,6 +460,7 @@ class DevStack:
                     *(lay.tls_flags(ENVOY_NAME, "envoy-") if lay.client_tls else []),
                     # Envoy reloads rotated certificates (file-based SDS).
                     *(["--envoy-sds-dir", str(lay.envoy_sds_dir)] if lay.client_tls else []),
+                    *lay.jwt_flags(),
                 ],
                 lay.logs / "gateway.log",
                 ports=[
@@ -610,6 +627,8 @@ class DevStack:
         self.make_certs()
         if self.layout.client_tls:
             write_default_policy(self.layout.auth_dir)  # an edited one is kept
+        if self.layout.jwt_flags():
+            write_token_keys(self.layout.jwt_dir)  # kept across runs, as the certificates
         self.procs = self.plan()
         for p in self.procs:
             p.start(self.env)
@@ -761,6 +780,16 @@ class DevStack:
                 f"  curl -s {curl_tls}-X PUT {scheme}://{fd}/v1/kv/aGVsbG8= "
                 + '-d \'{"value": "d29ybGQ="}\'',
                 f"  curl -s {curl_tls}{scheme}://{fd}/v1/kv/aGVsbG8=",
+                *(
+                    [
+                        "  # a bearer token instead of a certificate (Envoy checks it):",
+                        f'  curl -s --cacert {lay.certs.ca_cert} -H "Authorization: Bearer '
+                        f'$({Path(self.python).parent / "dkv"} token reader --dir {lay.jwt_dir})" '
+                        f"{scheme}://{fd}/v1/kv/aGVsbG8=",
+                    ]
+                    if lay.jwt_flags()
+                    else []
+                ),
                 *self._prometheus_try(),
                 *self._traces_try(),
                 "",

@@ -52,6 +52,14 @@ What the resources say, and why (FIELD-NOTES.md, Envoy/xDS pitfalls):
     Envoy sends to all of them rather than answer "no healthy upstream" to everybody; with a
     single healthy gateway left it still gets all the traffic (gateways are interchangeable,
     unlike leaders). ``max_ejection_percent`` leaves at least half in rotation.
+- bearer tokens (``FrontDoor.jwt``, off by default), for HTTP clients that cannot hold a
+  client certificate (:mod:`dkv.security.tokens`): the listener then lets clients connect
+  without a certificate (one that is presented is still verified), a header mutation removes
+  any :data:`~dkv.security.tokens.SUBJECT_HEADER` a client sent, and ``jwt_authn`` checks an
+  ``Authorization: Bearer`` token against a local JWKS file (signature, issuer, audience,
+  expiry, lifetime), drops the token from the request and passes its ``sub`` on in that
+  header. A request without a token passes (a certificate, or nothing: the gateway then
+  answers UNAUTHENTICATED); a bad token is Envoy's 401, UNAUTHENTICATED to a gRPC client.
 - tracing (``FrontDoor.tracing``, off by default): Envoy's OpenTelemetry tracer starts each
   request's trace (or joins the caller's ``traceparent``) and exports its spans over OTLP/gRPC
   to the cluster ``dkv_otlp``; the gateway's spans are children of Envoy's. Envoy samples
@@ -79,6 +87,7 @@ from typing import Any
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -94,6 +103,8 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_authn_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -108,8 +119,10 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, empty_pb2, json_format, wrappers_pb2
 
+from dkv.errors import InvalidArgument
+from dkv.security.tokens import AUDIENCE, ISSUER, SUBJECT_HEADER, TTL_S_MAX
 from dkv.sizes import request_bytes_max
 
 __all__ = [
@@ -131,6 +144,7 @@ __all__ = [
     "READ_RETRY_ON",
     "WRITE_RETRY_ON",
     "FrontDoor",
+    "Jwt",
     "bootstrap",
     "bootstrap_json",
     "gateway_cluster",
@@ -168,6 +182,9 @@ _ROUTER_NAME = "envoy.filters.http.router"
 _LOCAL_RATE_LIMIT_NAME = "envoy.filters.http.local_ratelimit"
 _TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
 _BUFFER_NAME = "envoy.filters.http.buffer"
+_HEADER_MUTATION_NAME = "envoy.filters.http.header_mutation"
+_JWT_AUTHN_NAME = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER_NAME = "dkv"
 _HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _OPENTELEMETRY_TRACER_NAME = "envoy.tracers.opentelemetry"
 
@@ -203,6 +220,16 @@ class Tracing:
     otlp_host: str
     otlp_port: int
     sample_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Jwt:
+    """Bearer tokens Envoy accepts (module docstring): signed by a key of ``jwks_file`` (a path
+    Envoy reads), issued by ``issuer`` for ``audience``."""
+
+    jwks_file: str
+    issuer: str = ISSUER
+    audience: str = AUDIENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +288,9 @@ class FrontDoor:
     http_json_response_bytes_max: int = 8 << 20
     # OpenTelemetry traces from Envoy; None: Envoy traces nothing.
     tracing: Tracing | None = None
+    # Bearer tokens as an identity for clients without a certificate (needs ``listener_tls``);
+    # None: a certificate is the only way in.
+    jwt: Jwt | None = None
 
     @property
     def http_json_request_bytes(self) -> int:
@@ -852,10 +882,59 @@ def _local_replies(door: FrontDoor) -> hcm_pb2.LocalReplyConfig:
     )
 
 
+def _jwt_filters(jwt: Jwt) -> list[hcm_pb2.HttpFilter]:
+    """A client's own :data:`SUBJECT_HEADER` removed, then ``jwt_authn``: a token, if any, must
+    be good; its ``sub`` is set in that header and the token itself is not forwarded.
+
+    ``jwt_authn`` itself also clears its ``claim_to_headers`` headers on every request (seen
+    with Envoy 1.40: without the header mutation a forged header still did not get through);
+    the explicit removal keeps dkv from depending on that."""
+    sanitize = header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(
+            request_mutations=[mutation_rules_pb2.HeaderMutation(remove=SUBJECT_HEADER)]
+        )
+    )
+    lifetime = duration_pb2.Duration(seconds=TTL_S_MAX)
+    provider = jwt_authn_pb2.JwtProvider(
+        issuer=jwt.issuer,
+        audiences=[jwt.audience],
+        require_expiration=True,
+        max_lifetime=lifetime,
+        local_jwks=base_pb2.DataSource(filename=jwt.jwks_file),
+        forward=False,
+        claim_to_headers=[
+            jwt_authn_pb2.JwtClaimToHeader(header_name=SUBJECT_HEADER, claim_name="sub")
+        ],
+    )
+    token_if_any = jwt_authn_pb2.JwtRequirement(
+        requires_any=jwt_authn_pb2.JwtRequirementOrList(
+            requirements=[
+                jwt_authn_pb2.JwtRequirement(provider_name=JWT_PROVIDER_NAME),
+                jwt_authn_pb2.JwtRequirement(allow_missing=empty_pb2.Empty()),
+            ]
+        )
+    )
+    authn = jwt_authn_pb2.JwtAuthentication(
+        providers={JWT_PROVIDER_NAME: provider},
+        rules=[
+            jwt_authn_pb2.RequirementRule(
+                match=route_components_pb2.RouteMatch(prefix="/"), requires=token_if_any
+            )
+        ],
+    )
+    return [
+        hcm_pb2.HttpFilter(name=_HEADER_MUTATION_NAME, typed_config=_pack(sanitize)),
+        hcm_pb2.HttpFilter(name=_JWT_AUTHN_NAME, typed_config=_pack(authn)),
+    ]
+
+
 def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
-    """Rate limit first (HTTP/JSON and gRPC share the budget), transcoder, the buffer (off
-    except on the routes Envoy answers itself: streams must not be buffered), router last."""
+    """Rate limit first (HTTP/JSON and gRPC share the budget; bad tokens too), bearer tokens
+    (``door.jwt``), transcoder, the buffer (off except on the routes Envoy answers itself:
+    streams must not be buffered), router last."""
     filters = [_local_rate_limit(door)]
+    if door.jwt is not None:
+        filters += _jwt_filters(door.jwt)
     if door.http_json:
         filters.append(grpc_json_transcoder(door))
     filters.append(
@@ -870,8 +949,10 @@ def _http_filters(door: FrontDoor) -> list[hcm_pb2.HttpFilter]:
 
 
 def listener(door: FrontDoor) -> listener_pb2.Listener:
-    """The front-door listener: HTTP connection manager, inline routes, rate limit, transcoder
-    (unless ``http_json`` is off), router."""
+    """The front-door listener: HTTP connection manager, inline routes, rate limit, bearer
+    tokens (``jwt``), transcoder (unless ``http_json`` is off), router."""
+    if door.jwt is not None and door.listener_tls is None:
+        raise InvalidArgument("bearer tokens need a TLS front door: they would travel in clear")
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="dkv_ingress",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -917,7 +998,11 @@ def _filter_chain(
             common_tls_context=_tls_context(
                 door, door.listener_tls, ["h2", "http/1.1"], FRONT_DOOR_SECRET
             ),
-            require_client_certificate=wrappers_pb2.BoolValue(value=door.require_client_cert),
+            # With bearer tokens, a client may come without a certificate (the gateway refuses
+            # a request that has neither); one that is presented is verified all the same.
+            require_client_certificate=wrappers_pb2.BoolValue(
+                value=door.require_client_cert and door.jwt is None
+            ),
         )
         chain.transport_socket.CopyFrom(_transport_socket(context))
     return chain

@@ -34,6 +34,7 @@ from dkv.cli.flags import (
 )
 from dkv.errors import DkvError, InvalidArgument
 from dkv.host.rpc_server import finish_pending_tasks, with_port
+from dkv.security.tokens import AUDIENCE, ISSUER
 from dkv_gateway.server import GatewayConfig, GatewayServer, split_host_port
 
 __all__ = ["ENV_PREFIX", "main", "parse_args"]
@@ -113,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         "--envoy-* files: Envoy then reloads them when they change (without it, once at start)",
     )
     add(
+        "envoy-jwks-file",
+        "a JWKS file (a path Envoy reads): Envoy also takes bearer tokens signed by its keys "
+        "as the identity of clients without a certificate (`dkv token`; docs/security.md)",
+    )
+    add("envoy-jwt-issuer", "the issuer (iss) of the bearer tokens Envoy takes", ISSUER)
+    add("envoy-jwt-audience", "the audience (aud) the bearer tokens must name", AUDIENCE)
+    add(
         "watches-per-caller-max",
         "watch streams one caller (certificate identity) may hold open at this gateway",
         _DEFAULTS.watches_per_caller_max,
@@ -171,6 +179,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[GatewayConfig, str, str]:
             p, "watches-per-caller-max", args.watches_per_caller_max, 1
         ),
         channels_per_node=int_flag(p, "channels-per-node", args.channels_per_node, 1),
+        envoy_jwks_file=os.path.abspath(args.envoy_jwks_file) if args.envoy_jwks_file else "",
+        envoy_jwt_issuer=args.envoy_jwt_issuer,
+        envoy_jwt_audience=args.envoy_jwt_audience,
     )
     try:
         cfg.validate()  # a backstop: the checks above already name the flags

@@ -35,12 +35,13 @@ from dkv.host.rpc_server import bind, new_server, with_port
 from dkv.security.access import ProcessAccess
 from dkv.security.identity import TRUST_DOMAIN, check_trust_domain
 from dkv.security.rules import gateway_public_rules, xds_rules
+from dkv.security.tokens import AUDIENCE, ISSUER
 from dkv.sizes import VALUE_BYTES_MAX, message_limits
 from dkv.telemetry import ProcessMetrics
 from dkv.telemetry.http import MetricsServer
 from dkv.telemetry.tracing import Tracing, TracingConfig, otlp_host_port
 from dkv_gateway.cluster_status import ClusterStatusService, add_cluster_status
-from dkv_gateway.envoy_config import FrontDoor, resources, write_sds_files
+from dkv_gateway.envoy_config import FrontDoor, Jwt, resources, write_sds_files
 from dkv_gateway.envoy_config import TlsFiles as EnvoyTlsFiles
 from dkv_gateway.envoy_config import Tracing as EnvoyTracing
 from dkv_gateway.kv_gateway import WATCHES_PER_CALLER_MAX, KvGateway, add_kv_gateway
@@ -119,6 +120,12 @@ class GatewayConfig:
     watches_per_caller_max: int = WATCHES_PER_CALLER_MAX
     # HTTP/2 connections to each node (dkv_gateway.router.NodeChannels).
     channels_per_node: int = CHANNELS_PER_NODE
+    # A JWKS file (a path Envoy reads): Envoy then also takes bearer tokens signed by its keys,
+    # issued by ``envoy_jwt_issuer`` for ``envoy_jwt_audience``, as the identity of clients
+    # without a certificate (dkv.security.tokens). "": certificates only.
+    envoy_jwks_file: str = ""
+    envoy_jwt_issuer: str = ISSUER
+    envoy_jwt_audience: str = AUDIENCE
 
     def validate(self) -> None:
         self.tracing.validate()
@@ -139,6 +146,11 @@ class GatewayConfig:
             raise InvalidArgument("--default-timeout-ms must be >= 1")
         if self.value_bytes_max < 1:
             raise InvalidArgument("--max-value-bytes must be >= 1")
+        if self.envoy_jwks_file and self.envoy_tls is None:
+            raise InvalidArgument(
+                "--envoy-jwks-file needs a TLS front door (--envoy-cert-file ...): bearer "
+                "tokens would travel in clear"
+            )
 
 
 class GatewayServer:
@@ -233,6 +245,11 @@ class GatewayServer:
             tracing=self._envoy_tracing(),
             grpc_request_bytes_max=limits.request_bytes_max,
             sds_dir=cfg.envoy_sds_dir if envoy_files is not None else "",
+            jwt=(
+                Jwt(cfg.envoy_jwks_file, cfg.envoy_jwt_issuer, cfg.envoy_jwt_audience)
+                if cfg.envoy_jwks_file
+                else None
+            ),
         )
         # Before the resources are served: Envoy loads them once the listener names them.
         write_sds_files(door)

@@ -1,4 +1,5 @@
-"""The ``dkv`` command: operator and developer tasks (``dkv certs``, ``dkv envoy-bootstrap``)."""
+"""The ``dkv`` command: operator and developer tasks (``dkv certs``, ``dkv token``,
+``dkv envoy-bootstrap``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typer
 
 from dkv.errors import DkvError
 from dkv.security.certs import write_dev_pki
+from dkv.security.tokens import AUDIENCE, ISSUER, issue_token, write_token_keys
 
 app = typer.Typer(help="dkv: a replicated, sharded key-value store.", no_args_is_help=True)
 
@@ -77,6 +79,28 @@ def certs(
             typer.echo(f"  {p}")
     else:
         typer.echo(f"certificates in {out} are up to date (use --force to replace them)")
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Argument(help="The user the token names (its sub): alice.")],
+    directory: Annotated[
+        Path,
+        typer.Option("--dir", help="Where the signing key and jwks.json are (made when missing)."),
+    ] = Path(".dkv/jwt"),
+    ttl: Annotated[int, typer.Option(help="Seconds the token is valid.")] = 3600,
+    issuer: Annotated[str, typer.Option(help="The token's issuer (iss).")] = ISSUER,
+    audience: Annotated[str, typer.Option(help="The token's audience (aud).")] = AUDIENCE,
+) -> None:
+    """Print a bearer token naming USER, for HTTP clients without a client certificate
+    (Envoy checks it against DIR/jwks.json: dkv-gateway --envoy-jwks-file). Development
+    only: in production your identity provider issues tokens. See docs/security.md."""
+    try:
+        keys = write_token_keys(directory)
+        typer.echo(issue_token(keys.load_key(), user, ttl_s=ttl, issuer=issuer, audience=audience))
+    except (DkvError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1 if isinstance(exc, OSError) else 2) from exc
 
 
 def _host_port(value: str, option: str) -> tuple[str, int]:
@@ -199,6 +223,13 @@ def dev(
             help="Share of requests traced (parentbased_traceidratio) when Jaeger runs.",
         ),
     ] = 1.0,
+    bearer_tokens: Annotated[
+        bool,
+        typer.Option(
+            help="Envoy also takes bearer tokens (`dkv token USER --dir ROOT/jwt`) from "
+            "clients without a certificate."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole platform locally (membership, 3 nodes, gateway, Envoy, and Prometheus
     and Jaeger when they can be had) until Ctrl-C.
@@ -217,6 +248,7 @@ def dev(
         prometheus=prometheus,
         jaeger=jaeger,
         trace_sample_ratio=trace_sample_ratio,
+        bearer_tokens=bearer_tokens,
     )
     code = devstack.run(layout)
     raise typer.Exit(code)

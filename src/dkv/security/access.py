@@ -9,8 +9,10 @@ refused (deny by default).
 **Who is calling** (:meth:`Access.caller`): the identity of the peer's verified certificate
 (:mod:`dkv.security.identity`). On the gateway's public port, when that peer is Envoy, the
 caller is the client Envoy verified, from the ``x-forwarded-client-cert`` header Envoy sets
-(``SANITIZE_SET``: a client's own is dropped). Anyone else's XFCC header is ignored, counted
-and logged: it is a forgery or a misconfigured proxy.
+(``SANITIZE_SET``: a client's own is dropped); when there is none, the user a bearer token
+named that Envoy verified (:data:`~dkv.security.tokens.SUBJECT_HEADER`, the token's ``sub``;
+:mod:`dkv.security.tokens`). A certificate wins over a token. Anyone else's XFCC or token
+subject header is ignored, counted and logged: it is a forgery or a misconfigured proxy.
 
 **Rules** (what each server's table maps its methods to):
 
@@ -47,6 +49,7 @@ from dkv.errors import InvalidArgument
 from dkv.limited_log import RateLimitedLog
 from dkv.security.authz import Action, KeyRange, PolicyFiles, PolicyStore
 from dkv.security.identity import TRUST_DOMAIN, Identity, Kind, identity_from_auth_context
+from dkv.security.tokens import SUBJECT_HEADER
 from dkv.security.xfcc import XFCC_HEADER, identity_from_xfcc
 
 __all__ = [
@@ -117,7 +120,8 @@ class AuthMetrics:
         self.denied = {r: denied.labels(r) for r in self.REASONS}
         self.forged_xfcc = Counter(
             "dkv_auth_forged_xfcc_total",
-            "x-forwarded-client-cert headers ignored because the peer was not Envoy.",
+            "Calls whose identity headers only Envoy may set (x-forwarded-client-cert, "
+            "x-dkv-jwt-subject) were ignored because the peer was not Envoy.",
             registry=registry,
         )
         reloads = Counter(
@@ -137,6 +141,14 @@ def _metadata(context: Any, key: str) -> str | None:
         if k == key:
             return v if isinstance(v, str) else None
     return None
+
+
+def _token_user(subject: str) -> Identity | None:
+    """The user a verified token's ``sub`` names; None when it is no user name."""
+    try:
+        return Identity.user(subject)
+    except InvalidArgument:
+        return None
 
 
 def _method_name(full_method: str) -> str:
@@ -172,13 +184,16 @@ class Access:
         return identity_from_auth_context(context.auth_context(), self.trust_domain)
 
     def caller(self, context: Any) -> Identity | None:
-        """The caller: the client Envoy names, on a port that trusts Envoy's XFCC and a
-        connection from Envoy; else the peer certificate's identity."""
+        """The caller: the client Envoy names (its certificate, else its bearer token's
+        subject), on a port that trusts Envoy's headers and a connection from Envoy; else the
+        peer certificate's identity."""
         peer = self.peer(context)
         xfcc = _metadata(context, XFCC_HEADER)
+        token_subject = _metadata(context, SUBJECT_HEADER)
         if peer is not None and peer.kind is Kind.ENVOY and self.trust_xfcc:
             if xfcc is None:
-                return None  # Envoy forwarded no client certificate
+                # No client certificate: a token Envoy verified, or nobody.
+                return None if token_subject is None else _token_user(token_subject)
             # A client sends the same header on every call: parse it once (17 us -> 7 us a
             # call through Envoy, measured), in a bounded cache.
             if xfcc in self._xfcc:
@@ -192,13 +207,13 @@ class Access:
                 self._xfcc.pop(next(iter(self._xfcc)))  # the oldest entry
             self._xfcc[xfcc] = found
             return found
-        if xfcc is not None:
+        if xfcc is not None or token_subject is not None:
             if self.metrics is not None:
                 self.metrics.forged_xfcc.inc()
             self._forged.warning(
-                "%s: ignored an x-forwarded-client-cert header from %s (%s): only Envoy's is "
-                "believed",
+                "%s: ignored an %s header from %s (%s): only Envoy's is believed",
                 self.server,
+                XFCC_HEADER if xfcc is not None else SUBJECT_HEADER,
                 peer.subject if peer else "an anonymous peer",
                 context.peer(),
             )
