@@ -20,7 +20,7 @@ help:
 	@echo "make bench-node  3 dkv nodes vs 3 etcd members (3.6 when Go can build it, and 3.4) with h2load (needs apt nghttp2-client etcd-server etcd-client)"
 	@echo "make bench       front door (Envoy) vs gateway vs leader vs etcd 3.6 and 3.4 with h2load (same apt packages)"
 	@echo "make bench-telemetry  the cost of metrics (and tracing) through the front door (~4 min)"
-	@echo "make bench-overheads  tracing and access checks per request and hop, in isolation (~10 s)"
+	@echo "make bench-overheads  tracing, metrics and access checks per request and hop, in isolation (~10 s)"
 	@echo "make bench-scale 1M keys loaded, snapshot catch-up, restart on a 1-GB data dir, 1/8/64 shards (DKV_BENCH_SCALE sizes it)"
 	@echo "make loadtest    locust (gRPC and HTTP/JSON users) against make run's stack, 30 s; LOADTEST_ARGS=\"--help\" (docs/loadtests.md)"
 	@echo "make sim SEED=n  replay one simulator seed verbosely"
@@ -102,7 +102,7 @@ bench: setup | bench-etcd36
 bench-telemetry: setup
 	$(BIN)/python -m bench.bench_telemetry
 
-# Per request and hop, in isolation: spans, the unsampled fast path, access checks.
+# Per request and hop, in isolation: spans, the unsampled fast path, metrics, access checks.
 bench-overheads: setup
 	$(BIN)/python -m bench.bench_overheads
 

@@ -1,6 +1,7 @@
-"""``make bench-overheads``: what tracing and access control add to one request, per hop, in
-isolation (no network, no other process): the figures behind docs/benchmarks.md's "Per-request
-overheads". The end-to-end cost is ``make bench-telemetry``'s."""
+"""``make bench-overheads``: what tracing, metrics and access control add to one request, per
+hop, in isolation (no network, no other process): the figures behind docs/benchmarks.md's
+"Per-request overheads". The end-to-end cost is ``make bench-telemetry``'s; these rows hold on a
+machine too busy for it (the best of several runs of one loop, no other process involved)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import argparse
 import asyncio
 import sys
 import tempfile
+import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -19,9 +22,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
+from dkv.host.rpc_server import _observed
 from dkv.security.access import Access
 from dkv.security.authz import PolicyStore, write_default_policy
 from dkv.security.rules import gateway_public_rules
+from dkv.telemetry import ProcessMetrics
+from dkv.telemetry.raft_metrics import DiskMetrics
 from dkv.telemetry.tracing import (
     UNSAMPLED_PARENT,
     Tracing,
@@ -106,6 +112,62 @@ def tracing_rows(n: int) -> list[tuple[str, float]]:
     return rows
 
 
+class _CodeCtx:
+    """What the metrics wrapper reads of a grpc.aio context: the code a handler set."""
+
+    def code(self) -> None:
+        return None
+
+
+def metrics_rows(n: int) -> list[tuple[str, float]]:
+    """What `--listen-metrics` on adds: a server call through the wrapper that counts and
+    times it (next to the same handler bare), a gateway's call to a node, and a group
+    commit's histograms (once per batch, not per request)."""
+    metrics = ProcessMetrics.create(process=False)
+    method = "/dkv.v1.KV/Put"
+    ctx = _CodeCtx()
+
+    async def handler(request: object, context: object) -> object:
+        return request
+
+    observed = _observed(handler, metrics.grpc_server.method(method))
+    loop = asyncio.new_event_loop()
+
+    def served(behavior: Callable[[object, object], Any]) -> float:
+        async def many() -> None:
+            for _ in range(n):
+                await behavior(None, ctx)
+
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            loop.run_until_complete(many())
+            best = min(best, time.perf_counter() - start)
+        return best / n * 1e6
+
+    client = metrics.grpc_client
+
+    def call() -> None:
+        client.observe(method, None, client.start(method))
+
+    disk = DiskMetrics(metrics.registry)
+
+    def commit() -> None:
+        disk.wal_fsync.observe(0.002)
+        disk.backend_commit.observe(0.002)
+        disk.batch_entries.observe(8)
+        disk.batch_bytes.observe(8 * 100)
+
+    rows = [
+        ("metrics: a server call, bare handler (baseline)", served(handler)),
+        ("metrics: a server call, counted and timed", served(observed)),
+        ("metrics: a call to a node, counted and timed", _us(call, n)),
+        ("metrics: a group commit's four histograms", _us(commit, n)),
+    ]
+    loop.close()
+    return rows
+
+
 def access_rows(n: int) -> list[tuple[str, float]]:
     with tempfile.TemporaryDirectory() as d:
         files = write_default_policy(Path(d))
@@ -145,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=20_000, help="operations per measurement")
     args = p.parse_args(argv)
     print(f"{'per request, one hop':<52} µs")
-    for name, us in tracing_rows(args.n) + access_rows(args.n):
+    for name, us in tracing_rows(args.n) + metrics_rows(args.n) + access_rows(args.n):
         print(f"{name:<52} {us:6.1f}")
     return 0
 
