@@ -18,13 +18,23 @@
 # (debootstrap, chroot). Exit 3 with one line when a prerequisite is missing.
 #
 # Environment: DKV_CACHE_DIR, DKV_IMAGE_OUT_DIR (default build/image), PYTHON (default
-# .venv/bin/python), DKV_DEBIAN_MIRROR and DKV_DEBIAN_SECURITY_MIRROR (default: the archives
+# .venv/bin/python), DKV_IMAGE_REF (see below), DKV_IMAGE_BASE_ONLY (print the cached base's
+# layout and stop), DKV_DEBIAN_MIRROR and DKV_DEBIAN_SECURITY_MIRROR (default: the archives
 # this machine's apt uses for the release; an empty security mirror leaves that suite out).
+#
+# DKV_IMAGE_REF=name:tag (tilt/Tiltfile passes Tilt's $EXPECTED_REF): the same image named so,
+# for loading into a cluster's containerd without a registry. The archive's one manifest is then
+# tagged with the reference's fully qualified form (dkv:x -> docker.io/library/dkv:x), the name
+# a kubelet resolves `image: dkv:x` to, which `ctr images import` and `kind load image-archive`
+# give the image as is; the archive is <out>/<last name component>-<tag>.oci.tar. Unset (make
+# image): tagged <version>, build/image/dkv-<version>.oci.tar, as always.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 # shellcheck source=lib.sh
 source "$here/lib.sh"
+# shellcheck source=ref.sh
+source "$here/ref.sh"
 
 note() { echo "make image: $*" >&2; }
 # debootstrap and chroot live in /usr/sbin, which a user's PATH may lack.
@@ -48,6 +58,15 @@ version=$(sed -n 's/^version = "\([^"]*\)"$/\1/p' "$repo/pyproject.toml" | head 
 release=$(sed -n 's/^ARG DEBIAN_RELEASE=//p' "$repo/Dockerfile")
 out_dir=${DKV_IMAGE_OUT_DIR:-$repo/build/image}
 archive=$out_dir/dkv-$version.oci.tar
+oci_tag=$version
+if [[ -n ${DKV_IMAGE_REF:-} ]]; then
+    if ! oci_tag=$(normalize_ref "$DKV_IMAGE_REF"); then
+        note "DKV_IMAGE_REF: the image's name:tag, e.g. dkv:dev"
+        exit 2
+    fi
+    ref_name=${oci_tag%:*}
+    archive=$out_dir/${ref_name##*/}-${oci_tag##*:}.oci.tar
+fi
 cache=${DKV_CACHE_DIR:-$HOME/.cache/dkv}/image
 mirror=${DKV_DEBIAN_MIRROR:-$(apt_uri "$release")}
 security=${DKV_DEBIAN_SECURITY_MIRROR-$(apt_uri "$release-security")}
@@ -114,6 +133,11 @@ if [[ ! -f $base/index.json ]]; then
     note "base built in $((SECONDS - started)) s"
     prune "base-$release-*" 2
 fi
+# DKV_IMAGE_BASE_ONLY=1 (tilt/devtools/build.sh): the base's OCI layout is all that is wanted.
+if [[ -n ${DKV_IMAGE_BASE_ONLY:-} ]]; then
+    echo "$base"
+    exit 0
+fi
 
 # 2. The wheels, from a clean copy of what the Dockerfile copies (a build in the tree itself
 # would pack stale files of ./build/lib into the wheel).
@@ -156,7 +180,7 @@ touch "$app"
 # 4. The Dockerfile's final-stage settings (tests/image/ compares them with the Dockerfile).
 revision=$(git -C "$repo" describe --always --dirty --abbrev=40 2>/dev/null || echo unknown)
 copy_layout "$app" "$work/final"
-umoci config --image "$work/final:app" --tag "$version" \
+umoci config --image "$work/final:app" --tag "$oci_tag" \
     --config.user 10001:10001 \
     --config.workingdir /var/lib/dkv \
     --config.env PATH=/opt/dkv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -175,6 +199,10 @@ mkdir -p "$out_dir"
 tar -C "$work/final" -cf "$archive.tmp" oci-layout index.json blobs
 mv -f "$archive.tmp" "$archive"
 
-note "image dkv:$version (repository dkv, tag $version), $(du -m "$archive" | cut -f1) MiB compressed"
+if [[ -n ${DKV_IMAGE_REF:-} ]]; then
+    note "image $oci_tag (dkv $version), $(du -m "$archive" | cut -f1) MiB compressed"
+else
+    note "image dkv:$version (repository dkv, tag $version), $(du -m "$archive" | cut -f1) MiB compressed"
+fi
 note "OCI image archive: $archive"
 echo "$archive"
