@@ -112,21 +112,25 @@ def build(script: str, *args: str) -> str:
 # -- processes ------------------------------------------------------------------------------
 
 
-def pid_of(lay: Layout, name: str) -> int | None:
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22): with the
+    PID it names one process, across exec and PID reuse."""
     try:
-        pid = int((lay.pids / f"{name}.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    # A reused PID is not ours: its command line must still name the state dir or binary.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return pid if name in cmdline or str(lay.state) in cmdline else None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_of(lay: Layout, name: str) -> int | None:
+    """The PID of component NAME if the process `start` recorded still runs."""
+    try:
+        pid_text, started = (lay.pids / f"{name}.pid").read_text().split()
+        pid = int(pid_text)
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if start_time(pid) == started else None
 
 
 def start(lay: Layout, name: str, argv: Sequence[str]) -> None:
@@ -143,7 +147,7 @@ def start(lay: Layout, name: str, argv: Sequence[str]) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives this script; no signal of its terminal
         )
-    (lay.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
+    (lay.pids / f"{name}.pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
     log(f"{name} started (pid {proc.pid}, log {lay.logs / f'{name}.log'})")
 
 
@@ -250,6 +254,30 @@ def cgroup_root(lay: Layout) -> str:
     return root
 
 
+def cgroup_hierarchies() -> list[Path]:
+    """The cgroup v1 hierarchies the kubelet uses (the v2 `unified` mount is not one of them)."""
+    return [
+        p
+        for p in sorted(Path("/sys/fs/cgroup").iterdir())
+        if p.is_dir() and p.name != "unified" and (p / "tasks").exists()
+    ]
+
+
+def make_cgroup_root(root: str) -> None:
+    """The kubelet wants its cgroup root to exist in every hierarchy. A new cpuset cgroup
+    starts with no CPUs and no memory nodes: each level copies its parent's."""
+    for hierarchy in cgroup_hierarchies():
+        parent = hierarchy
+        for part in root.strip("/").split("/"):
+            child = parent / part
+            if not child.is_dir():
+                child.mkdir()
+                if hierarchy.name == "cpuset":
+                    for f in ("cpuset.cpus", "cpuset.mems"):
+                        (child / f).write_text((parent / f).read_text())
+            parent = child
+
+
 # -- up --------------------------------------------------------------------------------------
 
 
@@ -299,8 +327,10 @@ def write_configs(lay: Layout) -> None:
         path.chmod(0o600)
     (lay.config / "containerd.toml").write_text(configs.containerd_config(lay))
     (lay.cni_conf / "10-dkv-kube.conflist").write_text(configs.cni_conflist(lay))
+    root = cgroup_root(lay)
+    make_cgroup_root(root)
     (lay.config / "kubelet.json").write_text(
-        json.dumps(configs.kubelet_config(lay, cgroup_root(lay)), indent=2)
+        json.dumps(configs.kubelet_config(lay, root), indent=2)
     )
     (lay.config / "kube-proxy.json").write_text(
         json.dumps(configs.kube_proxy_config(lay), indent=2)
@@ -404,11 +434,13 @@ def unmount_under(root: Path) -> None:
 
 
 def remove_cgroups(lay: Layout) -> None:
+    """The cgroup root's tree in every hierarchy. Its parents (ours, in the memory hierarchy;
+    made by make_cgroup_root in the others) stay: one may hold this very process."""
     try:
         root = lay.cgroup_root_file.read_text().strip()
     except FileNotFoundError:
         return
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+    for hierarchy in cgroup_hierarchies():
         top = hierarchy / root.lstrip("/")
         if not top.is_dir():
             continue

@@ -15,7 +15,7 @@ from kube import layout
 from kube.layout import Layout
 from kube.pki import Leaf, Pki
 
-PAUSE_IMAGE = "dkv.local/pause:3.10"
+PAUSE_IMAGE = "dkv.local/pause:3.10.1"
 
 
 def leaves() -> list[Leaf]:
@@ -159,6 +159,11 @@ disabled_plugins = [
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
+  # Pod network namespaces under the state dir, not the machine's /run/netns.
+  netns_mounts_under_state_dir = true
+  # No CAP_SYS_RESOURCE here: a container may not get a lower OOM score than containerd's
+  # own (runc fails "failed to update /proc/self/oom_score_adj" otherwise).
+  restrict_oom_score_adj = true
   # Images come from `ctr import` only: there is no registry to pull from.
   max_concurrent_downloads = 1
 
