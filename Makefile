@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
+.PHONY: kube-up kube-down run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -29,6 +29,8 @@ help:
 	@echo "make helm        build the Helm CLI (v4) from its Go module once, for the chart tests (~3 min cold; needs Go)"
 	@echo "make chart-lint  helm lint --strict charts/dkv"
 	@echo "make cert-manager-manifests  regenerate cert-manager/dkv-certificates.yaml from the chart"
+	@echo "make kube-up     a real single-node Kubernetes on this machine (builds it once, ~25 min cold; needs root, Go, apt containerd runc containernetworking-plugins); kube/README.md"
+	@echo "make kube-down   stop it and remove its state dir"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -184,6 +186,14 @@ cert-manager-manifests: chart-helm
 	    | sed -e '1,/^# Source: /d' -e '/^# Source: /d' -e '/^    helm.sh\/chart: /d' -e '/^    app.kubernetes.io\/managed-by: Helm$$/d'; \
 	} > cert-manager/dkv-certificates.yaml.tmp
 	mv cert-manager/dkv-certificates.yaml.tmp cert-manager/dkv-certificates.yaml
+
+# A real single-node Kubernetes (kube/README.md): built from the Go module proxy once and
+# cached; every process in one network namespace, every file under build/kube.
+kube-up: setup
+	$(BIN)/python -m kube.cluster up
+
+kube-down: setup
+	$(BIN)/python -m kube.cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
