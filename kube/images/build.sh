@@ -5,6 +5,7 @@
 #   pause         dkv.local/pause:3.10.1              pause.c of k8s.io/kubernetes, gcc -static
 #   coredns       dkv.local/coredns:v1.13.1           github.com/coredns/coredns, CGO_ENABLED=0
 #   cert-manager  dkv.local/cert-manager-controller:v1.19.2
+#                 dkv.local/cert-manager-webhook:v1.19.2
 #                 dkv.local/cert-manager-cainjector:v1.19.2
 #                 our own main packages (kube/images/cert-manager/) on the packages of
 #                 github.com/cert-manager/cert-manager (its commands are nested modules
@@ -31,6 +32,7 @@ K8S_VERSION=v1.34.4          # pause.c comes from this k8s.io/kubernetes module
 PAUSE_VERSION=3.10.1         # build/pause/Makefile's TAG in that module (kubeadm's PauseVersion)
 COREDNS_VERSION=v1.13.1
 CERT_MANAGER_VERSION=v1.19.2
+CERT_MANAGER_COMMANDS="controller webhook cainjector"
 PREFIX=dkv.local
 
 note() { echo "kube/images: $*" >&2; }
@@ -44,8 +46,9 @@ names() {
     pause) echo "$PREFIX/pause:$PAUSE_VERSION" ;;
     coredns) echo "$PREFIX/coredns:$COREDNS_VERSION" ;;
     cert-manager)
-        echo "$PREFIX/cert-manager-controller:$CERT_MANAGER_VERSION"
-        echo "$PREFIX/cert-manager-cainjector:$CERT_MANAGER_VERSION"
+        for c in $CERT_MANAGER_COMMANDS; do
+            echo "$PREFIX/cert-manager-$c:$CERT_MANAGER_VERSION"
+        done
         ;;
     esac
 }
@@ -191,20 +194,27 @@ build_coredns() {
 
 build_cert_manager() {
     local src=$here/cert-manager skey
-    skey=$( (cd "$src" && cat go.mod go.sum ./*/*.go) | sha256sum | cut -c1-16)
+    skey=$( (cd "$src" && cat go.mod go.sum ./*/*.go webhook/go.mod webhook/go.sum) |
+        sha256sum | cut -c1-16)
     local bin_dir=$cache/bin/cert-manager-$CERT_MANAGER_VERSION-$skey
     local c
     started=$SECONDS
-    for c in controller cainjector; do
+    for c in $CERT_MANAGER_COMMANDS; do
         [[ -x $bin_dir/$c ]] && continue
         mkdir -p "$bin_dir"
-        # Our module's go.sum pins every dependency; -mod=readonly: nothing in the tree is
-        # rewritten. Upstream stamps its version into pkg/util the same way.
-        (cd "$src" && export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=readonly" &&
-            go_build_to "$bin_dir/$c" "./$c" \
+        # controller and cainjector: packages of our module in cert-manager/; the webhook: a
+        # module of its own in cert-manager/webhook/ (README: why). Each go.sum pins every
+        # dependency; -mod=readonly: nothing in the tree is rewritten. Upstream stamps its
+        # version into pkg/util the same way.
+        local dir=$src pkg=./$c
+        if [[ $c == webhook ]]; then
+            dir=$src/webhook pkg=.
+        fi
+        (cd "$dir" && export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=readonly" &&
+            go_build_to "$bin_dir/$c" "$pkg" \
             "-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=$CERT_MANAGER_VERSION -X github.com/cert-manager/cert-manager/pkg/util.AppGitCommit=dkv-$skey")
     done
-    for c in controller cainjector; do
+    for c in $CERT_MANAGER_COMMANDS; do
         local key archive=$cache/cert-manager-$c-$CERT_MANAGER_VERSION.oci.tar
         key=$(key_of "$bin_dir/$c")
         if current "$archive" "$key"; then
