@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: kube-up kube-down run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
+.PHONY: kube-up kube-down test-kube run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -31,6 +31,7 @@ help:
 	@echo "make cert-manager-manifests  regenerate cert-manager/dkv-certificates.yaml from the chart"
 	@echo "make kube-up     a real single-node Kubernetes on this machine (builds it once, ~25 min cold; needs root, Go, apt containerd runc containernetworking-plugins); kube/README.md"
 	@echo "make kube-down   stop it and remove its state dir"
+	@echo "make test-kube   install charts/dkv on it (cert-manager on) and run the platform's tests against real pods"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,17 +51,17 @@ run: setup trace-backend
 	$(BIN)/dkv dev
 
 test: setup trace-backend chart-helm
-	$(BIN)/python -m pytest -n auto -q
+	$(BIN)/python -m pytest -n auto -q -m "not kube"
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -m 'not slow and not kube'
 
 lint: setup
-	$(BIN)/ruff check src services tests grafana loadtests bench
-	$(BIN)/ruff format --check src services tests grafana loadtests bench
+	$(BIN)/ruff check src services tests grafana loadtests bench kube
+	$(BIN)/ruff format --check src services tests grafana loadtests bench kube
 	$(BIN)/mypy src/dkv services/node/dkv_node services/membership/dkv_membership services/gateway/dkv_gateway
 	$(BIN)/mypy grafana/dashboards.py
-	$(BIN)/mypy loadtests bench
+	$(BIN)/mypy loadtests bench kube
 
 # The one image of every process (Dockerfile), built without a Docker daemon: debootstrap, a
 # virtualenv, umoci; base and layers cached under ${DKV_CACHE_DIR:-~/.cache/dkv}/image. Prints
@@ -194,6 +195,11 @@ kube-up: setup
 
 kube-down: setup
 	$(BIN)/python -m kube.cluster down
+
+# charts/dkv installed on that cluster and the platform's tests against its pods
+# (tests/kube); the cluster must be up (make kube-up), or every test fails saying so.
+test-kube: setup chart-helm
+	DKV_KUBE_TEST=require $(BIN)/python -m pytest -m kube tests/kube -v
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,160 @@
+"""The running local Kubernetes (`make kube-up`), as the tests drive it: kubectl and helm with
+the cluster's admin kubeconfig, image imports, waits on objects, client certificates from
+Secrets, and /metrics of a pod through the API server's proxy.
+
+Nothing here starts the cluster: a test run that finds none skips (`make test`), or fails
+when ``DKV_KUBE_TEST=require`` (`make test-kube`, CI).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dkv.client import ClientTls
+from kube import layout
+from kube.cluster import api_ready, import_images, pid_of
+from kube.layout import Layout
+
+REPO = layout.REPO
+NAMESPACE = "dkv"
+RELEASE = "dkv"
+IMAGE_REPOSITORY = "dkv.local/dkv"
+FRONT_DOOR_NODE_PORT = 30379
+VALUES = Path(__file__).with_name("values.yaml")
+
+
+def _tool(script: str) -> Path:
+    done = subprocess.run([str(REPO / script)], stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{script} exited {done.returncode}")
+    return Path(done.stdout.strip())
+
+
+@dataclass
+class Kube:
+    lay: Layout
+    kubectl_bin: Path
+    helm_bin: Path
+
+    @classmethod
+    def find(cls) -> Kube:
+        """The running cluster, or skip (fail under DKV_KUBE_TEST=require)."""
+        lay = Layout.from_env()
+        required = os.environ.get("DKV_KUBE_TEST") == "require"
+        reason = None
+        if os.geteuid() != 0:
+            reason = "needs root (the cluster's state dir and containerd socket)"
+        elif pid_of(lay, "kubelet") is None or not lay.kubeconfig.exists():
+            reason = f"no cluster from make kube-up at {lay.state}"
+        elif not api_ready(lay):
+            reason = f"the API server of {lay.state} does not answer"
+        if reason:
+            if required:
+                pytest.fail(f"DKV_KUBE_TEST=require: {reason}")
+            pytest.skip(reason)
+        bin_dir = _tool("kube/build.sh")
+        return cls(lay, bin_dir / "kubectl", _tool("tools/helm/build.sh"))
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _run(self, argv: list[str], stdin: str | None, check: bool) -> str:
+        env = dict(os.environ, KUBECONFIG=str(self.lay.kubeconfig))
+        done = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, env=env, check=False
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(argv[:6])} exited {done.returncode}: {done.stderr.strip()}"
+            )
+        return done.stdout
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        return self._run([str(self.kubectl_bin), *args], stdin, check)
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        return self._run([str(self.helm_bin), *args], None, check)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", "-n", NAMESPACE, "-o", "json", *args))
+
+    def import_image(self, archive: Path) -> None:
+        import_images(self.lay, [str(archive)])
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    @staticmethod
+    def wait(pred: Callable[[], bool], what: str, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+            time.sleep(1.0)  # the API server's state, polled as kubectl wait does
+
+    def pods(self, component: str | None = None) -> list[dict[str, Any]]:
+        selector = f"app.kubernetes.io/instance={RELEASE}"
+        if component:
+            selector += f",app.kubernetes.io/component={component}"
+        items: list[dict[str, Any]] = self.get("pods", "-l", selector)["items"]
+        return [p for p in items if not p["metadata"].get("annotations", {}).get("helm.sh/hook")]
+
+    @staticmethod
+    def ready(pod: dict[str, Any]) -> bool:
+        if pod["metadata"].get("deletionTimestamp"):
+            return False
+        conditions = pod.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def all_ready(self, expected: dict[str, int]) -> bool:
+        for component, count in expected.items():
+            pods = self.pods(component)
+            if len(pods) != count or not all(self.ready(p) for p in pods):
+                return False
+        return True
+
+    # -- what the tests read ------------------------------------------------------------------
+
+    def client_tls(self, secret: str, into: Path) -> ClientTls:
+        """A kubernetes.io/tls Secret (cert-manager's) as files, for dkv's clients."""
+        data = self.get("secret", secret)["data"]
+        into.mkdir(parents=True, exist_ok=True)
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            path = into / name
+            path.write_bytes(base64.b64decode(data[name]))
+            path.chmod(0o600)
+        return ClientTls(str(into / "tls.crt"), str(into / "tls.key"), str(into / "ca.crt"))
+
+    def metrics(self, pod: str, port: int) -> str:
+        """A pod's /metrics through the API server's pod proxy (pod addresses exist only in
+        the cluster's network namespace)."""
+        return self.kubectl(
+            "get", "--raw", f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{port}/proxy/metrics"
+        )
+
+    @property
+    def front_door(self) -> str:
+        return f"{layout.NODE_IP}:{FRONT_DOOR_NODE_PORT}"
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of the Prometheus text format (None: no such sample)."""
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        got = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part)
+        if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(value)
+    return None

