@@ -359,6 +359,36 @@ def import_images(lay: Layout, archives: Sequence[str]) -> None:
         log(f"imported {Path(archive).name}")
 
 
+def install_addons(lay: Layout, bin_dir: Path) -> None:
+    """CoreDNS and cert-manager (kube/images: built here, imported, applied), then wait until
+    both serve: the chart's certificates need cert-manager's controller (and its webhook,
+    which the API server calls for every cert-manager object)."""
+    import_images(lay, build("kube/images/build.sh", "all").split())
+    coredns = run(
+        [
+            str(layout.REPO / "kube/images/manifests/render-coredns.sh"),
+            f"--dns-ip={layout.DNS_SERVICE_IP}",
+            f"--cluster-domain={layout.CLUSTER_DOMAIN}",
+        ]
+    )
+    kubectl(lay, bin_dir, "apply", "-f", "-", stdin=coredns)
+    # Server-side: the CRDs are larger than client-side apply's last-applied annotation allows.
+    manifests = layout.REPO / "kube/images/manifests/cert-manager.yaml"
+    kubectl(lay, bin_dir, "apply", "--server-side", "--force-conflicts", "-f", str(manifests))
+    for namespace, kind in (("kube-system", "deployment"), ("cert-manager", "deployment")):
+        kubectl(
+            lay,
+            bin_dir,
+            "wait",
+            "--for=condition=Available",
+            f"--namespace={namespace}",
+            kind,
+            "--all",
+            "--timeout=300s",
+        )
+    log("CoreDNS and cert-manager available")
+
+
 def up(lay: Layout) -> None:
     preflight()
     bin_dir = Path(build("kube/build.sh"))
@@ -397,6 +427,7 @@ def up(lay: Layout) -> None:
     wait_for("node Ready", lambda: node_ready(lay, bin_dir), 180, lay, "kubelet")
     storage = {"apiVersion": "v1", "kind": "List", "items": configs.storage_manifests(lay)}
     kubectl(lay, bin_dir, "apply", "-f", "-", stdin=json.dumps(storage))
+    install_addons(lay, bin_dir)
     log(f"node {layout.NODE_NAME} Ready; export KUBECONFIG={lay.kubeconfig}")
     print(lay.kubeconfig)
 
