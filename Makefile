@@ -197,9 +197,9 @@ kube-down: setup
 	$(BIN)/python -m kube.cluster down
 
 # charts/dkv installed on that cluster and the platform's tests against its pods
-# (tests/kube); the cluster must be up (make kube-up), or every test fails saying so.
+# (tests/kube_cluster); the cluster must be up (make kube-up), or every test fails saying so.
 test-kube: setup chart-helm
-	DKV_KUBE_TEST=require $(BIN)/python -m pytest -m kube tests/kube -v
+	DKV_KUBE_TEST=require $(BIN)/python -m pytest -m kube tests/kube_cluster -v
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -28,7 +28,7 @@ import pytest
 from dkv.client import ClientTls
 from dkv.testing.cluster import History, Workload, check, lost_writes, read_back
 from dkv.testing.frontdoor import FrontDoorClient
-from tests.kube.kube_env import (
+from tests.kube_cluster.kube_env import (
     IMAGE_REPOSITORY,
     NAMESPACE,
     RELEASE,
