@@ -183,6 +183,41 @@ def envoy_bootstrap(
     typer.echo(f"wrote Envoy's bootstrap to {out}", err=True)
 
 
+@app.command("envoy-drain")
+def envoy_drain(
+    admin: Annotated[
+        str, typer.Option(help="Envoy's admin interface as HOST:PORT (its loopback).")
+    ] = "127.0.0.1:9901",
+    wait_s: Annotated[
+        float,
+        typer.Option(
+            "--wait-s",
+            min=0,
+            help="Then wait this long (Envoy's --drain-time-s) before returning, so calls on "
+            "the connections told to go away can finish.",
+        ),
+    ] = 10.0,
+) -> None:
+    """Tell Envoy to drain its listeners gracefully (HTTP/2 clients get GOAWAY and move to
+    another front door; calls in flight finish), then wait. A Kubernetes preStop hook: the
+    pod stops only after its clients have left."""
+    import time  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    host, port = _host_port(admin, "--admin")
+    url = f"http://{host}:{port}/drain_listeners?graceful"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        # Envoy already gone: nothing to drain, and the pod may stop.
+        typer.echo(f"envoy-drain: {url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"envoy-drain: draining, waiting {wait_s:g} s", err=True)
+    time.sleep(wait_s)
+
+
 @app.command()
 def dev(
     root: Annotated[Path, typer.Option(help="Data, certificates and logs.")] = Path(".dkv"),
