@@ -367,8 +367,10 @@ def install_addons(lay: Layout, bin_dir: Path) -> None:
     coredns = run(
         [
             str(layout.REPO / "kube/images/manifests/render-coredns.sh"),
-            f"--dns-ip={layout.DNS_SERVICE_IP}",
-            f"--cluster-domain={layout.CLUSTER_DOMAIN}",
+            "--dns-ip",
+            layout.DNS_SERVICE_IP,
+            "--cluster-domain",
+            layout.CLUSTER_DOMAIN,
         ]
     )
     kubectl(lay, bin_dir, "apply", "-f", "-", stdin=coredns)
