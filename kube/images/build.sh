@@ -197,10 +197,11 @@ build_cert_manager() {
     skey=$( (cd "$src" && cat go.mod go.sum ./*/*.go webhook/go.mod webhook/go.sum) |
         sha256sum | cut -c1-16)
     local bin_dir=$cache/bin/cert-manager-$CERT_MANAGER_VERSION-$skey
-    local c
+    local c built=false
     started=$SECONDS
     for c in $CERT_MANAGER_COMMANDS; do
         [[ -x $bin_dir/$c ]] && continue
+        built=true
         mkdir -p "$bin_dir"
         # controller and cainjector: packages of our module in cert-manager/; the webhook: a
         # module of its own in cert-manager/webhook/ (README: why). Each go.sum pins every
@@ -221,6 +222,7 @@ build_cert_manager() {
             echo "$archive"
             continue
         fi
+        built=true
         rm -rf "$work/cm-root"
         mkdir -p "$work/cm-root/app/cmd/$c"
         cp "$bin_dir/$c" "$work/cm-root/app/cmd/$c/$c"
@@ -231,7 +233,9 @@ build_cert_manager() {
     # Keep only the binaries of the current sources.
     find "$cache/bin" -maxdepth 1 -name "cert-manager-$CERT_MANAGER_VERSION-*" ! -name "*-$skey" \
         -exec rm -rf {} + 2>/dev/null || true
-    note "cert-manager built in $((SECONDS - started)) s"
+    if $built; then
+        note "cert-manager built in $((SECONDS - started)) s"
+    fi
 }
 
 for w in "${what[@]}"; do

@@ -251,7 +251,8 @@ class Containerd:
         else:
             pytest.fail("containerd did not start:\n" + "".join(self.log[-20:]))
         # Keep reading its log, or it blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
 
     def _drain(self) -> None:
         assert self.process.stderr
@@ -289,10 +290,15 @@ class Containerd:
         finally:
             proc.kill()
             proc.wait()
+            assert proc.stdout
+            proc.stdout.close()
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait()
+        self.drain.join()
+        assert self.process.stderr
+        self.process.stderr.close()
 
 
 def _started(events: Iterator[tuple[str, dict[str, Any]]], cid: str) -> int | None:
