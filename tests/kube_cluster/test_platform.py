@@ -113,9 +113,11 @@ def test_front_door_answers_grpc_and_http_with_cert_managers_certificate(
 
     async def grpc_put_get() -> None:
         async with FrontDoorClient(kube.front_door, SHARDS, release) as client:
-            await client.put(b"kube/grpc", b"through-envoy")
-            kv = await client.get(b"kube/grpc")
-            assert kv is not None and kv.value == b"through-envoy"
+            deadline = asyncio.get_running_loop().time() + 30
+            put = await client.put(b"kube/grpc", b"through-envoy", "kube-grpc-1", deadline)
+            assert put is not None and put.header.revision > 0
+            got = await client.get(b"kube/grpc", deadline)
+            assert got is not None and [kv.value for kv in got.kvs] == [b"through-envoy"]
 
     asyncio.run(grpc_put_get())
 
@@ -124,7 +126,7 @@ def test_front_door_answers_grpc_and_http_with_cert_managers_certificate(
     key = base64.b64encode(b"kube/http").decode()
     body = json.dumps({"key": key, "value": base64.b64encode(b"json").decode()}).encode()
     req = urllib.request.Request(
-        f"https://{kube.front_door}/v1/kv/put",
+        f"https://{kube.front_door}/v1/kv:put",
         data=body,
         method="POST",
         headers={"content-type": "application/json"},
@@ -132,7 +134,7 @@ def test_front_door_answers_grpc_and_http_with_cert_managers_certificate(
     with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
         assert resp.status == 200
     req = urllib.request.Request(
-        f"https://{kube.front_door}/v1/kv/range",
+        f"https://{kube.front_door}/v1/kv:range",
         data=json.dumps({"key": key}).encode(),
         method="POST",
         headers={"content-type": "application/json"},
