@@ -84,9 +84,12 @@ command -v jq >/dev/null || missing "jq not installed (apt-get install jq)"
 go_toolchain "the Kubernetes images (kube/images)"
 if [[ " ${what[*]} " == *" pause "* ]]; then
     command -v gcc >/dev/null || missing "gcc not installed (apt-get install gcc libc6-dev)"
-    if ! echo 'int main(void){return 0;}' | gcc -static -x c -o /dev/null - 2>/dev/null; then
+    probe=$(mktemp -d)
+    if ! echo 'int main(void){return 0;}' | gcc -static -x c -o "$probe/a" - 2>/dev/null; then
+        rm -rf "$probe"
         missing "gcc cannot link statically (apt-get install libc6-dev: libc.a)"
     fi
+    rm -rf "$probe"
 fi
 
 lock_cache "$cache"
@@ -238,10 +241,15 @@ build_cert_manager() {
     fi
 }
 
-for w in "${what[@]}"; do
-    case $w in
-    pause) build_pause ;;
-    coredns) build_coredns ;;
-    cert-manager) build_cert_manager ;;
-    esac
-done
+# One compound command, read whole before it runs, that ends in exit: an edit of this file
+# during a long build cannot make bash read on from a shifted offset afterwards.
+{
+    for w in "${what[@]}"; do
+        case $w in
+        pause) build_pause ;;
+        coredns) build_coredns ;;
+        cert-manager) build_cert_manager ;;
+        esac
+    done
+    exit 0
+}
