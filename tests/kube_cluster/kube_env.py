@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -89,6 +90,63 @@ class Kube:
 
     def import_image(self, archive: Path) -> None:
         import_images(self.lay, [str(archive)])
+
+    def reset(self) -> None:
+        """No release, no namespace, no claims: a first install. The volumes the last run's
+        claims held are emptied and offered again."""
+        self.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+        self.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=300s")
+        self.recycle_volumes()
+
+    def recycle_volumes(self) -> None:
+        """Released volumes (their claims deleted) emptied and made Available: kube-up's
+        hostPath volumes have no provisioner to do it (reclaim policy Retain)."""
+        for pv in json.loads(self.kubectl("get", "pv", "-o", "json"))["items"]:
+            if pv.get("status", {}).get("phase") != "Released":
+                continue
+            path = Path(pv["spec"]["hostPath"]["path"])
+            assert path.is_relative_to(self.lay.volumes), f"not kube-up's volume: {path}"
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            self.kubectl(
+                "patch",
+                "pv",
+                pv["metadata"]["name"],
+                "--type=json",
+                "-p",
+                '[{"op": "remove", "path": "/spec/claimRef"}]',
+            )
+
+    def renew_certificate(self, name: str) -> None:
+        """What `cmctl renew` does: an Issuing condition on the Certificate's status, which
+        cert-manager answers with a new certificate (and, with rotationPolicy Always, key)."""
+        cert = self.get("certificate.cert-manager.io", name)
+        conditions = [
+            c for c in cert.get("status", {}).get("conditions", []) if c["type"] != "Issuing"
+        ]
+        conditions.append(
+            {
+                "type": "Issuing",
+                "status": "True",
+                "reason": "ManuallyTriggered",
+                "message": "renewal asked for by tests/kube_cluster",
+                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        self.kubectl(
+            "patch",
+            "certificate.cert-manager.io",
+            name,
+            "-n",
+            NAMESPACE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": {"conditions": conditions}}),
+        )
 
     # -- waiting ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -79,7 +80,7 @@ def kube() -> Kube:
 def release(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientTls]:
     """The installed release; yields the admin client's certificate files (cert-manager's)."""
     kube.import_image(image_archive(version()))
-    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+    kube.reset()
     kube.helm(
         "install",
         RELEASE,
@@ -267,3 +268,186 @@ def test_a_gateway_pod_deleted_under_load(kube: Kube, release: ClientTls) -> Non
         ),
         "a new gateway pod Ready",
     )
+
+
+# -- upgrades, scaling, certificates, uninstall ----------------------------------------------
+
+
+def images_in_use(kube: Kube) -> set[str]:
+    return {
+        c["image"]
+        for p in kube.pods()
+        for c in p["spec"]["containers"]
+        if c["image"].startswith(IMAGE_REPOSITORY)
+    }
+
+
+def rolled_out(kube: Kube, image: str) -> bool:
+    """Every pod of the release runs IMAGE and is Ready, and no old pod is left."""
+    return kube.all_ready(EXPECTED) and images_in_use(kube) == {image}
+
+
+def test_a_rolling_upgrade_to_a_rebuilt_image_fails_no_request(
+    kube: Kube, release: ClientTls
+) -> None:
+    tag = f"{version()}-rolled"
+    kube.import_image(image_archive(tag))
+    new_image = f"{IMAGE_REPOSITORY}:{tag}"
+
+    async def upgrade() -> None:
+        kube.helm(
+            "upgrade",
+            RELEASE,
+            str(REPO / "charts/dkv"),
+            "-n",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            f"image.tag={tag}",
+        )
+        # The workload runs on while the StatefulSets and the Deployment roll, one pod at a
+        # time; the phase ends only once every pod runs the new image.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, lambda: kube.wait(lambda: rolled_out(kube, new_image), "rolled out", 900)
+        )
+
+    asyncio.run(under_load(kube, release, upgrade, "upgrade", 4))
+
+
+def shards_on(kube: Kube, pod: str) -> set[str]:
+    """The shards whose Raft group runs on POD (from its /metrics)."""
+    text = kube.metrics(pod, 2381)
+    shards = set()
+    for line in text.splitlines():
+        if line.startswith("dkv_raft_applied_index{"):
+            labels = line.split("{", 1)[1].split("}", 1)[0]
+            for part in labels.split(","):
+                key, _, value = part.partition("=")
+                if key == "shard":
+                    shards.add(value.strip('"'))
+    return shards
+
+
+def test_scaling_nodes_to_four_places_replicas_on_the_new_pod(
+    kube: Kube, release: ClientTls
+) -> None:
+    kube.helm(
+        "upgrade",
+        RELEASE,
+        str(REPO / "charts/dkv"),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "node.replicas=4",
+    )
+    EXPECTED["node"] = 4
+    new = f"{RELEASE}-node-3"
+    kube.wait(lambda: kube.all_ready(EXPECTED), f"{new} Ready")
+    kube.wait(lambda: len(shards_on(kube, new)) > 0, f"membership placed a replica on {new}")
+
+    # Every shard still has a leader and three voters: dkvctl status exits 0 only then.
+    def healthy() -> bool:
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "dkvctl"),
+                f"--endpoints={kube.front_door}",
+                f"--cacert={release.trusted_ca_file}",
+                f"--cert={release.cert_file}",
+                f"--key={release.key_file}",
+                "status",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return done.returncode == 0
+
+    kube.wait(healthy, "every shard led and fully replicated (dkvctl status)")
+
+
+def certificate_revisions(kube: Kube) -> dict[str, int]:
+    items = kube.get("certificates.cert-manager.io")["items"]
+    return {c["metadata"]["name"]: int(c.get("status", {}).get("revision", 0)) for c in items}
+
+
+def test_short_lived_certificates_are_renewed_under_traffic_without_a_failed_request(
+    kube: Kube, release: ClientTls
+) -> None:
+    """cert-manager's shortest allowed lifetime (1 h) renewed 10 s after each issue: every
+    component certificate is replaced (new keys: rotationPolicy Always) more than once while
+    the workload runs, and no call fails. (The root CA keeps its own lifetime.)"""
+    before = {
+        name: rev for name, rev in certificate_revisions(kube).items() if name != f"{RELEASE}-ca"
+    }
+    presented_before = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
+
+    async def renew() -> None:
+        kube.helm(
+            "upgrade",
+            RELEASE,
+            str(REPO / "charts/dkv"),
+            "-n",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "tls.certManager.duration=1h",
+            "--set",
+            "tls.certManager.renewBefore=59m50s",
+        )
+        # The certificates in place keep their 90 days until renewed once: renew each now;
+        # from then on each lives an hour and is renewed 10 s after it was issued.
+        for name in before:
+            kube.renew_certificate(name)
+        loop = asyncio.get_running_loop()
+
+        def renewed_twice() -> bool:
+            now = certificate_revisions(kube)
+            return all(now.get(name, 0) >= rev + 2 for name, rev in before.items())
+
+        await loop.run_in_executor(
+            None, lambda: kube.wait(renewed_twice, "every certificate renewed twice", 600)
+        )
+
+    asyncio.run(under_load(kube, release, renew, "certs", 5))
+    # The front door serves a renewed certificate (Envoy took it by SDS, no restart).
+    presented_after = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
+    assert presented_after != presented_before
+    kube.helm(
+        "upgrade",
+        RELEASE,
+        str(REPO / "charts/dkv"),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "tls.certManager.duration=2160h",
+        "--set",
+        "tls.certManager.renewBefore=720h",
+    )
+
+
+def test_helm_uninstall_removes_everything_but_the_volume_claims(
+    kube: Kube, release: ClientTls
+) -> None:
+    claims = {c["metadata"]["name"] for c in kube.get("pvc")["items"]}
+    assert len(claims) == EXPECTED["node"] + EXPECTED["membership"]
+    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=300s")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    kinds = (
+        "pods,services,statefulsets,deployments,configmaps,secrets,serviceaccounts,"
+        "poddisruptionbudgets,networkpolicies,certificates.cert-manager.io,"
+        "issuers.cert-manager.io,roles,rolebindings"
+    )
+    left = [
+        f"{o['kind']}/{o['metadata']['name']}" for o in kube.get(kinds, "-l", selector)["items"]
+    ]
+    # What cert-manager wrote (the Secrets of the Certificates) goes with its owner.
+    left += [
+        f"Secret/{s['metadata']['name']}"
+        for s in kube.get("secrets")["items"]
+        if s["metadata"]["name"].startswith(f"{RELEASE}-")
+    ]
+    assert not left, f"left behind by helm uninstall: {left}"
+    assert {c["metadata"]["name"] for c in kube.get("pvc")["items"]} == claims
