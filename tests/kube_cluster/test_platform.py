@@ -107,8 +107,7 @@ def test_front_door_answers_grpc_and_http_with_cert_managers_certificate(
 ) -> None:
     # The certificate the front door presents is the one cert-manager issued into its Secret.
     issued = kube.get("secret", f"{RELEASE}-envoy-tls")["data"]["tls.crt"]
-    presented = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
-    assert ssl.PEM_cert_to_DER_cert(presented) == ssl.PEM_cert_to_DER_cert(
+    assert ssl.PEM_cert_to_DER_cert(presented(kube)) == ssl.PEM_cert_to_DER_cert(
         base64.b64decode(issued).decode()
     )
 
@@ -367,6 +366,12 @@ def test_scaling_nodes_to_four_places_replicas_on_the_new_pod(
     kube.wait(healthy, "every shard led and fully replicated (dkvctl status)")
 
 
+def presented(kube: Kube) -> str:
+    """The certificate the front door presents (PEM)."""
+    host, port = kube.front_door.split(":")
+    return ssl.get_server_certificate((host, int(port)))
+
+
 def certificate_revisions(kube: Kube) -> dict[str, int]:
     items = kube.get("certificates.cert-manager.io")["items"]
     return {c["metadata"]["name"]: int(c.get("status", {}).get("revision", 0)) for c in items}
@@ -381,7 +386,7 @@ def test_short_lived_certificates_are_renewed_under_traffic_without_a_failed_req
     before = {
         name: rev for name, rev in certificate_revisions(kube).items() if name != f"{RELEASE}-ca"
     }
-    presented_before = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
+    presented_before = presented(kube)
 
     async def renew() -> None:
         kube.helm(
@@ -410,10 +415,16 @@ def test_short_lived_certificates_are_renewed_under_traffic_without_a_failed_req
             None, lambda: kube.wait(renewed_twice, "every certificate renewed twice", 600)
         )
 
+        # The kubelet refreshes mounted Secrets on its periodic pod sync (a minute or two
+        # behind the Secret); Envoy then takes the new files by SDS, still under load.
+        def front_door_renewed() -> bool:
+            return presented(kube) != presented_before
+
+        await loop.run_in_executor(
+            None, lambda: kube.wait(front_door_renewed, "the front door presents a renewed one")
+        )
+
     asyncio.run(under_load(kube, release, renew, "certs", 5))
-    # The front door serves a renewed certificate (Envoy took it by SDS, no restart).
-    presented_after = ssl.get_server_certificate(tuple(kube.front_door.split(":")))  # type: ignore[arg-type]
-    assert presented_after != presented_before
     kube.helm(
         "upgrade",
         RELEASE,
@@ -440,14 +451,23 @@ def test_helm_uninstall_removes_everything_but_the_volume_claims(
         "poddisruptionbudgets,networkpolicies,certificates.cert-manager.io,"
         "issuers.cert-manager.io,roles,rolebindings"
     )
-    left = [
-        f"{o['kind']}/{o['metadata']['name']}" for o in kube.get(kinds, "-l", selector)["items"]
-    ]
-    # What cert-manager wrote (the Secrets of the Certificates) goes with its owner.
-    left += [
-        f"Secret/{s['metadata']['name']}"
-        for s in kube.get("secrets")["items"]
-        if s["metadata"]["name"].startswith(f"{RELEASE}-")
-    ]
-    assert not left, f"left behind by helm uninstall: {left}"
+
+    def left() -> list[str]:
+        objs = [
+            f"{o['kind']}/{o['metadata']['name']}" for o in kube.get(kinds, "-l", selector)["items"]
+        ]
+        # What cert-manager wrote (the Certificates' Secrets) goes with its owner.
+        objs += [
+            f"Secret/{s['metadata']['name']}"
+            for s in kube.get("secrets")["items"]
+            if s["metadata"]["name"].startswith(f"{RELEASE}-")
+        ]
+        return objs
+
+    # Pods end after their grace period (a gateway drains first), owned objects by the
+    # garbage collector: wait for both, then nothing may be left.
+    try:
+        kube.wait(lambda: not left(), "everything of the release gone")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left behind by helm uninstall: {left()}") from None
     assert {c["metadata"]["name"] for c in kube.get("pvc")["items"]} == claims
