@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dkv/v1/*.proto)
 
-.PHONY: kube-up kube-down test-kube run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
+.PHONY: kube-up kube-build kube-down test-kube run setup test test-fast lint image proto proto-check bench-raft bench-node bench bench-telemetry bench-overheads bench-scale loadtest sim dashboards jaeger trace-backend etcd36 bench-etcd36 helm chart-helm chart-lint cert-manager-manifests clean help
 
 help:
 	@echo "make run         the whole platform on 127.0.0.1 (membership, 3 nodes, gateway, Envoy); Ctrl-C stops"
@@ -31,6 +31,7 @@ help:
 	@echo "make cert-manager-manifests  regenerate cert-manager/dkv-certificates.yaml from the chart"
 	@echo "make kube-up     a real single-node Kubernetes on this machine (builds it once, ~25 min cold; needs root, Go, apt containerd runc containernetworking-plugins); kube/README.md"
 	@echo "make kube-down   stop it and remove its state dir"
+	@echo "make kube-build  build (and cache) what kube-up runs, start nothing"
 	@echo "make test-kube   install charts/dkv on it (cert-manager on) and run the platform's tests against real pods"
 
 $(STAMP): pyproject.toml
@@ -192,6 +193,13 @@ cert-manager-manifests: chart-helm
 # cached; every process in one network namespace, every file under build/kube.
 kube-up: setup
 	$(BIN)/python -m kube.cluster up
+
+# Everything kube-up runs, built and cached without starting anything (CI builds it before
+# the tests, so the compilers do not share the 2 cores with timing-sensitive suites).
+kube-build:
+	kube/build.sh >/dev/null
+	tools/etcd/build.sh >/dev/null
+	kube/images/build.sh all >/dev/null
 
 kube-down: setup
 	$(BIN)/python -m kube.cluster down
