@@ -466,6 +466,38 @@ def unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def cgroup_processes(lay: Layout) -> set[int]:
+    """Every process in the cgroup tree of the pods, in any hierarchy."""
+    try:
+        root = lay.cgroup_root_file.read_text().strip()
+    except FileNotFoundError:
+        return set()
+    pids: set[int] = set()
+    for hierarchy in cgroup_hierarchies():
+        top = hierarchy / root.lstrip("/")
+        if not top.is_dir():
+            continue
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
+def kill_containers(lay: Layout, timeout_s: float = 20.0) -> None:
+    """What is left of the pods once the kubelet, containerd and the shims are gone: a shim's
+    containers outlive it (pause among them). They are ours, in our cgroup tree: SIGKILL, and
+    wait until the tree is empty."""
+    deadline = time.monotonic() + timeout_s
+    while pids := cgroup_processes(lay):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            log(f"processes still in the pods' cgroups: {sorted(pids)}")
+            return
+        time.sleep(0.2)
+
+
 def remove_cgroups(lay: Layout) -> None:
     """The cgroup root's tree in every hierarchy. Its parents (ours, in the memory hierarchy;
     made by make_cgroup_root in the others) stay: one may hold this very process."""
@@ -496,6 +528,7 @@ def down(lay: Layout) -> None:
     for pid in our_shims(lay):
         # A shim's containers die with it (it is their subreaper and holds their cgroup).
         stop_pid(pid, "containerd-shim", timeout_s=5)
+    kill_containers(lay)
     if lay.state.exists():
         unmount_under(lay.state)
     remove_cgroups(lay)
