@@ -272,6 +272,14 @@ def test_a_gateway_pod_deleted_under_load(kube: Kube, release: ClientTls) -> Non
 # -- upgrades, scaling, certificates, uninstall ----------------------------------------------
 
 
+def upgrade(kube: Kube, *settings: str) -> None:
+    """`helm upgrade` of the release with its values and SETTINGS (key=value) on top."""
+    args = ["upgrade", RELEASE, str(REPO / "charts/dkv"), "-n", NAMESPACE, "--reuse-values"]
+    for setting in settings:
+        args += ["--set", setting]
+    kube.helm(*args)
+
+
 def images_in_use(kube: Kube) -> set[str]:
     return {
         c["image"]
@@ -294,16 +302,7 @@ def test_a_rolling_upgrade_to_a_rebuilt_image_fails_no_request(
     new_image = f"{IMAGE_REPOSITORY}:{tag}"
 
     async def upgrade() -> None:
-        kube.helm(
-            "upgrade",
-            RELEASE,
-            str(REPO / "charts/dkv"),
-            "-n",
-            NAMESPACE,
-            "--reuse-values",
-            "--set",
-            f"image.tag={tag}",
-        )
+        upgrade(kube, f"image.tag={tag}")
         # The workload runs on while the StatefulSets and the Deployment roll, one pod at a
         # time; the phase ends only once every pod runs the new image.
         loop = asyncio.get_running_loop()
@@ -331,16 +330,7 @@ def shards_on(kube: Kube, pod: str) -> set[str]:
 def test_scaling_nodes_to_four_places_replicas_on_the_new_pod(
     kube: Kube, release: ClientTls
 ) -> None:
-    kube.helm(
-        "upgrade",
-        RELEASE,
-        str(REPO / "charts/dkv"),
-        "-n",
-        NAMESPACE,
-        "--reuse-values",
-        "--set",
-        "node.replicas=4",
-    )
+    upgrade(kube, "node.replicas=4")
     EXPECTED["node"] = 4
     new = f"{RELEASE}-node-3"
     kube.wait(lambda: kube.all_ready(EXPECTED), f"{new} Ready")
@@ -389,18 +379,7 @@ def test_short_lived_certificates_are_renewed_under_traffic_without_a_failed_req
     presented_before = presented(kube)
 
     async def renew() -> None:
-        kube.helm(
-            "upgrade",
-            RELEASE,
-            str(REPO / "charts/dkv"),
-            "-n",
-            NAMESPACE,
-            "--reuse-values",
-            "--set",
-            "tls.certManager.duration=1h",
-            "--set",
-            "tls.certManager.renewBefore=59m50s",
-        )
+        upgrade(kube, "tls.certManager.duration=1h", "tls.certManager.renewBefore=59m50s")
         # The certificates in place keep their 90 days until renewed once: renew each now;
         # from then on each lives an hour and is renewed 10 s after it was issued.
         for name in before:
@@ -425,18 +404,7 @@ def test_short_lived_certificates_are_renewed_under_traffic_without_a_failed_req
         )
 
     asyncio.run(under_load(kube, release, renew, "certs", 5))
-    kube.helm(
-        "upgrade",
-        RELEASE,
-        str(REPO / "charts/dkv"),
-        "-n",
-        NAMESPACE,
-        "--reuse-values",
-        "--set",
-        "tls.certManager.duration=2160h",
-        "--set",
-        "tls.certManager.renewBefore=720h",
-    )
+    upgrade(kube, "tls.certManager.duration=2160h", "tls.certManager.renewBefore=720h")
 
 
 def test_helm_uninstall_removes_everything_but_the_volume_claims(
