@@ -29,7 +29,7 @@ help:
 	@echo "make helm        build the Helm CLI (v4) from its Go module once, for the chart tests (~3 min cold; needs Go)"
 	@echo "make chart-lint  helm lint --strict charts/dkv"
 	@echo "make cert-manager-manifests  regenerate cert-manager/dkv-certificates.yaml from the chart"
-	@echo "make kube-up     a real single-node Kubernetes on this machine (builds it once, ~25 min cold; needs root, Go, apt containerd runc containernetworking-plugins); kube/README.md"
+	@echo "make kube-up     a real single-node Kubernetes on this machine (builds it once, ~10 min cold; needs root, Go, apt containerd runc containernetworking-plugins); kube/README.md"
 	@echo "make kube-down   stop it and remove its state dir"
 	@echo "make kube-build  build (and cache) what kube-up runs, start nothing"
 	@echo "make test-kube   install charts/dkv on it (cert-manager on) and run the platform's tests against real pods"
