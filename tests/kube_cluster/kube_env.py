@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.client import ClientTls
 from kube import layout
@@ -204,15 +205,10 @@ class Kube:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample of the Prometheus text format (None: no such sample)."""
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, label_text = head.partition("{")
-        if metric != name:
-            continue
-        got = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part)
-        if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
-            return float(value)
+    """The value of the first sample NAME with LABELS in the Prometheus text format (None:
+    no such sample), parsed by prometheus-client."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
     return None

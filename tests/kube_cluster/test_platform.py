@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.client import ClientTls
 from dkv.testing.cluster import History, Workload, check, lost_writes, read_back
@@ -315,16 +316,12 @@ def test_a_rolling_upgrade_to_a_rebuilt_image_fails_no_request(
 
 def shards_on(kube: Kube, pod: str) -> set[str]:
     """The shards whose Raft group runs on POD (from its /metrics)."""
-    text = kube.metrics(pod, 2381)
-    shards = set()
-    for line in text.splitlines():
-        if line.startswith("dkv_raft_applied_index{"):
-            labels = line.split("{", 1)[1].split("}", 1)[0]
-            for part in labels.split(","):
-                key, _, value = part.partition("=")
-                if key == "shard":
-                    shards.add(value.strip('"'))
-    return shards
+    return {
+        sample.labels["shard"]
+        for family in text_string_to_metric_families(kube.metrics(pod, 2381))
+        for sample in family.samples
+        if sample.name == "dkv_raft_applied_index" and "shard" in sample.labels
+    }
 
 
 def test_scaling_nodes_to_four_places_replicas_on_the_new_pod(
