@@ -254,12 +254,18 @@ def cgroup_root(lay: Layout) -> str:
     return root
 
 
-def cgroup_hierarchies() -> list[Path]:
-    """The cgroup v1 hierarchies the kubelet uses (the v2 `unified` mount is not one of them)."""
+def cgroup_hierarchies(with_unified: bool = False) -> list[Path]:
+    """The cgroup v1 hierarchies the kubelet uses; WITH_UNIFIED adds the v2 `unified` mount
+    beside them, where runc makes a cgroup for each container too (to clean up, not to
+    prepare)."""
     return [
         p
         for p in sorted(Path("/sys/fs/cgroup").iterdir())
-        if p.is_dir() and p.name != "unified" and (p / "tasks").exists()
+        if p.is_dir()
+        and (
+            (p.name != "unified" and (p / "tasks").exists())
+            or (with_unified and p.name == "unified")
+        )
     ]
 
 
@@ -473,7 +479,7 @@ def cgroup_processes(lay: Layout) -> set[int]:
     except FileNotFoundError:
         return set()
     pids: set[int] = set()
-    for hierarchy in cgroup_hierarchies():
+    for hierarchy in cgroup_hierarchies(with_unified=True):
         top = hierarchy / root.lstrip("/")
         if not top.is_dir():
             continue
@@ -505,7 +511,7 @@ def remove_cgroups(lay: Layout) -> None:
         root = lay.cgroup_root_file.read_text().strip()
     except FileNotFoundError:
         return
-    for hierarchy in cgroup_hierarchies():
+    for hierarchy in cgroup_hierarchies(with_unified=True):
         top = hierarchy / root.lstrip("/")
         if not top.is_dir():
             continue

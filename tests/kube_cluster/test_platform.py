@@ -302,7 +302,7 @@ def test_a_rolling_upgrade_to_a_rebuilt_image_fails_no_request(
     kube.import_image(image_archive(tag))
     new_image = f"{IMAGE_REPOSITORY}:{tag}"
 
-    async def upgrade() -> None:
+    async def roll() -> None:
         upgrade(kube, f"image.tag={tag}")
         # The workload runs on while the StatefulSets and the Deployment roll, one pod at a
         # time; the phase ends only once every pod runs the new image.
@@ -311,7 +311,7 @@ def test_a_rolling_upgrade_to_a_rebuilt_image_fails_no_request(
             None, lambda: kube.wait(lambda: rolled_out(kube, new_image), "rolled out", 900)
         )
 
-    asyncio.run(under_load(kube, release, upgrade, "upgrade", 4))
+    asyncio.run(under_load(kube, release, roll, "upgrade", 4))
 
 
 def shards_on(kube: Kube, pod: str) -> set[str]:
