@@ -119,16 +119,33 @@ _CHANNEL_OPTIONS: Final = (
 )
 
 
+# Below the kernel's ephemeral range (32768-60999 by default), where the port-0 servers of
+# other tests and the source ports of every outgoing connection live: a port picked there and
+# released could be taken again before our process binds it (seen: "address already in use"
+# for a node of a test cluster under `pytest -n auto`). Above DevLayout.with_free_ports' range.
+FREE_PORT_RANGE: Final = (30_000, 32_700)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 now (bind to port 0, all at once)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``count`` distinct ports free on 127.0.0.1 now, picked at random in FREE_PORT_RANGE."""
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    for _ in range(100 * count):
+        if len(chosen) == count:
+            return chosen
+        port = rng.randrange(*FREE_PORT_RANGE)
+        if port in chosen:
+            continue
+        # No SO_REUSEADDR: a port still in TIME_WAIT counts as taken.
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    raise RuntimeError(f"fewer than {count} free ports in {FREE_PORT_RANGE} on 127.0.0.1")
 
 
 def _serialize(m: ProtoMessage) -> bytes:
