@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dkv.security.certs import make_ca
+
 CA_DAYS = 3650
 LEAF_DAYS = 365
 
@@ -95,37 +97,10 @@ def _load_ca(pki: Pki) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _make_ca(pki: Pki) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dkv-kube CA")])
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write(pki.ca_key, _key_pem(key), private=True)
-    _write(pki.ca_crt, cert.public_bytes(serialization.Encoding.PEM))
+    # The same shape of CA as dkv's development PKI (self-signed, EC P-256, signs leaves only).
+    ca = make_ca("dkv-kube CA", CA_DAYS)
+    _write(pki.ca_key, _key_pem(ca.key), private=True)
+    _write(pki.ca_crt, ca.cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _issue(pki: Pki, leaf: Leaf) -> None:

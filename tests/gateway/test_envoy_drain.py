@@ -13,12 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from dkv.devstack import envoy_binary
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from dkv.testing.cluster import free_ports
 
 
 def _server_state(admin_port: int) -> str:
@@ -48,7 +43,7 @@ def _drain(admin: str, wait_s: float) -> subprocess.CompletedProcess[str]:
 
 
 def test_envoy_drain_puts_a_real_envoy_into_its_drain_and_waits(tmp_path: Path) -> None:
-    admin_port, listen_port = _free_port(), _free_port()
+    admin_port, listen_port = free_ports(2)
     config = {
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
@@ -132,7 +127,7 @@ def test_envoy_drain_puts_a_real_envoy_into_its_drain_and_waits(tmp_path: Path) 
 
 
 def test_envoy_drain_without_an_envoy_fails_at_once_naming_the_address() -> None:
-    port = _free_port()
+    (port,) = free_ports(1)
     done = _drain(f"127.0.0.1:{port}", 60)
     assert done.returncode == 1
     assert f"127.0.0.1:{port}/drain_listeners" in done.stderr

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dkv.client import ClientTls
 from kube import layout
-from kube.cluster import api_ready, import_images, pid_of
+from kube.cluster import KubeError, api_ready, build, import_images, pid_of
 from kube.layout import Layout
 
 REPO = layout.REPO
@@ -36,10 +36,11 @@ VALUES = Path(__file__).with_name("values.yaml")
 
 
 def _tool(script: str) -> Path:
-    done = subprocess.run([str(REPO / script)], stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"{script} exited {done.returncode}")
-    return Path(done.stdout.strip())
+    """A cached build's path (kube.cluster.build: the script's stdout)."""
+    try:
+        return Path(build(script))
+    except KubeError as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass

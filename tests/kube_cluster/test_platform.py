@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import dkv
 from dkv.client import ClientTls
 from dkv.testing.cluster import History, Workload, check, lost_writes, read_back
 from dkv.testing.frontdoor import FrontDoorClient
@@ -66,10 +67,8 @@ def image_archive(tag: str) -> Path:
 
 
 def version() -> str:
-    for line in (REPO / "pyproject.toml").read_text().splitlines():
-        if line.startswith("version = "):
-            return line.split('"')[1]
-    raise AssertionError("no version in pyproject.toml")
+    """The project's version: the image's tag and the chart's appVersion."""
+    return dkv.__version__
 
 
 @pytest.fixture(scope="module")
